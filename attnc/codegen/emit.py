@@ -1,0 +1,280 @@
+"""IR -> Triton source for the forward kernel.
+
+The source depends only on the IR (parameters stay symbolic and arrive as runtime arguments),
+so one generated file serves every size. Tile sizes, head dims and integer width are constexprs.
+Names in the source come from the IR's validated identifiers, never from raw spec text.
+"""
+from __future__ import annotations
+
+from ..ir import nodes as N
+from ..ir.printer import format_expr, format_space
+
+_OPS = {"+": "+", "-": "-", "*": "*", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
+        "and": "&", "or": "|"}
+
+
+def int_params(ir: N.Attention) -> list[str]:
+    """Kernel argument names carrying the integer parameters, in declaration order."""
+    return [f"p_{p.name}" for p in ir.params if p.type == N.INT]
+
+
+class _Emitter:
+    """Emits an expression as a list of assignments, sharing repeated subexpressions."""
+
+    def __init__(self, ir: N.Attention, indent: str = "    "):
+        self.ir = ir
+        self.indent = indent
+        self.lines: list[str] = []
+        self.memo: dict[N.Expr, str] = {}
+        self.count = 0
+
+    def temp(self, code: str, comment: str | None = None) -> str:
+        name = f"t{self.count}"
+        self.count += 1
+        if comment:
+            self.lines.append(f"{self.indent}# {comment}")
+        self.lines.append(f"{self.indent}{name} = {code}")
+        return name
+
+    def emit(self, e: N.Expr) -> str:
+        if e in self.memo:
+            return self.memo[e]
+        out = self._emit(e)
+        self.memo[e] = out
+        return out
+
+    def _emit(self, e: N.Expr) -> str:
+        if isinstance(e, N.Const):
+            return repr(e.value)
+        if isinstance(e, N.Param):
+            return f"p_{e.name}"
+        if isinstance(e, N.HeadDim):
+            return "head_dim"
+        if isinstance(e, N.Coord):
+            return f"{e.side}_{e.axis}"
+        if isinstance(e, N.Window):
+            line = self.ir.line_of("mask")
+            where = f" (spec line {line})" if line else ""
+            return self.temp(self.emit_inline(e.expand()),
+                             comment=f"{format_expr(e)}{where}")
+        return self.temp(self.emit_inline(e))
+
+    def emit_inline(self, e: N.Expr) -> str:
+        if isinstance(e, N.Unary):
+            x = self.emit(e.operand)
+            return {"not": f"~{x}", "neg": f"-{x}", "abs": f"tl.abs({x})"}[e.op]
+        if isinstance(e, N.Binary):
+            a, b = self.emit(e.lhs), self.emit(e.rhs)
+            if e.op in ("min", "max"):
+                return f"tl.{e.op}imum({a}, {b})"
+            if e.op in ("//", "%"):
+                if _nonneg(e.lhs) and _positive(e.rhs):
+                    return f"{a} {e.op} {b}"  # C and floor semantics agree here
+                return f"{'_floordiv' if e.op == '//' else '_floormod'}({a}, {b})"
+            return f"({a} {_OPS[e.op]} {b})"
+        return self.emit(e)
+
+
+def _nonneg(e: N.Expr) -> bool:
+    if isinstance(e, N.Const):
+        return e.value >= 0
+    if isinstance(e, (N.Coord, N.HeadDim)):
+        return True
+    if isinstance(e, N.Unary):
+        return e.op == "abs"
+    if isinstance(e, N.Binary):
+        if e.op in ("+", "*", "min"):
+            return _nonneg(e.lhs) and _nonneg(e.rhs)
+        if e.op == "max":
+            return _nonneg(e.lhs) or _nonneg(e.rhs)
+        if e.op in ("//", "%"):
+            return _nonneg(e.lhs) and _positive(e.rhs)
+    return False
+
+
+def _positive(e: N.Expr) -> bool:
+    return isinstance(e, N.Const) and e.value > 0
+
+
+def _decode(ir: N.Attention, side: str, used: set[str], em: _Emitter) -> list[str]:
+    """Coordinates of the side's tokens from the flat index (row-major, DESIGN.md section 3)."""
+    space = ir.q if side == "q" else ir.kv
+    out = []
+    rest = f"{side}_i"
+    axes = space.axes
+    if space.kind == "seq" or not (used & set(axes)):
+        return out
+    for pos in range(len(axes) - 1, -1, -1):
+        axis = axes[pos]
+        size = em.emit(space.dims[pos])
+        out.append(f"    {side}_{axis} = {rest} % {size}")
+        if pos:
+            out.append(f"    {side}_r{pos} = {rest} // {size}")
+            rest = f"{side}_r{pos}"
+    return out
+
+
+def _coords_used(e: N.Expr, acc: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, N.Coord):
+            acc.add((x.side, x.axis))
+        elif isinstance(x, N.Window):
+            stack.append(x.expand())
+        elif isinstance(x, N.Unary):
+            stack.append(x.operand)
+        elif isinstance(x, N.Binary):
+            stack += [x.lhs, x.rhs]
+    return acc
+
+
+def emit_visible(ir: N.Attention) -> str:
+    """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
+    args = ", ".join(["q_i", "k_i"] + int_params(ir) + ["head_dim"])
+    head = [
+        "@triton.jit",
+        f"def visible({args}):",
+        f'    """mask = {format_expr(ir.mask)}',
+        "",
+        f"    spec line {ir.line_of('mask') or '-'}; q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
+        '    """',
+    ]
+    mask = ir.mask
+    if isinstance(mask, N.Const):
+        # Constant masks still return a tile so callers can combine it with bounds checks.
+        return "\n".join(head + [f"    return k_i {'>=' if mask.value else '<'} 0", ""])
+    em = _Emitter(ir)
+    used = _coords_used(mask, set())
+    decode = []
+    for side in ("q", "k"):
+        decode += _decode(ir, side, {a for s, a in used if s == side}, em)
+    body_em = _Emitter(ir)
+    body_em.memo.update(em.memo)
+    body_em.count = em.count
+    result = body_em.emit(mask)
+    lines = head + em.lines + decode + body_em.lines + [f"    return {result}", ""]
+    return "\n".join(lines)
+
+
+_PRELUDE = '''\
+@triton.jit
+def _floordiv(a, b):
+    # Triton integer division truncates toward zero; the spec language floors.
+    q = a // b
+    return q - (((a % b) != 0) & ((a < 0) != (b < 0))).to(q.dtype)
+
+
+@triton.jit
+def _floormod(a, b):
+    r = a % b
+    return r + (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype) * b)
+'''
+
+
+def _tile_step(masked: bool) -> str:
+    """One kv tile of the FlashAttention-2 online softmax (log2 domain, scale folded)."""
+    bounds = "(offs_n[:, None] < Nk) & " if masked else ""
+    lines = [
+        "        offs_n = kv_tile * BLOCK_N + offs_n0",
+        f"        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        f"                    mask={bounds}(offs_d[None, :] < HEAD_DIM), other=0.0)",
+        "        s = tl.dot(q, tl.trans(k), input_precision=\"ieee\") * qk_scale",
+    ]
+    if masked:
+        lines += [
+            "        k_i = offs_n[None, :]",
+            "        if INT64:",
+            "            k_i = k_i.to(tl.int64)",
+            "        keep = (k_i < Nk) & visible(q_i, k_i, VISIBLE_ARGS)",
+            "        s = tl.where(keep, s, float(\"-inf\"))",
+            "        m_new = tl.maximum(m_i, tl.max(s, 1))",
+            "        # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.",
+            "        m_use = tl.where(m_new == float(\"-inf\"), 0.0, m_new)",
+        ]
+    else:
+        lines += [
+            "        m_new = tl.maximum(m_i, tl.max(s, 1))",
+            "        m_use = m_new",
+        ]
+    lines += [
+        "        alpha = tl.math.exp2(m_i - m_use)",
+        "        p = tl.math.exp2(s - m_use[:, None])",
+        "        l_i = l_i * alpha + tl.sum(p, 1)",
+        f"        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        f"                    mask={bounds}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
+        "        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=\"ieee\")",
+        "        m_i = m_new",
+    ]
+    return "\n".join(lines)
+
+
+_KERNEL = '''\
+@triton.jit
+def attnc_fwd(
+    Q, K, V, Out, Lse,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, kv_group, Nq, Nk, qk_scale, head_dim,PARAMS
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    """Forward attention for one (query tile, batch * head). qk_scale already includes log2(e)."""
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    h_kv = h // kv_group  # grouped-query attention: query head h reads kv head h // (Hq / Hkv)
+    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+    q_i = offs_m[:, None]
+    if INT64:
+        q_i = q_i.to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
+    lo = tl.load(FULL_PTR + q_tile)
+    hi = tl.load(FULL_PTR + q_tile + 1)
+    for t in range(lo, hi):
+        kv_tile = tl.load(FULL_IDX + t)
+FULL_STEP
+
+    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
+    lo = tl.load(PART_PTR + q_tile)
+    hi = tl.load(PART_PTR + q_tile + 1)
+    for t in range(lo, hi):
+        kv_tile = tl.load(PART_IDX + t)
+PARTIAL_STEP
+
+    # A row that sees no key outputs 0 and has logsumexp -inf (DESIGN.md section 3).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Lse + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+'''
+
+
+def emit_forward(ir: N.Attention, header: str) -> str:
+    """Complete module source: header comment, helpers, the mask predicate and the kernel."""
+    params = int_params(ir)
+    kernel = _KERNEL.replace("FULL_STEP", _tile_step(False)).replace("PARTIAL_STEP", _tile_step(True))
+    kernel = kernel.replace("PARAMS", "".join(f"\n    {p}," for p in params))
+    kernel = kernel.replace("VISIBLE_ARGS", ", ".join(params + ["head_dim"]))
+    visible = emit_visible(ir)
+    parts = [header, "import triton\nimport triton.language as tl", _PRELUDE, visible, kernel]
+    return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"

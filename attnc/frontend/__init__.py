@@ -1,0 +1,5 @@
+"""Spec text -> AST: grammar, parser with located errors, and a printer."""
+from .parser import decode, parse
+from .printer import format_expr, format_spec
+
+__all__ = ["decode", "parse", "format_expr", "format_spec"]

@@ -1,0 +1,100 @@
+"""Spec AST: plain frozen dataclasses built from the parse tree, every node with its source span.
+
+Spans are excluded from equality so that parse -> print -> parse round-trips compare structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..errors import Span
+
+_SPAN = dict(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Num:
+    value: int | float
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Bool:
+    value: bool
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Name:
+    id: str
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Attr:
+    """`q.y`, `k.i`: a coordinate of the query or key token."""
+
+    value: "Expr"
+    attr: str
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str  # '-', 'not'
+    operand: "Expr"
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # + - * / // % == != < <= > >= and or
+    lhs: "Expr"
+    rhs: "Expr"
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Keyword:
+    name: str
+    value: "Expr"
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Call:
+    func: Name
+    args: tuple["Expr", ...]
+    kwargs: tuple[Keyword, ...]
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Tuple:
+    items: tuple["Expr", ...]
+    span: Span | None = field(default=None, **_SPAN)
+
+
+Expr = Union[Num, Bool, Name, Attr, Unary, Binary, Call, Tuple]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Expr | None
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Stmt:
+    targets: tuple[Name, ...]
+    value: Expr
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Attention:
+    name: str
+    params: tuple[Param, ...]
+    body: tuple[Stmt, ...]
+    span: Span | None = field(default=None, **_SPAN)

@@ -1,0 +1,1 @@
+"""attnc IR: nodes, lowering from the AST, semantics (the reference), and tile analysis."""

@@ -1,0 +1,131 @@
+"""Tile analysis: classify each BLOCK_M x BLOCK_N tile of the score matrix as EMPTY, FULL or
+PARTIAL, and list per query tile the key tiles a kernel must visit.
+
+Version 1 evaluates the predicate over each tile (vectorised, one row of tiles at a time, so
+memory stays O(BLOCK_M * Nk)). It is exact by construction. The interface (`analyse`) is what
+later symbolic analyses replace.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import AttncError
+from .semantics import Bound, mask_block
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Which kv tiles each q tile visits, and whether the mask must be evaluated there.
+
+    Per q tile `t`, FULL tiles are `full_idx[full_ptr[t]:full_ptr[t+1]]` and PARTIAL tiles are
+    `part_idx[part_ptr[t]:part_ptr[t+1]]` (CSR). A kv tile that runs past the last key is never
+    FULL, so FULL tiles need neither the predicate nor bounds checks.
+    """
+
+    block_m: int
+    block_n: int
+    nq: int
+    nk: int
+    classes: np.ndarray = field(repr=False)  # int8 [q tiles, kv tiles]
+    row_counts: np.ndarray = field(repr=False)  # int64 [nq]: keys each query sees (n_visible)
+    full_ptr: np.ndarray = field(repr=False)
+    full_idx: np.ndarray = field(repr=False)
+    part_ptr: np.ndarray = field(repr=False)
+    part_idx: np.ndarray = field(repr=False)
+
+    @property
+    def q_tiles(self) -> int:
+        return self.classes.shape[0]
+
+    @property
+    def kv_tiles(self) -> int:
+        return self.classes.shape[1]
+
+    def stats(self) -> dict[str, float]:
+        total = self.classes.size
+        full = int((self.classes == FULL).sum())
+        part = int((self.classes == PARTIAL).sum())
+        visible = int(self.row_counts.sum())
+        return {
+            "pairs_visible": visible,
+            "density": visible / (self.nq * self.nk),
+            "tiles": total,
+            "tiles_full": full,
+            "tiles_partial": part,
+            "tiles_empty": total - full - part,
+            "tile_density": (full + part) / total,
+            # Of the score entries the kernel computes, the share that is actually visible.
+            "tile_efficiency": visible / max(1, (full + part) * self.block_m * self.block_n),
+        }
+
+
+def analyse(bound: Bound, block_m: int, block_n: int,
+            progress: Callable[[int, int], None] | None = None) -> Schedule:
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if b < 16 or b & (b - 1):
+            raise AttncError(f"{name} = {b}: tile sizes must be powers of two, at least 16")
+    nq, nk = bound.nq, bound.nk
+    n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
+    classes = np.zeros((n_qt, n_kt), dtype=np.int8)
+    row_counts = np.zeros(nq, dtype=np.int64)
+    keys = np.arange(nk)
+    pad = n_kt * block_n - nk
+    for t in range(n_qt):
+        rows = np.arange(t * block_m, min(nq, (t + 1) * block_m))
+        vis = mask_block(bound, rows, keys)
+        row_counts[rows] = vis.sum(axis=1)
+        tiles = np.pad(vis, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n)
+        any_ = tiles.any(axis=(0, 2))
+        all_ = tiles.all(axis=(0, 2))
+        if pad:
+            all_[-1] = False  # a ragged kv tile needs its bounds check: never FULL
+        classes[t] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
+        if progress is not None:
+            progress(t + 1, n_qt)
+    full_ptr, full_idx = _csr(classes == FULL)
+    part_ptr, part_idx = _csr(classes == PARTIAL)
+    return Schedule(block_m, block_n, nq, nk, classes, row_counts, full_ptr, full_idx, part_ptr, part_idx)
+
+
+def _csr(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    counts = sel.sum(axis=1)
+    ptr = np.zeros(sel.shape[0] + 1, dtype=np.int32)
+    np.cumsum(counts, out=ptr[1:])
+    idx = np.nonzero(sel)[1].astype(np.int32)  # row-major order: grouped by q tile
+    return ptr, idx
+
+
+def dense_from_schedule(s: Schedule) -> np.ndarray:
+    """Rebuild the tile-class map from the CSR lists (documents the format; used by tests)."""
+    out = np.zeros((s.q_tiles, s.kv_tiles), dtype=np.int8)
+    for t in range(s.q_tiles):
+        out[t, s.full_idx[s.full_ptr[t]:s.full_ptr[t + 1]]] = FULL
+        out[t, s.part_idx[s.part_ptr[t]:s.part_ptr[t + 1]]] = PARTIAL
+    return out
+
+
+def tile_picture(s: Schedule, max_cells: int = 64) -> str:
+    """ASCII map of the tile classes: '#' FULL, '+' PARTIAL, '.' EMPTY.
+
+    Large maps are downsampled; a cell shows the 'busiest' class among the tiles it covers.
+    """
+    rows = math.ceil(s.q_tiles / max(1, math.ceil(s.q_tiles / max_cells)))
+    cols = math.ceil(s.kv_tiles / max(1, math.ceil(s.kv_tiles / max_cells)))
+    fy, fx = math.ceil(s.q_tiles / rows), math.ceil(s.kv_tiles / cols)
+    glyph = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
+    lines = []
+    for r in range(math.ceil(s.q_tiles / fy)):
+        line = []
+        for c in range(math.ceil(s.kv_tiles / fx)):
+            cell = s.classes[r * fy:(r + 1) * fy, c * fx:(c + 1) * fx]
+            kinds = set(cell.flatten().tolist())
+            line.append(glyph[PARTIAL] if PARTIAL in kinds or len(kinds) > 1 else glyph[kinds.pop()])
+        lines.append("".join(line))
+    scale = "" if fy == fx == 1 else f"  (each cell {fy}x{fx} tiles)"
+    return "\n".join(lines) + (f"\n{scale.strip()}" if scale else "")

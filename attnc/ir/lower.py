@@ -1,0 +1,386 @@
+"""AST -> IR: name resolution, typing, desugaring of builtins. All errors are located."""
+from __future__ import annotations
+
+
+
+from ..errors import AttncError, Span, suggest
+from ..frontend import syntax as A
+from . import nodes as N
+
+RESERVED_TARGETS = ("q", "kv", "mask", "score")
+# Keyword arguments of attnc.compile itself; a spec parameter may not shadow them.
+COMPILE_OPTIONS = ("backend", "tiles")
+SPACE_FUNCS = ("seq", "grid")
+SCORE_FUNCS = ("softmax",)
+INT_FUNCS = ("abs", "min", "max")
+FLOAT_FUNCS = ("sqrt", "log", "exp")
+MASK_FUNCS = ("window", "same_block")
+BUILTIN_VALUES = ("causal", "head_dim", "true", "false")
+BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
+
+
+def lower(ast: A.Attention) -> N.Attention:
+    return _Lowering(ast).run()
+
+
+class _Lowering:
+    def __init__(self, ast: A.Attention):
+        self.ast = ast
+        self.params: dict[str, N.ParamDecl] = {}
+        self.locals: dict[str, N.Expr] = {}
+        self.local_spans: dict[str, Span | None] = {}
+        self.used: set[str] = set()
+        self.q: N.Space | None = None
+        self.kv: N.Space | None = None
+
+    # -- statements ---------------------------------------------------------------------------
+    def run(self) -> N.Attention:
+        for p in self.ast.params:
+            self.declare(p)
+        lines: dict[str, int] = {}
+        seen: dict[str, A.Name] = {}
+        for stmt in self.ast.body:
+            for t in stmt.targets:
+                if t.id in seen:
+                    raise AttncError(f"'{t.id}' is assigned twice", t.span,
+                                     hint=f"first assigned at line {seen[t.id].span.line}" if seen[t.id].span else None)
+                seen[t.id] = t
+        # Spaces first: predicates anywhere in the body may refer to q and k coordinates.
+        for stmt in self.ast.body:
+            ids = tuple(t.id for t in stmt.targets)
+            if "q" in ids or "kv" in ids:
+                self.space_stmt(stmt, ids)
+                for name in ids:
+                    lines[name] = stmt.span.line if stmt.span else 0
+        if self.q is None or self.kv is None:
+            missing = "q" if self.q is None else "kv"
+            raise AttncError(f"attention '{self.ast.name}' does not define its {missing} token space",
+                             self.ast.span, hint="add `q, kv = seq(N)` (or `q = ...` and `kv = ...`)")
+        mask: N.Expr = N.Const(True)
+        score: N.Score | None = None
+        for stmt in self.ast.body:
+            ids = tuple(t.id for t in stmt.targets)
+            if "q" in ids or "kv" in ids:
+                continue
+            if len(ids) > 1:
+                raise AttncError("only `q, kv = ...` may assign several names at once", stmt.targets[1].span)
+            name = ids[0]
+            if name == "mask":
+                mask = self.expect(stmt.value, N.BOOL, "the mask")
+            elif name == "score":
+                score = self.score(stmt.value)
+            else:
+                self.define_local(stmt)
+            lines[name] = stmt.span.line if stmt.span else 0
+        for name, span in self.local_spans.items():
+            if name not in self.used:
+                raise AttncError(f"'{name}' is defined but never used", span,
+                                 hint=suggest(name, RESERVED_TARGETS))
+        if score is None:
+            score = N.Softmax(_default_scale())
+        return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv, mask, score,
+                           lines=tuple(sorted(lines.items())))
+
+    def declare(self, p: A.Param) -> None:
+        if p.name in self.params:
+            raise AttncError(f"parameter '{p.name}' is declared twice", p.span)
+        if p.name in BUILTINS or p.name in RESERVED_TARGETS or p.name in ("k",):
+            raise AttncError(f"parameter name '{p.name}' is reserved", p.span)
+        if p.name in COMPILE_OPTIONS:
+            raise AttncError(f"parameter name '{p.name}' is reserved for attnc.compile options", p.span)
+        default = None
+        type_ = N.INT
+        if p.default is not None:
+            default = self.uniform(p.default, "a parameter default")
+            if default.type == N.BOOL:
+                raise AttncError("parameter defaults must be numbers", p.default.span)
+            type_ = default.type
+        self.params[p.name] = N.ParamDecl(p.name, type_, default)
+
+    def space_stmt(self, stmt: A.Stmt, ids: tuple[str, ...]) -> None:
+        if ids not in (("q",), ("kv",), ("q", "kv")):
+            raise AttncError("token spaces are assigned as `q, kv = ...`, `q = ...` or `kv = ...`",
+                             stmt.targets[0].span)
+        space = self.space(stmt.value)
+        if "q" in ids:
+            self.q = space
+        if "kv" in ids:
+            self.kv = space
+
+    def space(self, e: A.Expr) -> N.Space:
+        if not isinstance(e, A.Call) or e.func.id not in SPACE_FUNCS:
+            raise AttncError("expected a token space: seq(N), grid(H, W) or grid(T, H, W)", e.span,
+                             hint=suggest(e.func.id, SPACE_FUNCS) if isinstance(e, A.Call) else None)
+        self.no_kwargs(e)
+        arity = (1,) if e.func.id == "seq" else (2, 3)
+        if len(e.args) not in arity:
+            want = "one size" if e.func.id == "seq" else "2 or 3 sizes"
+            raise AttncError(f"{e.func.id}() takes {want}, got {len(e.args)}", e.span)
+        dims = tuple(self.uniform_int(a, "a space size") for a in e.args)
+        return N.Space(e.func.id, dims)
+
+    def score(self, e: A.Expr) -> N.Score:
+        func = e if isinstance(e, A.Name) else e.func if isinstance(e, A.Call) else None
+        if func is None or func.id not in SCORE_FUNCS:
+            name = func.id if func is not None else ""
+            raise AttncError("expected a score function: softmax", getattr(func, "span", None) or e.span,
+                             hint=suggest(name, SCORE_FUNCS))
+        scale = _default_scale()
+        if isinstance(e, A.Call):
+            if e.args:
+                raise AttncError("softmax takes only keyword arguments: softmax(scale = ...)", e.args[0].span)
+            for kw in e.kwargs:
+                if kw.name != "scale":
+                    raise AttncError(f"softmax has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["scale"]))
+                scale = self.uniform(kw.value, "the softmax scale")
+                if scale.type == N.BOOL:
+                    raise AttncError("the softmax scale must be a number", kw.value.span)
+        return N.Softmax(scale)
+
+    def define_local(self, stmt: A.Stmt) -> None:
+        name = stmt.targets[0]
+        if name.id in BUILTINS or name.id in self.params or name.id == "k":
+            raise AttncError(f"'{name.id}' is a {'parameter' if name.id in self.params else 'builtin'} "
+                             "and cannot be redefined", name.span)
+        self.locals[name.id] = self.expr(stmt.value)
+        self.local_spans[name.id] = name.span
+
+    # -- expressions --------------------------------------------------------------------------
+    def expect(self, e: A.Expr, type_: str, what: str) -> N.Expr:
+        out = self.expr(e)
+        if out.type != type_ and not (type_ == N.FLOAT and out.type == N.INT):
+            raise AttncError(f"{what} must be {_article(type_)}, but this is {_article(out.type)}", e.span)
+        return out
+
+    def uniform(self, e: A.Expr, what: str) -> N.Expr:
+        out = self.expr(e)
+        if _varies(out):
+            raise AttncError(f"{what} cannot depend on token coordinates", e.span)
+        return out
+
+    def uniform_int(self, e: A.Expr, what: str) -> N.Expr:
+        out = self.uniform(e, what)
+        if out.type != N.INT:
+            raise AttncError(f"{what} must be an integer, but this is {_article(out.type)}", e.span,
+                             hint="use // for integer division" if out.type == N.FLOAT else None)
+        return out
+
+    def expr(self, e: A.Expr) -> N.Expr:
+        out = self._expr(e)
+        if out.type == N.FLOAT and _varies(out):
+            raise AttncError("arithmetic on token coordinates must stay in integers", e.span,
+                             hint="use // for integer division")
+        return _fold(out)
+
+    def _expr(self, e: A.Expr) -> N.Expr:
+        if isinstance(e, A.Num):
+            return N.Const(e.value)
+        if isinstance(e, A.Bool):
+            return N.Const(e.value)
+        if isinstance(e, A.Name):
+            return self.name(e)
+        if isinstance(e, A.Attr):
+            return self.coord(e)
+        if isinstance(e, A.Tuple):
+            raise AttncError("a tuple is only allowed as a per-axis argument, e.g. dilation = (1, 2)", e.span)
+        if isinstance(e, A.Unary):
+            if e.op == "not":
+                return N.Unary("not", self.expect(e.operand, N.BOOL, "the operand of 'not'"))
+            return N.Unary("neg", self.number(e.operand, "-"))
+        if isinstance(e, A.Binary):
+            return self.binary(e)
+        if isinstance(e, A.Call):
+            return self.call(e)
+        raise TypeError(f"unknown AST node {e!r}")
+
+    def name(self, e: A.Name) -> N.Expr:
+        if e.id in self.params:
+            return N.Param(e.id, self.params[e.id].type)
+        if e.id in self.locals:
+            self.used.add(e.id)
+            return self.locals[e.id]
+        if e.id == "causal":
+            return self.causal()
+        if e.id == "head_dim":
+            return N.HeadDim()
+        if e.id in ("q", "k"):
+            raise AttncError(f"'{e.id}' is a token; use one of its coordinates, e.g. {e.id}.i", e.span)
+        if e.id == "kv":
+            raise AttncError("'kv' names the key space; in expressions use k.<axis>", e.span)
+        if e.id in BUILTINS:
+            raise AttncError(f"'{e.id}' is a function; call it with arguments", e.span)
+        if e.id in ("mask", "score"):
+            raise AttncError(f"'{e.id}' cannot be used inside an expression", e.span)
+        known = list(self.params) + list(self.locals) + list(BUILTINS)
+        raise AttncError(f"unknown name '{e.id}'", e.span, hint=suggest(e.id, known))
+
+    def coord(self, e: A.Attr) -> N.Expr:
+        if not isinstance(e.value, A.Name) or e.value.id not in ("q", "k"):
+            hint = "use k.<axis> for key coordinates" if isinstance(e.value, A.Name) and e.value.id == "kv" else None
+            raise AttncError("only q.<axis> and k.<axis> have attributes", e.span, hint=hint)
+        side = e.value.id
+        space = self.q if side == "q" else self.kv
+        axes = space.axes + (("i",) if space.kind == "grid" else ())
+        if e.attr not in axes:
+            raise AttncError(f"{side} has no axis '{e.attr}'; its axes are {', '.join(axes)}", e.span,
+                             hint=suggest(e.attr, axes))
+        return N.Coord(side, e.attr)
+
+    def number(self, e: A.Expr, op: str) -> N.Expr:
+        out = self.expr(e)
+        if out.type == N.BOOL:
+            raise AttncError(f"'{op}' needs a number, but this is a condition", e.span)
+        return out
+
+    def binary(self, e: A.Binary) -> N.Expr:
+        if e.op in ("and", "or"):
+            return N.Binary(e.op, self.expect(e.lhs, N.BOOL, f"the operand of '{e.op}'"),
+                            self.expect(e.rhs, N.BOOL, f"the operand of '{e.op}'"))
+        lhs, rhs = self.number(e.lhs, e.op), self.number(e.rhs, e.op)
+        if e.op in ("//", "%"):
+            for side, val in ((e.lhs, lhs), (e.rhs, rhs)):
+                if val.type != N.INT:
+                    raise AttncError(f"'{e.op}' needs integers, but this is a float", side.span)
+        return N.Binary(e.op, lhs, rhs)
+
+    def call(self, e: A.Call) -> N.Expr:
+        fn = e.func.id
+        if fn in self.params or fn in self.locals:
+            raise AttncError(f"'{fn}' is not a function", e.func.span)
+        if fn == "window":
+            return self.window(e)
+        if fn == "same_block":
+            return self.same_block(e)
+        if fn == "causal":
+            if e.args or e.kwargs:
+                raise AttncError("causal takes no arguments", e.span)
+            return self.causal()
+        if fn in INT_FUNCS:
+            self.no_kwargs(e)
+            args = [self.number(a, fn) for a in e.args]
+            if fn == "abs":
+                if len(args) != 1:
+                    raise AttncError(f"abs() takes 1 argument, got {len(args)}", e.span)
+                return N.Unary("abs", args[0])
+            if len(args) < 2:
+                raise AttncError(f"{fn}() takes at least 2 arguments, got {len(args)}", e.span)
+            out = args[0]
+            for a in args[1:]:
+                out = N.Binary(fn, out, a)
+            return out
+        if fn in FLOAT_FUNCS:
+            self.no_kwargs(e)
+            if len(e.args) != 1:
+                raise AttncError(f"{fn}() takes 1 argument, got {len(e.args)}", e.span)
+            return N.Call(fn, (self.number(e.args[0], fn),))
+        if fn in SPACE_FUNCS or fn in SCORE_FUNCS:
+            raise AttncError(f"{fn}() is not allowed inside an expression", e.func.span)
+        known = list(INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS)
+        raise AttncError(f"unknown function '{fn}'", e.func.span, hint=suggest(fn, known))
+
+    def causal(self) -> N.Expr:
+        # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
+        nq, nk = self.q.size(), self.kv.size()
+        offset = N.Const(0) if nq == nk else nk - nq
+        return N.Coord("k", "i").le(_fold(N.Coord("q", "i") + offset))
+
+    def window(self, e: A.Call) -> N.Expr:
+        space = self.same_space(e)
+        ndim = len(space.dims)
+        kernels = self.per_axis(e.args, ndim, e, "kernel sizes")
+        opts = {"dilation": [N.Const(1)] * ndim, "stride": [N.Const(1)] * ndim}
+        causal = [False] * ndim
+        for kw in e.kwargs:
+            if kw.name in opts:
+                items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
+                opts[kw.name] = self.per_axis(items, ndim, kw.value, f"{kw.name} values")
+            elif kw.name == "causal":
+                items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
+                if not all(isinstance(i, A.Bool) for i in items):
+                    raise AttncError("causal must be true/false or a tuple of them", kw.value.span)
+                flags = [i.value for i in items]
+                if len(flags) not in (1, ndim):
+                    raise AttncError(f"expected 1 or {ndim} causal flags, got {len(flags)}", kw.value.span)
+                causal = flags * ndim if len(flags) == 1 else flags
+            else:
+                raise AttncError(f"window has no argument '{kw.name}'", kw.span,
+                                 hint=suggest(kw.name, ["dilation", "stride", "causal"]))
+        out: N.Expr | None = None
+        for a, axis in enumerate(space.axes):
+            w = N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal[a],
+                         span=e.span)
+            out = w if out is None else out.and_(w)
+        return out
+
+    def same_block(self, e: A.Call) -> N.Expr:
+        self.no_kwargs(e)
+        space = self.same_space(e)
+        sizes = self.per_axis(e.args, len(space.dims), e, "block sizes")
+        out: N.Expr | None = None
+        for a, axis in enumerate(space.axes):
+            term = (N.Coord("q", axis) // sizes[a]).eq(N.Coord("k", axis) // sizes[a])
+            out = term if out is None else out.and_(term)
+        return out
+
+    def same_space(self, e: A.Call) -> N.Space:
+        if self.q != self.kv:
+            raise AttncError(f"{e.func.id}() needs q and kv in the same token space", e.func.span)
+        return self.q
+
+    def per_axis(self, items, ndim: int, where: A.Expr, what: str) -> list[N.Expr]:
+        if len(items) not in (1, ndim):
+            raise AttncError(f"expected 1 or {ndim} {what} (one per axis), got {len(items)}", where.span)
+        vals = [self.uniform_int(i, what[:-1]) for i in items]
+        return vals * ndim if len(vals) == 1 else vals
+
+    @staticmethod
+    def no_kwargs(e: A.Call) -> None:
+        if e.kwargs:
+            raise AttncError(f"{e.func.id}() takes no keyword arguments", e.kwargs[0].span)
+
+
+def _default_scale() -> N.Expr:
+    return N.Binary("/", N.Const(1.0), N.Call("sqrt", (N.HeadDim(),)))
+
+
+def _article(type_: str) -> str:
+    return {"int": "an integer", "float": "a float", "bool": "a condition"}[type_]
+
+
+def _varies(e: N.Expr) -> bool:
+    """Does the expression depend on token coordinates?"""
+    if isinstance(e, (N.Coord, N.Window)):
+        return True
+    if isinstance(e, N.Unary):
+        return _varies(e.operand)
+    if isinstance(e, N.Binary):
+        return _varies(e.lhs) or _varies(e.rhs)
+    if isinstance(e, N.Call):
+        return any(_varies(a) for a in e.args)
+    return False
+
+
+_FOLD = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "min": min, "max": max,
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+    "and": lambda a, b: a and b, "or": lambda a, b: a or b,
+}
+
+
+def _fold(e: N.Expr) -> N.Expr:
+    """Fold operations on integer/boolean constants (floats are left to evaluation)."""
+    if isinstance(e, N.Binary) and isinstance(e.lhs, N.Const) and isinstance(e.rhs, N.Const):
+        a, b = e.lhs.value, e.rhs.value
+        if e.op in _FOLD and not isinstance(a, float) and not isinstance(b, float):
+            return N.Const(_FOLD[e.op](a, b))
+    if isinstance(e, N.Binary) and e.op in ("+", "-") and e.rhs == N.Const(0):
+        return e.lhs
+    if isinstance(e, N.Unary) and isinstance(e.operand, N.Const) and not isinstance(e.operand.value, float):
+        v = e.operand.value
+        return N.Const(not v if e.op == "not" else -v if e.op == "neg" else abs(v))
+    return e
+
+
+__all__ = ["lower", "COMPILE_OPTIONS"]

@@ -1,0 +1,193 @@
+"""attnc IR: frozen, hashable dataclasses with a canonical text form.
+
+Expressions are typed (int, float, bool) by construction in `lower.py`. Parameters stay
+symbolic: one IR (and one generated kernel) serves every binding of the sizes, which are
+passed to kernels as runtime arguments.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..errors import Span
+
+INT, FLOAT, BOOL = "int", "float", "bool"
+_NOCMP = dict(compare=False, repr=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int | float | bool
+
+    @property
+    def type(self) -> str:
+        return BOOL if isinstance(self.value, bool) else INT if isinstance(self.value, int) else FLOAT
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # INT or FLOAT
+
+
+@dataclass(frozen=True)
+class HeadDim:
+    """The head dimension D of q and k, known when the callable runs."""
+
+    type = INT
+
+
+@dataclass(frozen=True)
+class Coord:
+    """A coordinate of the query ('q') or key ('k') token: axis 'i' (flat index), 't', 'y' or 'x'."""
+
+    side: str
+    axis: str
+    type = INT
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str  # 'neg', 'not', 'abs'
+    operand: "Expr"
+
+    @property
+    def type(self) -> str:
+        return BOOL if self.op == "not" else self.operand.type
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str  # + - * // % / min max == != < <= > >= and or
+    lhs: "Expr"
+    rhs: "Expr"
+
+    @property
+    def type(self) -> str:
+        if self.op in COMPARISONS or self.op in ("and", "or"):
+            return BOOL
+        if self.op == "/":
+            return FLOAT
+        return FLOAT if FLOAT in (self.lhs.type, self.rhs.type) else INT
+
+
+@dataclass(frozen=True)
+class Call:
+    """Float math: sqrt, log, exp."""
+
+    fn: str
+    args: tuple["Expr", ...]
+    type = FLOAT
+
+
+@dataclass(frozen=True)
+class Window:
+    """NATTEN neighborhood along one axis (DESIGN.md section 3); `length` is the axis size."""
+
+    axis: str
+    length: "Expr"
+    kernel: "Expr"
+    dilation: "Expr"
+    stride: "Expr"
+    causal: bool
+    span: Span | None = field(default=None, **_NOCMP)
+    type = BOOL
+
+    def expand(self) -> "Expr":
+        """The window as plain integer arithmetic: the one definition reference and kernels share."""
+        i, j = Coord("q", self.axis), Coord("k", self.axis)
+        n, k, d, s = self.length, self.kernel, self.dilation, self.stride
+        group = i % d
+        same_group = (j % d).eq(group)
+        ip, jp = i // d, j // d
+        n_group = (n - group + d - Const(1)) // d
+        if self.causal:
+            leader = (ip // s * s + s - Const(1)).min(n_group - Const(1))
+            lo = (leader - k + Const(1)).max(Const(0))
+            return same_group.and_(lo.le(jp)).and_(jp.le(ip))
+        leader = (ip // s * s + s // Const(2)).min(n_group - Const(1))
+        start = (leader - k // Const(2)).min(n_group - k).max(Const(0))
+        return same_group.and_(start.le(jp)).and_(jp.lt(start + k))
+
+
+COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+Expr = Union[Const, Param, HeadDim, Coord, Unary, Binary, Call, Window]
+
+
+def _binop(op):
+    def method(self, other):
+        return Binary(op, self, other)
+    return method
+
+
+# Small builder methods keep expansions (Window, causal, blocks) readable.
+for _cls in (Const, Param, HeadDim, Coord, Unary, Binary, Call, Window):
+    _cls.__add__ = _binop("+")
+    _cls.__sub__ = _binop("-")
+    _cls.__mul__ = _binop("*")
+    _cls.__floordiv__ = _binop("//")
+    _cls.__mod__ = _binop("%")
+    _cls.min = _binop("min")
+    _cls.max = _binop("max")
+    _cls.eq = _binop("==")
+    _cls.lt = _binop("<")
+    _cls.le = _binop("<=")
+    _cls.and_ = _binop("and")
+
+
+@dataclass(frozen=True)
+class Space:
+    """A token space: `seq(N)` (axes i) or `grid(H, W)` / `grid(T, H, W)` (axes y x / t y x)."""
+
+    kind: str  # 'seq' or 'grid'
+    dims: tuple[Expr, ...]
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return ("i",) if self.kind == "seq" else ("t", "y", "x")[3 - len(self.dims):]
+
+    def size(self) -> Expr:
+        total = self.dims[0]
+        for d in self.dims[1:]:
+            total = total * d
+        return total
+
+
+@dataclass(frozen=True)
+class Softmax:
+    scale: Expr  # float expression over parameters and head_dim
+
+
+Score = Softmax
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    name: str
+    type: str
+    default: Expr | None
+
+
+@dataclass(frozen=True)
+class Attention:
+    name: str
+    params: tuple[ParamDecl, ...]
+    q: Space
+    kv: Space
+    mask: Expr  # bool expression over coordinates and parameters
+    score: Score
+    # Source line of each part, for comments in generated code; not part of identity.
+    lines: tuple[tuple[str, int], ...] = field(default=(), **_NOCMP)
+
+    def canonical(self) -> str:
+        from .printer import format_ir
+
+        return format_ir(self)
+
+    def digest(self) -> str:
+        """Stable content hash of the IR (spans and comments excluded)."""
+        return hashlib.sha256(self.canonical().encode()).hexdigest()
+
+    def line_of(self, part: str) -> int | None:
+        return dict(self.lines).get(part)

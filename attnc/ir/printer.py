@@ -1,0 +1,66 @@
+"""Canonical text of the IR: deterministic, so it doubles as the hash input."""
+from __future__ import annotations
+
+from . import nodes as N
+
+_PREC = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
+         "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
+_ATOM = 8
+
+
+def format_ir(ir: N.Attention) -> str:
+    params = ", ".join(
+        f"{p.name}: {p.type}" + ("" if p.default is None else f" = {format_expr(p.default)}") for p in ir.params
+    )
+    return "\n".join([
+        f"attention {ir.name}({params})",
+        f"  q     = {format_space(ir.q)}",
+        f"  kv    = {format_space(ir.kv)}",
+        f"  mask  = {format_expr(ir.mask)}",
+        f"  score = softmax(scale = {format_expr(ir.score.scale)})",
+    ])
+
+
+def format_space(space: N.Space) -> str:
+    return f"{space.kind}({', '.join(format_expr(d) for d in space.dims)})"
+
+
+def format_expr(e: N.Expr) -> str:
+    return _fmt(e)[0]
+
+
+def _fmt(e: N.Expr) -> tuple[str, int]:
+    if isinstance(e, N.Const):
+        if isinstance(e.value, bool):
+            return ("true" if e.value else "false"), _ATOM
+        return (repr(e.value), _ATOM) if e.value >= 0 else (repr(e.value), _PREC["neg"])
+    if isinstance(e, N.Param):
+        return e.name, _ATOM
+    if isinstance(e, N.HeadDim):
+        return "head_dim", _ATOM
+    if isinstance(e, N.Coord):
+        return f"{e.side}.{e.axis}", _ATOM
+    if isinstance(e, N.Window):
+        flags = f"kernel={format_expr(e.kernel)}, dilation={format_expr(e.dilation)}, " \
+                f"stride={format_expr(e.stride)}, causal={'true' if e.causal else 'false'}"
+        return f"window[{e.axis} < {format_expr(e.length)}]({flags})", _ATOM
+    if isinstance(e, N.Call):
+        return f"{e.fn}({', '.join(format_expr(a) for a in e.args)})", _ATOM
+    if isinstance(e, N.Unary):
+        if e.op == "abs":
+            return f"abs({format_expr(e.operand)})", _ATOM
+        if e.op == "not":
+            return f"not {_wrap(e.operand, _PREC['not'])}", _PREC["not"]
+        return f"-{_wrap(e.operand, _PREC['neg'])}", _PREC["neg"]
+    if isinstance(e, N.Binary):
+        if e.op in ("min", "max"):
+            return f"{e.op}({format_expr(e.lhs)}, {format_expr(e.rhs)})", _ATOM
+        prec = _PREC[e.op]
+        left_min = prec + 1 if prec == 4 else prec
+        return f"{_wrap(e.lhs, left_min)} {e.op} {_wrap(e.rhs, prec + 1)}", prec
+    raise TypeError(f"not an IR expression: {e!r}")
+
+
+def _wrap(e: N.Expr, min_prec: int) -> str:
+    text, prec = _fmt(e)
+    return text if prec >= min_prec else f"({text})"

@@ -1,0 +1,319 @@
+"""What a spec means: parameter binding, a vectorised evaluator of IR expressions, the dense mask
+and the dense reference attention. This module is the oracle every kernel is tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import AttncError, suggest
+from . import nodes as N
+
+# Kernels decode coordinates in int32; larger spaces are rejected rather than silently wrapped.
+MAX_TOKENS = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An IR with every parameter bound to a value, and the sizes that follow from them."""
+
+    ir: N.Attention
+    values: tuple[tuple[str, int | float], ...]
+    q_dims: tuple[int, ...]
+    kv_dims: tuple[int, ...]
+
+    @property
+    def env(self) -> dict[str, int | float]:
+        return dict(self.values)
+
+    @property
+    def nq(self) -> int:
+        return math.prod(self.q_dims)
+
+    @property
+    def nk(self) -> int:
+        return math.prod(self.kv_dims)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values)
+
+
+def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
+    """Check and bind parameter values; evaluate defaults and sizes; check builtin preconditions."""
+    decls = {p.name: p for p in ir.params}
+    for name in params:
+        if name not in decls:
+            raise AttncError(f"attention '{ir.name}' has no parameter '{name}'",
+                             hint=suggest(name, decls) or f"its parameters are: {_param_list(ir)}")
+    values: dict[str, int | float] = {}
+    for p in ir.params:
+        if p.name in params:
+            values[p.name] = _check_value(ir, p, params[p.name])
+        elif p.default is not None:
+            values[p.name] = evaluate_uniform(p.default, values)
+        else:
+            missing = [d.name for d in ir.params if d.name not in params and d.default is None]
+            raise AttncError(f"attention '{ir.name}' needs a value for parameter{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)}", hint=f"pass them to attnc.compile, e.g. {missing[0]}=64")
+    q_dims = _dims(ir.q, values, "q")
+    kv_dims = _dims(ir.kv, values, "kv")
+    bound = Bound(ir, tuple(values.items()), q_dims, kv_dims)
+    for w in windows(ir.mask):
+        _check_window(w, values, bound)
+    return bound
+
+
+def _param_list(ir: N.Attention) -> str:
+    return ", ".join(p.name for p in ir.params) or "(none)"
+
+
+def _check_value(ir: N.Attention, p: N.ParamDecl, value: Any) -> int | float:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AttncError(f"parameter '{p.name}' of '{ir.name}' must be "
+                         f"{'an integer' if p.type == N.INT else 'a number'}, got {type(value).__name__} {value!r}")
+    if p.type == N.INT:
+        if not isinstance(value, numbers.Integral):
+            raise AttncError(f"parameter '{p.name}' of '{ir.name}' must be an integer, got {value!r}")
+        value = int(value)
+        if abs(value) > MAX_TOKENS:
+            raise AttncError(f"parameter '{p.name}' = {value} is out of range (|value| <= {MAX_TOKENS})")
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        raise AttncError(f"parameter '{p.name}' must be finite, got {value}")
+    return value
+
+
+def _dims(space: N.Space, values, side: str) -> tuple[int, ...]:
+    dims = tuple(int(evaluate_uniform(d, values)) for d in space.dims)
+    for d, expr in zip(dims, space.dims):
+        if d < 1:
+            raise AttncError(f"{side} space size {_show(expr)} = {d}; sizes must be at least 1")
+    if math.prod(dims) > MAX_TOKENS:
+        raise AttncError(f"{side} space has {math.prod(dims)} tokens; at most {MAX_TOKENS} are supported")
+    return dims
+
+
+def _show(e: N.Expr) -> str:
+    from .printer import format_expr
+
+    return format_expr(e)
+
+
+def _check_window(w: N.Window, values, bound: Bound) -> None:
+    n, k, d, s = (int(evaluate_uniform(x, values)) for x in (w.length, w.kernel, w.dilation, w.stride))
+    names = {x: _show(e) for x, e in (("k", w.kernel), ("d", w.dilation), ("s", w.stride), ("n", w.length))}
+    where = f"window along axis {w.axis}"
+    if d < 1:
+        raise AttncError(f"{where}: dilation {names['d']} = {d} must be at least 1", w.span)
+    if k < 2:
+        raise AttncError(f"{where}: kernel {names['k']} = {k} must be at least 2", w.span)
+    if k * d > n:
+        raise AttncError(f"{where}: kernel {names['k']} = {k} times dilation {names['d']} = {d} exceeds the "
+                         f"axis length {names['n']} = {n}", w.span, hint="NATTEN requires kernel * dilation <= length")
+    if not 1 <= s <= k:
+        raise AttncError(f"{where}: stride {names['s']} = {s} must be between 1 and the kernel size {k}", w.span)
+
+
+def windows(e: N.Expr):
+    """All Window nodes in an expression."""
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, N.Window):
+            yield x
+        elif isinstance(x, N.Unary):
+            stack.append(x.operand)
+        elif isinstance(x, N.Binary):
+            stack += [x.lhs, x.rhs]
+        elif isinstance(x, N.Call):
+            stack += list(x.args)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+_ARITH = {
+    "+": np.add, "-": np.subtract, "*": np.multiply, "min": np.minimum, "max": np.maximum,
+    "==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
+    ">=": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
+}
+_FLOAT_FUNCS = {"sqrt": math.sqrt, "log": math.log, "exp": math.exp}
+
+
+def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple[str, str], np.ndarray],
+             head_dim: int | None = None):
+    """Evaluate an expression; coordinates are int64 arrays that broadcast against each other."""
+    if isinstance(e, N.Const):
+        return e.value
+    if isinstance(e, N.Param):
+        return values[e.name]
+    if isinstance(e, N.HeadDim):
+        if head_dim is None:
+            raise AttncError("head_dim is only known when the attention runs")
+        return head_dim
+    if isinstance(e, N.Coord):
+        return coords[(e.side, e.axis)]
+    if isinstance(e, N.Window):
+        return evaluate(e.expand(), values, coords, head_dim)
+    if isinstance(e, N.Unary):
+        x = evaluate(e.operand, values, coords, head_dim)
+        return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
+    if isinstance(e, N.Call):
+        x = float(evaluate(e.args[0], values, coords, head_dim))
+        try:
+            return _FLOAT_FUNCS[e.fn](x)
+        except (ValueError, OverflowError):
+            raise AttncError(f"{e.fn}({x}) is undefined") from None
+    if isinstance(e, N.Binary):
+        a = evaluate(e.lhs, values, coords, head_dim)
+        b = evaluate(e.rhs, values, coords, head_dim)
+        if e.op in ("//", "%"):
+            if np.any(np.asarray(b) == 0):
+                raise AttncError(f"division by zero in `{_show(e)}`")
+            return np.floor_divide(a, b) if e.op == "//" else np.remainder(a, b)
+        if e.op == "/":
+            if b == 0:
+                raise AttncError(f"division by zero in `{_show(e)}`")
+            return a / b
+        return _ARITH[e.op](a, b)
+    raise TypeError(f"not an IR expression: {e!r}")
+
+
+def evaluate_uniform(e: N.Expr, values, head_dim: int | None = None) -> int | float:
+    out = evaluate(e, values, {}, head_dim)
+    return out.item() if isinstance(out, np.generic) else out
+
+
+def decode(dims: tuple[int, ...], axes: tuple[str, ...], flat: np.ndarray) -> dict[str, np.ndarray]:
+    """Row-major flat token index -> coordinates per axis (plus 'i', the flat index itself)."""
+    out = {"i": flat}
+    rest = flat
+    for axis, size in zip(reversed(axes), reversed(dims)):
+        out[axis] = rest % size
+        rest = rest // size
+    return out
+
+
+def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> np.ndarray:
+    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)]."""
+    ir = bound.ir
+    qc = decode(bound.q_dims, ir.q.axes, q_idx.astype(np.int64)[:, None])
+    kc = decode(bound.kv_dims, ir.kv.axes, k_idx.astype(np.int64)[None, :])
+    coords = {("q", a): v for a, v in qc.items()} | {("k", a): v for a, v in kc.items()}
+    out = evaluate(ir.mask, bound.env, coords)
+    return np.broadcast_to(np.asarray(out, dtype=bool), (len(q_idx), len(k_idx)))
+
+
+def dense_mask(bound: Bound) -> np.ndarray:
+    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk)).copy()
+
+
+def score_scale(bound: Bound, head_dim: int) -> float:
+    scale = float(evaluate_uniform(bound.ir.score.scale, bound.env, head_dim))
+    if not math.isfinite(scale):
+        raise AttncError(f"the softmax scale evaluates to {scale}")
+    return scale
+
+
+# -- integer ranges ---------------------------------------------------------------------------
+INT32 = (-(2**31), 2**31 - 1)
+
+
+def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], tuple[int, int]], out: list | None = None):
+    """Interval [lo, hi] of an integer expression over coordinate ranges (sound, maybe loose).
+
+    Every intermediate interval is appended to `out`, so callers can check that a kernel's
+    int32 arithmetic cannot overflow anywhere in the expression.
+    """
+    def rec(x: N.Expr) -> tuple[int, int]:
+        if isinstance(x, N.Const):
+            r = (int(x.value), int(x.value))
+        elif isinstance(x, N.Param):
+            r = (int(values[x.name]), int(values[x.name]))
+        elif isinstance(x, N.HeadDim):
+            r = (1, 1024)
+        elif isinstance(x, N.Coord):
+            r = ranges[(x.side, x.axis)]
+        elif isinstance(x, N.Window):
+            rec(x.expand())
+            r = (0, 1)
+        elif isinstance(x, N.Unary):
+            a = rec(x.operand)
+            if x.op == "not":
+                r = (0, 1)
+            elif x.op == "neg":
+                r = (-a[1], -a[0])
+            else:
+                r = (0 if a[0] <= 0 <= a[1] else min(abs(a[0]), abs(a[1])), max(abs(a[0]), abs(a[1])))
+        elif isinstance(x, N.Binary):
+            a, b = rec(x.lhs), rec(x.rhs)
+            if x.op in ("and", "or") or x.op in N.COMPARISONS:
+                r = (0, 1)
+            elif x.op == "+":
+                r = (a[0] + b[0], a[1] + b[1])
+            elif x.op == "-":
+                r = (a[0] - b[1], a[1] - b[0])
+            elif x.op == "*":
+                p = [a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]]
+                r = (min(p), max(p))
+            elif x.op == "min":
+                r = (min(a[0], b[0]), min(a[1], b[1]))
+            elif x.op == "max":
+                r = (max(a[0], b[0]), max(a[1], b[1]))
+            elif x.op == "%":
+                m = max(abs(b[0]), abs(b[1]))
+                r = (-m, m)
+            elif x.op == "//":
+                m = max(abs(a[0]), abs(a[1]))
+                r = (-m, m)
+            else:
+                r = (0, 1)
+        else:
+            r = (0, 1)  # float subexpressions never reach integer kernels
+        if out is not None:
+            out.append(r)
+        return r
+
+    return rec(e)
+
+
+def needs_int64(bound: Bound) -> bool:
+    """True when some intermediate of the mask may leave int32 over this binding's coordinates."""
+    ranges = {}
+    for side, space, dims in (("q", bound.ir.q, bound.q_dims), ("k", bound.ir.kv, bound.kv_dims)):
+        ranges[(side, "i")] = (0, math.prod(dims) - 1)
+        for axis, size in zip(space.axes, dims):
+            ranges[(side, axis)] = (0, size - 1)
+    seen: list[tuple[int, int]] = []
+    int_range(bound.ir.mask, bound.env, ranges, seen)
+    lo, hi = INT32
+    return any(r[0] < lo or r[1] > hi for r in seen)
+
+
+# -- the dense reference attention ---------------------------------------------------------------
+def reference_attention(bound: Bound, q, k, v, mask=None):
+    """softmax(scale * q k^T, masked) v in the inputs' dtype (use float64 for an oracle).
+
+    Rows that see no key output exactly 0. Differentiable through torch autograd.
+    """
+    import torch
+
+    if mask is None:
+        mask = torch.from_numpy(dense_mask(bound)).to(q.device)
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    scale = score_scale(bound, q.shape[-1])
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+    p = torch.exp(s - m) * mask
+    denom = p.sum(dim=-1, keepdim=True)
+    out = (p @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return out

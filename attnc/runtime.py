@@ -1,0 +1,159 @@
+"""The callable users get: input validation, kernel launch, the dense mask."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import AttncError
+from .ir import nodes as N
+from .ir.semantics import dense_mask, reference_attention, score_scale
+from .pipeline import Compiled
+
+LOG2E = 1.4426950408889634
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class AttentionFn:
+    """`fn(q, k, v)` for one compiled spec and binding of its parameters.
+
+    q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv], tokens in the
+    row-major order of each space. Hq must be a multiple of Hkv (grouped-query attention).
+    """
+
+    def __init__(self, compiled: Compiled):
+        self.compiled = compiled
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def spec(self):
+        return self.compiled.spec
+
+    @property
+    def ir(self) -> N.Attention:
+        return self.compiled.spec.ir
+
+    @property
+    def backend(self) -> str:
+        return self.compiled.backend
+
+    @property
+    def params(self) -> dict:
+        return self.compiled.bound.env
+
+    @property
+    def schedule(self):
+        return self.compiled.schedule
+
+    @property
+    def kernel_source(self) -> str | None:
+        return self.compiled.kernel_source
+
+    def __repr__(self) -> str:
+        return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
+
+    def mask(self) -> torch.Tensor:
+        """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes)."""
+        return torch.from_numpy(dense_mask(self.compiled.bound))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
+        self._check(q, k, v)
+        if self.backend == "reference":
+            if return_lse:
+                raise AttncError("return_lse is only available with backend='triton'")
+            return reference_attention(self.compiled.bound, q, k, v)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise AttncError("the triton backend has no backward kernel yet",
+                             hint="run under torch.no_grad(), or use backend='reference' for gradients")
+        out, lse = self._forward(q, k, v)
+        return (out, lse) if return_lse else out
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check(self, q, k, v) -> None:
+        bound = self.compiled.bound
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise AttncError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise AttncError(f"{name} must have 4 dimensions [batch, heads, tokens, head_dim], "
+                                 f"got shape {tuple(t.shape)}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise AttncError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not q.dtype.is_floating_point:
+            raise AttncError(f"q, k and v must be floating point, got {q.dtype}")
+        if not (q.device == k.device == v.device):
+            raise AttncError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        B, Hq, Nq, D = q.shape
+        expect_k = (B, "Hkv", bound.nk, D)
+        if k.shape[0] != B or k.shape[2] != bound.nk or k.shape[3] != D:
+            raise AttncError(f"k has shape {tuple(k.shape)}; expected [{', '.join(map(str, expect_k))}] "
+                             f"(batch and head_dim of q, {bound.nk} keys for {self._sizes()})")
+        if v.shape[:3] != k.shape[:3]:
+            raise AttncError(f"v has shape {tuple(v.shape)}; expected [{k.shape[0]}, {k.shape[1]}, {k.shape[2]}, Dv] "
+                             "(batch, heads and tokens of k)")
+        if Nq != bound.nq:
+            raise AttncError(f"q has {Nq} tokens (dim 2) but {self._sizes()} gives {bound.nq} queries")
+        Hkv = k.shape[1]
+        if Hkv == 0 or Hq % Hkv:
+            raise AttncError(f"q has {Hq} heads and k has {Hkv}; the q heads must be a multiple of the kv heads")
+        if min(B, Hq, D, v.shape[3]) == 0:
+            raise AttncError(f"empty dimension in q {tuple(q.shape)} or v {tuple(v.shape)}")
+        if self.backend == "triton":
+            if q.dtype not in _TRITON_DTYPES:
+                raise AttncError(f"the triton backend supports float16, bfloat16 and float32, got {q.dtype}",
+                                 hint="use backend='reference' for float64")
+            if max(D, v.shape[3]) > MAX_HEAD_DIM:
+                raise AttncError(f"head_dim {max(D, v.shape[3])} exceeds the supported {MAX_HEAD_DIM}")
+            from .settings import settings
+
+            interpret = settings().interpret
+            if q.device.type == "cpu" and not interpret:
+                raise AttncError("CPU tensors need Triton's interpreter, but this process runs native kernels",
+                                 hint="set TRITON_INTERPRET=1 before starting Python, move the tensors to CUDA, "
+                                      "or use backend='reference'")
+            if q.device.type != "cpu" and interpret:
+                raise AttncError(f"tensors on {q.device} cannot run in Triton's interpreter mode",
+                                 hint="unset TRITON_INTERPRET, or pass CPU tensors")
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+                raise AttncError("Triton's interpreter has no bfloat16; use float16 or float32 on CPU")
+
+    def _sizes(self) -> str:
+        return f"'{self.ir.name}' with {self.compiled.bound.describe()}"
+
+    # -- launch ---------------------------------------------------------------------------------
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        tables = self._tables.get(device)
+        if tables is None:
+            s = self.compiled.schedule
+            tables = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                           for a in (s.full_ptr, s.full_idx, s.part_ptr, s.part_idx))
+            # Empty index arrays still need a valid pointer.
+            tables = tuple(t if t.numel() else torch.zeros(1, dtype=torch.int32, device=device) for t in tables)
+            self._tables[device] = tables
+        return tables
+
+    def _forward(self, q, k, v):
+        c = self.compiled
+        s = c.schedule
+        B, Hq, Nq, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        scale = score_scale(c.bound, D) * LOG2E
+        params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]
+        grid = (s.q_tiles, B * Hq)
+        c.module.attnc_fwd[grid](
+            q, k, v, out, lse, *self._device_tables(q.device),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Hq, Hq // Hkv, Nq, s.nk, scale, D, *params,
+            HEAD_DIM=D, HEAD_DIM_V=Dv,
+            BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
+            BLOCK_M=s.block_m, BLOCK_N=s.block_n, INT64=c.int64,
+        )
+        return out, lse
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
