@@ -19,8 +19,12 @@ from ..errors import AttncError
 from ..ir import nodes as N
 from .emit import emit_forward
 
-# Bump when the emitted code changes shape, so stale cache entries are not reused.
+# Bump when the emitted code changes shape; the IR and codegen sources are hashed into the key
+# too, so a development change can never reuse a stale file.
 CODEGEN_VERSION = "1"
+_PKG = Path(__file__).resolve().parent.parent
+_EMITTER_HASH = hashlib.sha256(b"".join(
+    p.read_bytes() for d in ("ir", "codegen") for p in sorted((_PKG / d).glob("*.py")))).hexdigest()[:16]
 _CHECK = "# attnc-checksum: "
 _modules: dict[str, ModuleType] = {}
 _lock = threading.Lock()
@@ -33,7 +37,7 @@ def _triton_version() -> str:
 
 
 def cache_key(ir: N.Attention) -> str:
-    text = "\n".join([ir.digest(), __version__, CODEGEN_VERSION, _triton_version()])
+    text = "\n".join([ir.digest(), __version__, CODEGEN_VERSION, _EMITTER_HASH, _triton_version()])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

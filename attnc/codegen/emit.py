@@ -28,11 +28,9 @@ class _Emitter:
         self.memo: dict[N.Expr, str] = {}
         self.count = 0
 
-    def temp(self, code: str, comment: str | None = None) -> str:
+    def temp(self, code: str) -> str:
         name = f"t{self.count}"
         self.count += 1
-        if comment:
-            self.lines.append(f"{self.indent}# {comment}")
         self.lines.append(f"{self.indent}{name} = {code}")
         return name
 
@@ -55,8 +53,8 @@ class _Emitter:
         if isinstance(e, N.Window):
             line = self.ir.line_of("mask")
             where = f" (spec line {line})" if line else ""
-            return self.temp(self.emit_inline(e.expand()),
-                             comment=f"{format_expr(e)}{where}")
+            self.lines.append(f"{self.indent}# {format_expr(e)}{where}")
+            return self.temp(self.emit_inline(e.expand()))
         return self.temp(self.emit_inline(e))
 
     def emit_inline(self, e: N.Expr) -> str:

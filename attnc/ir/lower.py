@@ -360,27 +360,8 @@ def _varies(e: N.Expr) -> bool:
     return False
 
 
-_FOLD = {
-    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-    "min": min, "max": max,
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-    "and": lambda a, b: a and b, "or": lambda a, b: a or b,
-}
-
-
 def _fold(e: N.Expr) -> N.Expr:
-    """Fold operations on integer/boolean constants (floats are left to evaluation)."""
-    if isinstance(e, N.Binary) and isinstance(e.lhs, N.Const) and isinstance(e.rhs, N.Const):
-        a, b = e.lhs.value, e.rhs.value
-        if e.op in _FOLD and not isinstance(a, float) and not isinstance(b, float):
-            return N.Const(_FOLD[e.op](a, b))
-    if isinstance(e, N.Binary) and e.op in ("+", "-") and e.rhs == N.Const(0):
-        return e.lhs
-    if isinstance(e, N.Unary) and isinstance(e.operand, N.Const) and not isinstance(e.operand.value, float):
-        v = e.operand.value
-        return N.Const(not v if e.op == "not" else -v if e.op == "neg" else abs(v))
-    return e
+    return N.fold(e)
 
 
 __all__ = ["lower", "COMPILE_OPTIONS"]

@@ -115,9 +115,49 @@ COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 Expr = Union[Const, Param, HeadDim, Coord, Unary, Binary, Call, Window]
 
 
+_FOLD = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "//": lambda a, b: a // b, "%": lambda a, b: a % b, "min": min, "max": max,
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+    "and": lambda a, b: a and b, "or": lambda a, b: a or b,
+}
+
+
+def fold(e: "Expr") -> "Expr":
+    """Fold integer/boolean constants and identities (x + 0, x * 1, x // 1, true and x).
+
+    Floats are left alone so that evaluation stays in one place; division by a constant zero
+    is left for evaluation to report.
+    """
+    if isinstance(e, Unary) and isinstance(e.operand, Const) and not isinstance(e.operand.value, float):
+        v = e.operand.value
+        return Const(not v if e.op == "not" else -v if e.op == "neg" else abs(v))
+    if not isinstance(e, Binary):
+        return e
+    a, b = e.lhs, e.rhs
+    ca, cb = isinstance(a, Const), isinstance(b, Const)
+    if ca and cb and e.op in _FOLD and not isinstance(a.value, float) and not isinstance(b.value, float):
+        if not (e.op in ("//", "%") and b.value == 0):
+            return Const(_FOLD[e.op](a.value, b.value))
+    if cb and not isinstance(b.value, float):
+        if (e.op in ("+", "-") and b.value == 0 and not isinstance(b.value, bool)) or \
+                (e.op in ("*", "//") and b.value == 1 and not isinstance(b.value, bool)):
+            return a
+        if e.op == "and" and b.value is True or e.op == "or" and b.value is False:
+            return a
+    if ca and not isinstance(a.value, float):
+        if (e.op == "+" and a.value == 0 and not isinstance(a.value, bool)) or \
+                (e.op == "*" and a.value == 1 and not isinstance(a.value, bool)):
+            return b
+        if e.op == "and" and a.value is True or e.op == "or" and a.value is False:
+            return b
+    return e
+
+
 def _binop(op):
     def method(self, other):
-        return Binary(op, self, other)
+        return fold(Binary(op, self, other))
     return method
 
 

@@ -1,0 +1,170 @@
+"""`attnc check | explain | run`: the command line over the pipeline."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import AttncError
+
+
+def _param_values(extra: list[str]) -> dict[str, int | float]:
+    """`--N 64 --scale 0.5` -> {'N': 64, 'scale': 0.5}."""
+    out: dict[str, int | float] = {}
+    it = iter(extra)
+    for flag in it:
+        if not flag.startswith("--") or len(flag) < 3:
+            raise AttncError(f"expected a parameter flag like --N, got {flag!r}")
+        name = flag[2:]
+        if "=" in name:
+            name, text = name.split("=", 1)
+        else:
+            text = next(it, None)
+            if text is None:
+                raise AttncError(f"parameter --{name} needs a value")
+        try:
+            out[name] = int(text)
+        except ValueError:
+            try:
+                out[name] = float(text)
+            except ValueError:
+                raise AttncError(f"parameter --{name} needs a number, got {text!r}") from None
+    return out
+
+
+def _tiles(text: str) -> tuple[int, int]:
+    try:
+        m, n = text.lower().split("x")
+        return int(m), int(n)
+    except ValueError:
+        raise AttncError(f"--tiles takes MxN, e.g. 64x64, got {text!r}") from None
+
+
+class _Progress:
+    """A one-line progress display on stderr, shown only for work that takes a while."""
+
+    def __init__(self, label: str):
+        self.label, self.start, self.shown = label, time.perf_counter(), False
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.perf_counter() - self.start < 1.0 or not sys.stderr.isatty():
+            return
+        self.shown = True
+        sys.stderr.write(f"\r{self.label}: {done}/{total} ({100 * done // total}%)")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_check(args) -> int:
+    from .pipeline import parse
+
+    failed = 0
+    for path in args.files:
+        try:
+            spec = parse(path) if path != "-" else parse(sys.stdin.read())
+        except AttncError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        params = ", ".join(p.name for p in spec.params)
+        print(f"ok: {path}: attention {spec.name}({params})")
+    return 1 if failed else 0
+
+
+def cmd_explain(args, extra) -> int:
+    from .explain import explain
+    from .pipeline import build
+
+    compiled = build(args.file, _param_values(extra), "triton", _tiles(args.tiles), _Progress("analysing tiles"))
+    print(explain(compiled, sections=args.section))
+    return 0
+
+
+def cmd_run(args, extra) -> int:
+    import torch
+
+    from .ir.analysis import tile_picture
+    from .pipeline import build
+    from .runtime import AttentionFn
+
+    params = _param_values(extra)
+    t0 = time.perf_counter()
+    compiled = build(args.file, params, "triton", _tiles(args.tiles), _Progress("analysing tiles"))
+    fn = AttentionFn(compiled)
+    t_compile = time.perf_counter() - t0
+    b = compiled.bound
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(args.seed)
+    shape_q = (args.batch, args.heads, b.nq, args.head_dim)
+    shape_k = (args.batch, args.kv_heads or args.heads, b.nk, args.head_dim)
+    q = torch.randn(shape_q, generator=gen).to(device, dtype)
+    k = torch.randn(shape_k, generator=gen).to(device, dtype)
+    v = torch.randn(shape_k, generator=gen).to(device, dtype)
+    stats = compiled.schedule.stats()
+    print(f"spec      {args.file}: attention {compiled.spec.name}({b.describe()})")
+    print(f"tokens    {b.nq} queries x {b.nk} keys; visible pairs {stats['pairs_visible']} "
+          f"(density {stats['density']:.2%})")
+    print(f"tiles     {compiled.schedule.block_m}x{compiled.schedule.block_n}: {stats['tiles_full']} full, "
+          f"{stats['tiles_partial']} partial, {stats['tiles_empty']} empty of {stats['tiles']} "
+          f"(tile density {stats['tile_density']:.2%})")
+    print(f"kernel    {compiled.kernel_path}")
+    print(f"compile   {t_compile * 1e3:.1f} ms (parse, analyse, generate or load from cache)")
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        out = fn(q, k, v)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t_run = time.perf_counter() - t1
+    mode = "Triton interpreter" if device == "cpu" else f"native on {torch.cuda.get_device_name()}"
+    print(f"run       q{list(q.shape)} k{list(k.shape)} {args.dtype} on {device} ({mode}): "
+          f"{t_run * 1e3:.1f} ms incl. first-call compilation")
+    ref = AttentionFn(build(compiled.spec, params, "reference"))(q.double().cpu(), k.double().cpu(),
+                                                                v.double().cpu())
+    err = (out.double().cpu() - ref).abs().max().item()
+    print(f"check     max |out - float64 reference| = {err:.3e}")
+    if args.picture:
+        print(tile_picture(compiled.schedule))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnc", description="A compiler for attention patterns.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("check", help="parse and validate spec files")
+    p.add_argument("files", nargs="+")
+    p = sub.add_parser("explain", help="show the parsed spec, IR, tile map and generated kernel",
+                       description="Parameters follow the file as --NAME VALUE, e.g. --N 64.")
+    p.add_argument("file")
+    p.add_argument("--tiles", default="64x64", help="BLOCK_MxBLOCK_N (default 64x64)")
+    p.add_argument("--section", action="append", choices=["spec", "ir", "tiles", "kernel"],
+                   help="print only these sections (repeatable)")
+    p = sub.add_parser("run", help="compile a spec, run it on random tensors, check it against the reference",
+                       description="Parameters follow the file as --NAME VALUE, e.g. --N 64.")
+    p.add_argument("file")
+    p.add_argument("--tiles", default="64x64")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--picture", action="store_true", help="print the tile map")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.cmd == "check":
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            return cmd_check(args)
+        if args.cmd == "explain":
+            return cmd_explain(args, extra)
+        return cmd_run(args, extra)
+    except AttncError as err:
+        print(err, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Render a compiled spec's stored artifacts for `attnc explain`."""
+from __future__ import annotations
+
+from .frontend import format_spec
+from .ir.analysis import tile_picture
+from .pipeline import Compiled
+
+SECTIONS = ("spec", "ir", "tiles", "kernel")
+
+
+def explain(c: Compiled, sections=None) -> str:
+    sections = sections or SECTIONS
+    out = []
+    if "spec" in sections:
+        out += [_rule("parsed spec"), format_spec(c.spec.ast).rstrip()]
+    if "ir" in sections:
+        out += [_rule(f"IR (sha256 {c.spec.ir.digest()[:16]})"), c.spec.ir.canonical(),
+                f"bound: {c.bound.describe()}; {c.bound.nq} queries x {c.bound.nk} keys"]
+    if "tiles" in sections and c.schedule is not None:
+        s = c.schedule
+        st = s.stats()
+        out += [
+            _rule(f"tile map {s.block_m}x{s.block_n} ('#' full, '+' partial, '.' empty; rows = query tiles)"),
+            tile_picture(s),
+            f"density: {st['pairs_visible']} of {s.nq * s.nk} pairs visible ({st['density']:.2%})",
+            f"tiles: {st['tiles_full']} full, {st['tiles_partial']} partial, {st['tiles_empty']} empty of "
+            f"{st['tiles']} (computed {st['tile_density']:.2%}; tile efficiency {st['tile_efficiency']:.2%})",
+            f"integer width in kernel: {'int64' if c.int64 else 'int32'}",
+        ]
+    if "kernel" in sections and c.kernel_source is not None:
+        out += [_rule(f"generated kernel ({c.kernel_path})"), c.kernel_source.rstrip()]
+    return "\n".join(out)
+
+
+def _rule(title: str) -> str:
+    return f"\n== {title} " + "=" * max(3, 72 - len(title))
