@@ -80,11 +80,10 @@ def analyse(bound: Bound, block_m: int, block_n: int,
         rows = np.arange(t * block_m, min(nq, (t + 1) * block_m))
         vis = mask_block(bound, rows, keys)
         row_counts[rows] = vis.sum(axis=1)
+        # Padding keys count as hidden, so a ragged kv tile (which needs bounds checks) is never FULL.
         tiles = np.pad(vis, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n)
         any_ = tiles.any(axis=(0, 2))
         all_ = tiles.all(axis=(0, 2))
-        if pad:
-            all_[-1] = False  # a ragged kv tile needs its bounds check: never FULL
         classes[t] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
         if progress is not None:
             progress(t + 1, n_qt)
