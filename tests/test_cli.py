@@ -1,0 +1,40 @@
+"""The command line: explain prints every stored artifact; run checks itself against the reference."""
+import re
+
+from attnc.cli import main
+
+
+def test_explain_prints_generated_kernel(capsys):
+    assert main(["explain", "specs/causal.attn", "--N", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "@triton.jit" in out and "def attnc_fwd(" in out and "def visible(" in out
+    for section in ("== parsed spec", "== IR (sha256", "== tile map 64x64", "== generated kernel"):
+        assert section in out
+    assert "mask  = k.i <= q.i" in out
+    assert "density: 2080 of 4096 pairs visible" in out  # 64 * 65 / 2
+
+
+def test_explain_tile_picture_for_causal(capsys):
+    assert main(["explain", "specs/causal.attn", "--N=64", "--tiles", "16x16", "--section", "tiles"]) == 0
+    out = capsys.readouterr().out
+    picture = [line for line in out.splitlines() if re.fullmatch(r"[#+.]+", line)]
+    assert picture == ["+...", "#+..", "##+.", "###+"]
+
+
+def test_run_reports_a_small_error(capsys):
+    assert main(["run", "specs/longformer.attn", "--N", "40", "--W", "4", "--G", "2", "--tiles", "16x16",
+                 "--head-dim", "16"]) == 0
+    out = capsys.readouterr().out
+    err = float(re.search(r"reference\| = (\S+)", out).group(1))
+    assert err < 1e-4
+
+
+def test_bad_parameters_on_the_command_line(capsys):
+    assert main(["explain", "specs/causal.attn", "--N", "sixty"]) == 1
+    assert "needs a number" in capsys.readouterr().err
+    assert main(["explain", "specs/causal.attn", "--M", "3"]) == 1
+    assert "has no parameter 'M'" in capsys.readouterr().err
+    assert main(["explain", "specs/causal.attn"]) == 1
+    assert "needs a value for parameter N" in capsys.readouterr().err
+    assert main(["explain", "specs/causal.attn", "--N", "64", "--tiles", "12x16"]) == 1
+    assert "powers of two" in capsys.readouterr().err
