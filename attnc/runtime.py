@@ -8,7 +8,7 @@ import torch
 
 from .errors import AttncError
 from .ir import nodes as N
-from .ir.semantics import dense_mask, reference_attention, score_scale
+from .ir.semantics import dense_mask, reference_attention, row_scores
 from .pipeline import Compiled
 
 LOG2E = 1.4426950408889634
@@ -26,6 +26,7 @@ class AttentionFn:
     def __init__(self, compiled: Compiled):
         self.compiled = compiled
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._scores: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def spec(self):
@@ -67,6 +68,8 @@ class AttentionFn:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise AttncError("the triton backend has no backward kernel yet",
                              hint="run under torch.no_grad(), or use backend='reference' for gradients")
+        if return_lse and self.ir.score.kind != "softmax":
+            raise AttncError(f"return_lse needs softmax scoring; this spec scores with {self.ir.score.kind}")
         out, lse = self._forward(q, k, v)
         return (out, lse) if return_lse else out
 
@@ -134,6 +137,15 @@ class AttentionFn:
             self._tables[device] = tables
         return tables
 
+    def _row_scores(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (head_dim, device)
+        if key not in self._scores:
+            scale, bias = row_scores(self.compiled.bound, head_dim, self.compiled.schedule.row_counts)
+            if self.ir.score.kind == "softmax":
+                scale = scale * LOG2E  # the kernel's online softmax works in base 2
+            self._scores[key] = tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
+        return self._scores[key]
+
     def _forward(self, q, k, v):
         c = self.compiled
         s = c.schedule
@@ -141,13 +153,13 @@ class AttentionFn:
         Hkv, Dv = k.shape[1], v.shape[3]
         out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        scale = score_scale(c.bound, D) * LOG2E
+        scale, bias = self._row_scores(D, q.device)
         params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]
         grid = (s.q_tiles, B * Hq)
         c.module.attnc_fwd[grid](
-            q, k, v, out, lse, *self._device_tables(q.device),
+            q, k, v, out, lse, scale, bias, *self._device_tables(q.device),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Hq, Hq // Hkv, Nq, s.nk, scale, D, *params,
+            Hq, Hq // Hkv, Nq, s.nk, D, *params,
             HEAD_DIM=D, HEAD_DIM_V=Dv,
             BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
             BLOCK_M=s.block_m, BLOCK_N=s.block_n, INT64=c.int64,

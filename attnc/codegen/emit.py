@@ -7,7 +7,7 @@ Names in the source come from the IR's validated identifiers, never from raw spe
 from __future__ import annotations
 
 from ..ir import nodes as N
-from ..ir.printer import format_expr, format_space
+from ..ir.printer import format_expr, format_score, format_space
 
 _OPS = {"+": "+", "-": "-", "*": "*", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
         "and": "&", "or": "|"}
@@ -170,14 +170,17 @@ def _floormod(a, b):
 '''
 
 
-def _tile_step(masked: bool) -> str:
-    """One kv tile of the FlashAttention-2 online softmax (log2 domain, scale folded)."""
+def _tile_step(masked: bool, kind: str) -> str:
+    """One kv tile: FlashAttention-2 online softmax (log2 domain), or the sigmoid / softplus
+    accumulation, which needs no running max."""
     bounds = "(offs_n[:, None] < Nk) & " if masked else ""
     lines = [
         "        offs_n = kv_tile * BLOCK_N + offs_n0",
-        f"        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        "        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
         f"                    mask={bounds}(offs_d[None, :] < HEAD_DIM), other=0.0)",
-        "        s = tl.dot(q, tl.trans(k), input_precision=\"ieee\") * qk_scale",
+        "        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        f"                    mask={bounds}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
+        "        s = tl.dot(q, tl.trans(k), input_precision=\"ieee\") * row_scale[:, None]",
     ]
     if masked:
         lines += [
@@ -185,44 +188,75 @@ def _tile_step(masked: bool) -> str:
             "        if INT64:",
             "            k_i = k_i.to(tl.int64)",
             "        keep = (k_i < Nk) & visible(q_i, k_i, VISIBLE_ARGS)",
-            "        s = tl.where(keep, s, float(\"-inf\"))",
-            "        m_new = tl.maximum(m_i, tl.max(s, 1))",
-            "        # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.",
-            "        m_use = tl.where(m_new == float(\"-inf\"), 0.0, m_new)",
         ]
-    else:
+    if kind == "softmax":
+        if masked:
+            lines += [
+                "        s = tl.where(keep, s, float(\"-inf\"))",
+                "        m_new = tl.maximum(m_i, tl.max(s, 1))",
+                "        # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.",
+                "        m_use = tl.where(m_new == float(\"-inf\"), 0.0, m_new)",
+            ]
+        else:
+            lines += ["        m_new = tl.maximum(m_i, tl.max(s, 1))", "        m_use = m_new"]
         lines += [
-            "        m_new = tl.maximum(m_i, tl.max(s, 1))",
-            "        m_use = m_new",
+            "        alpha = tl.math.exp2(m_i - m_use)",
+            "        p = tl.math.exp2(s - m_use[:, None])",
+            "        l_i = l_i * alpha + tl.sum(p, 1)",
+            "        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=\"ieee\")",
+            "        m_i = m_new",
         ]
+        return "\n".join(lines)
+    if kind == "sigmoid":
+        lines.append("        p = tl.sigmoid(s + row_bias[:, None])")
+    else:
+        lines.append("        p = tl.maximum(s, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(s)))  # softplus, overflow-free")
+    if masked:
+        lines.append("        p = tl.where(keep, p, 0.0)")
     lines += [
-        "        alpha = tl.math.exp2(m_i - m_use)",
-        "        p = tl.math.exp2(s - m_use[:, None])",
-        "        l_i = l_i * alpha + tl.sum(p, 1)",
-        f"        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
-        f"                    mask={bounds}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
-        "        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=\"ieee\")",
-        "        m_i = m_new",
+        "        l_i += tl.sum(p, 1)",
+        "        acc += tl.dot(p.to(v.dtype), v, input_precision=\"ieee\")",
     ]
     return "\n".join(lines)
+
+
+_EPILOGUE = {
+    "softmax": """\
+    # A row that sees no key outputs 0 and has logsumexp -inf (DESIGN.md section 3).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    stat = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)""",
+    "sigmoid": """\
+    # Sigmoid weights are not normalised; the statistic kept is the row sum of weights.
+    out = acc
+    stat = l_i""",
+    "softplus": """\
+    # l1-normalised softplus weights; a row that sees no key outputs 0.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    stat = l_i""",
+}
 
 
 _KERNEL = '''\
 @triton.jit
 def attnc_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Stat, ROW_SCALE, ROW_BIAS,
     FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, kv_group, Nq, Nk, qk_scale, head_dim,PARAMS
+    n_heads, kv_group, Nq, Nk, head_dim,PARAMS
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Forward attention for one (query tile, batch * head). qk_scale already includes log2(e)."""
+    """Forward attention for one (query tile, batch * head).
+
+    Score: SCORE_TEXT. Per-row scale and bias come from the host (softmax's scale includes log2(e)).
+    Stat receives the logsumexp (softmax) or the row sum of weights (sigmoid, softplus).
+    """
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // n_heads
@@ -239,6 +273,8 @@ def attnc_fwd(
     q_i = offs_m[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -257,20 +293,19 @@ FULL_STEP
         kv_tile = tl.load(PART_IDX + t)
 PARTIAL_STEP
 
-    # A row that sees no key outputs 0 and has logsumexp -inf (DESIGN.md section 3).
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+EPILOGUE
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(Lse + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(Stat + bh * Nq + offs_m, stat, mask=offs_m < Nq)
 '''
 
 
 def emit_forward(ir: N.Attention, header: str) -> str:
     """Complete module source: header comment, helpers, the mask predicate and the kernel."""
     params = int_params(ir)
-    kernel = _KERNEL.replace("FULL_STEP", _tile_step(False)).replace("PARTIAL_STEP", _tile_step(True))
+    kind = ir.score.kind
+    kernel = _KERNEL.replace("FULL_STEP", _tile_step(False, kind)).replace("PARTIAL_STEP", _tile_step(True, kind))
+    kernel = kernel.replace("EPILOGUE", _EPILOGUE[kind]).replace("SCORE_TEXT", format_score(ir.score))
     kernel = kernel.replace("PARAMS", "".join(f"\n    {p}," for p in params))
     kernel = kernel.replace("VISIBLE_ARGS", ", ".join(params + ["head_dim"]))
     visible = emit_visible(ir)

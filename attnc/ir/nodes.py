@@ -39,6 +39,13 @@ class HeadDim:
 
 
 @dataclass(frozen=True)
+class NVisible:
+    """The number of keys the query sees (a per-row count from tile analysis); score scales only."""
+
+    type = INT
+
+
+@dataclass(frozen=True)
 class Coord:
     """A coordinate of the query ('q') or key ('k') token: axis 'i' (flat index), 't', 'y' or 'x'."""
 
@@ -112,7 +119,7 @@ class Window:
 
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
-Expr = Union[Const, Param, HeadDim, Coord, Unary, Binary, Call, Window]
+Expr = Union[Const, Param, HeadDim, NVisible, Coord, Unary, Binary, Call, Window]
 
 
 _FOLD = {
@@ -162,7 +169,7 @@ def _binop(op):
 
 
 # Small builder methods keep expansions (Window, causal, blocks) readable.
-for _cls in (Const, Param, HeadDim, Coord, Unary, Binary, Call, Window):
+for _cls in (Const, Param, HeadDim, NVisible, Coord, Unary, Binary, Call, Window):
     _cls.__add__ = _binop("+")
     _cls.__sub__ = _binop("-")
     _cls.__mul__ = _binop("*")
@@ -194,12 +201,26 @@ class Space:
         return total
 
 
+SCORE_KINDS = ("softmax", "sigmoid", "softplus")
+
+
 @dataclass(frozen=True)
-class Softmax:
-    scale: Expr  # float expression over parameters and head_dim
+class Score:
+    """How scores s = scale * q.k become weights (DESIGN.md section 3).
+
+    softmax:  w = exp(s - max) / sum           (bias cancels, so it has none)
+    sigmoid:  w = sigmoid(s + bias)            (no row normalisation)
+    softplus: w = softplus(s) / sum_visible softplus(s)
+    scale and bias are float expressions over parameters, head_dim and n_visible.
+    """
+
+    kind: str
+    scale: Expr
+    bias: Expr = Const(0.0)
 
 
-Score = Softmax
+def Softmax(scale: Expr) -> Score:
+    return Score("softmax", scale)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,15 @@ def format_ir(ir: N.Attention) -> str:
         f"  q     = {format_space(ir.q)}",
         f"  kv    = {format_space(ir.kv)}",
         f"  mask  = {format_expr(ir.mask)}",
-        f"  score = softmax(scale = {format_expr(ir.score.scale)})",
+        f"  score = {format_score(ir.score)}",
     ])
+
+
+def format_score(score: N.Score) -> str:
+    args = f"scale = {format_expr(score.scale)}"
+    if score.kind == "sigmoid":
+        args += f", bias = {format_expr(score.bias)}"
+    return f"{score.kind}({args})"
 
 
 def format_space(space: N.Space) -> str:
@@ -38,6 +45,8 @@ def _fmt(e: N.Expr) -> tuple[str, int]:
         return e.name, _ATOM
     if isinstance(e, N.HeadDim):
         return "head_dim", _ATOM
+    if isinstance(e, N.NVisible):
+        return "n_visible", _ATOM
     if isinstance(e, N.Coord):
         return f"{e.side}.{e.axis}", _ATOM
     if isinstance(e, N.Window):

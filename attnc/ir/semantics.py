@@ -141,7 +141,7 @@ _ARITH = {
     "==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
     ">=": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
 }
-_FLOAT_FUNCS = {"sqrt": math.sqrt, "log": math.log, "exp": math.exp}
+_FLOAT_FUNCS = {"sqrt": np.sqrt, "log": np.log, "exp": np.exp}
 
 
 def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple[str, str], np.ndarray],
@@ -155,6 +155,10 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
         if head_dim is None:
             raise AttncError("head_dim is only known when the attention runs")
         return head_dim
+    if isinstance(e, N.NVisible):
+        if ("q", "n_visible") not in coords:
+            raise AttncError("n_visible is only defined in score expressions")
+        return coords[("q", "n_visible")]
     if isinstance(e, N.Coord):
         return coords[(e.side, e.axis)]
     if isinstance(e, N.Window):
@@ -163,11 +167,11 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
         x = evaluate(e.operand, values, coords, head_dim)
         return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
     if isinstance(e, N.Call):
-        x = float(evaluate(e.args[0], values, coords, head_dim))
-        try:
-            return _FLOAT_FUNCS[e.fn](x)
-        except (ValueError, OverflowError):
-            raise AttncError(f"{e.fn}({x}) is undefined") from None
+        x = np.asarray(evaluate(e.args[0], values, coords, head_dim), dtype=np.float64)
+        # Out-of-domain values become nan/inf here and are reported by whoever uses them.
+        with np.errstate(all="ignore"):
+            out = _FLOAT_FUNCS[e.fn](x)
+        return out.item() if out.ndim == 0 else out
     if isinstance(e, N.Binary):
         a = evaluate(e.lhs, values, coords, head_dim)
         b = evaluate(e.rhs, values, coords, head_dim)
@@ -176,9 +180,9 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
                 raise AttncError(f"division by zero in `{_show(e)}`")
             return np.floor_divide(a, b) if e.op == "//" else np.remainder(a, b)
         if e.op == "/":
-            if b == 0:
+            if np.any(np.asarray(b) == 0):
                 raise AttncError(f"division by zero in `{_show(e)}`")
-            return a / b
+            return np.true_divide(a, b)
         return _ARITH[e.op](a, b)
     raise TypeError(f"not an IR expression: {e!r}")
 
@@ -212,11 +216,28 @@ def dense_mask(bound: Bound) -> np.ndarray:
     return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk)).copy()
 
 
-def score_scale(bound: Bound, head_dim: int) -> float:
-    scale = float(evaluate_uniform(bound.ir.score.scale, bound.env, head_dim))
-    if not math.isfinite(scale):
-        raise AttncError(f"the softmax scale evaluates to {scale}")
-    return scale
+def row_scores(bound: Bound, head_dim: int, row_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query score scale and bias (float64 [Nq]); they may depend on n_visible.
+
+    Rows that see no key get scale 0 and bias 0: they contribute nothing either way, and
+    expressions like log(n_visible) are undefined there.
+    """
+    if row_counts is None:
+        row_counts = dense_mask(bound).sum(axis=1)
+    coords = {("q", "n_visible"): row_counts.astype(np.float64)}
+    score = bound.ir.score
+    out = []
+    for what, expr in (("scale", score.scale), ("bias", score.bias)):
+        val = np.broadcast_to(np.asarray(evaluate(expr, bound.env, coords, head_dim), dtype=np.float64),
+                              row_counts.shape).copy()
+        val[row_counts == 0] = 0.0
+        bad = ~np.isfinite(val)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise AttncError(f"the {score.kind} {what} `{_show(expr)}` is {val[row]} for query {row} "
+                             f"(n_visible = {row_counts[row]}, head_dim = {head_dim})")
+        out.append(val)
+    return out[0], out[1]
 
 
 # -- integer ranges ---------------------------------------------------------------------------
@@ -302,18 +323,24 @@ def reference_attention(bound: Bound, q, k, v, mask=None):
     """
     import torch
 
-    if mask is None:
-        mask = torch.from_numpy(dense_mask(bound)).to(q.device)
+    dense = dense_mask(bound) if mask is None else mask.cpu().numpy()
+    mask = torch.from_numpy(dense).to(q.device)
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    scale = score_scale(bound, q.shape[-1])
+    scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[:, None]
+                   for x in row_scores(bound, q.shape[-1], dense.sum(axis=1)))
     s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
-    p = torch.exp(s - m) * mask
+    kind = bound.ir.score.kind
+    if kind == "sigmoid":
+        return (torch.sigmoid(s + bias) * mask) @ v
+    if kind == "softplus":
+        p = torch.nn.functional.softplus(s) * mask
+    else:
+        s = s.masked_fill(~mask, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+        p = torch.exp(s - m) * mask
     denom = p.sum(dim=-1, keepdim=True)
-    out = (p @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
-    return out
+    return (p @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
