@@ -80,3 +80,38 @@ def attention(q, k, v, mask: np.ndarray, scale: float | None = None) -> torch.Te
         s = torch.einsum("bhd,bhnd->bhn", q[:, :, row], k[:, :, keys]) * scale
         out[:, :, row] = torch.einsum("bhn,bhnd->bhd", torch.softmax(s, -1), v[:, :, keys])
     return out
+
+
+def gna_1d_keys(i: int, n: int, k: int, d: int, s: int, causal: bool) -> set[int]:
+    """Keys of query i along one axis (GNA: NATTEN with stride), looping in original coordinates."""
+    group = [x for x in range(n) if x % d == i % d]   # dilation group, in order
+    pos = group.index(i)
+    if causal:
+        leader = min((pos // s) * s + s - 1, len(group) - 1)
+        return {group[p] for p in range(max(leader - k + 1, 0), pos + 1)}
+    leader = min((pos // s) * s + s // 2, len(group) - 1)
+    start = leader - k // 2
+    start = max(0, min(start, len(group) - k))  # shift the window inward at the borders
+    return {group[p] for p in range(start, start + k)}
+
+
+def gna_mask(dims, kernel, dilation, stride, causal) -> np.ndarray:
+    """AND of the per-axis neighborhoods on a row-major grid of any rank."""
+    import itertools
+
+    coords = list(itertools.product(*(range(n) for n in dims)))
+    per_axis = [
+        {x: gna_1d_keys(x, n, k, d, s, c) for x in range(n)}
+        for n, k, d, s, c in zip(dims, kernel, dilation, stride, causal)
+    ]
+    mask = np.zeros((len(coords), len(coords)), dtype=bool)
+    for a, qc in enumerate(coords):
+        for b, kc in enumerate(coords):
+            mask[a, b] = all(kc[ax] in per_axis[ax][qc[ax]] for ax in range(len(dims)))
+    return mask
+
+
+def streaming_sink_mask(N: int, W: int, S: int) -> np.ndarray:
+    i = np.arange(N)[:, None]
+    j = np.arange(N)[None, :]
+    return (j <= i) & ((j < S) | (i - j < W))

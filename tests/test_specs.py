@@ -23,6 +23,14 @@ CASES = [
      lambda p: oracles.natten2d_mask(p["H"], p["W"], p["kernel"], p["dilation"])),
     ("longformer", dict(N=64, W=5, G=3), lambda p: oracles.longformer_mask(p["N"], p["W"], p["G"])),
     ("longformer", dict(N=90, W=9, G=2), lambda p: oracles.longformer_mask(p["N"], p["W"], p["G"])),
+    ("gna3d_video", dict(T=4, H=8, W=8),
+     lambda p: oracles.gna_mask((p["T"], p["H"], p["W"]), (3, 7, 7), (1, 1, 1), (1, 2, 2), (True, False, False))),
+    ("gna3d_video", dict(T=3, H=9, W=11),
+     lambda p: oracles.gna_mask((p["T"], p["H"], p["W"]), (3, 7, 7), (1, 1, 1), (1, 2, 2), (True, False, False))),
+    ("cross_causal", dict(M=40, N=96), lambda p: oracles.causal_mask(p["M"], p["N"])),
+    ("cross_causal", dict(M=75, N=50), lambda p: oracles.causal_mask(p["M"], p["N"])),
+    ("streaming_sink", dict(N=96, W=16, S=4), lambda p: oracles.streaming_sink_mask(p["N"], p["W"], p["S"])),
+    ("streaming_sink", dict(N=77, W=10, S=3), lambda p: oracles.streaming_sink_mask(p["N"], p["W"], p["S"])),
 ]
 IDS = [f"{name}-" + "-".join(f"{k}{v}" for k, v in p.items()) for name, p, _ in CASES]
 
@@ -50,7 +58,7 @@ def test_mask_matches_oracle(name, params, oracle):
 def test_triton_matches_reference_and_oracle(name, params, oracle, device):
     fn = attnc.compile(SPECS / f"{name}.attn", tiles=(32, 32), **params)
     ref = attnc.compile(SPECS / f"{name}.attn", backend="reference", **params)
-    nq = nk = fn.mask().shape[0]
+    nq, nk = fn.mask().shape
     q, k, v = _qkv(nq, nk, device=device)
     with torch.no_grad():
         out = fn(q, k, v).cpu().double()
@@ -69,3 +77,14 @@ def test_done_when_natten2d(device):
         out = fn(q, k, v)
     expect = oracles.attention(q.cpu(), k.cpu(), v.cpu(), oracles.natten2d_mask(13, 17, 5, 2))
     assert (out.cpu().double() - expect).abs().max().item() < 1e-4
+
+
+# NATTEN's definition at borders, with dilation, stride and causal flags, on 1-D axes.
+@pytest.mark.parametrize("n,k,d,s,causal", [
+    (9, 3, 1, 1, False), (10, 4, 1, 1, False), (13, 3, 2, 1, False), (17, 5, 3, 1, False), (12, 4, 1, 4, False),
+    (15, 5, 1, 2, False), (16, 4, 2, 3, False), (11, 3, 1, 1, True), (14, 4, 2, 2, True), (12, 6, 1, 6, True),
+])
+def test_window_matches_gna_definition(n, k, d, s, causal):
+    spec = f"attention w(N) {{ q, kv = seq(N) mask = window({k}, dilation = {d}, stride = {s}, causal = {str(causal).lower()}) }}"
+    fn = attnc.compile(spec, backend="reference", N=n)
+    np.testing.assert_array_equal(fn.mask().numpy(), oracles.gna_mask((n,), (k,), (d,), (s,), (causal,)))
