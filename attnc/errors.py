@@ -82,10 +82,12 @@ class AttncError(Exception):
 def _source_line(source: str | None, line: int) -> str | None:
     if source is None:
         return None
-    rows = source.splitlines()
+    # Only "\n" ends a line, as the parser counts them; splitlines() would also split on form
+    # feeds, lone "\r" and Unicode separators and quote the wrong line.
+    rows = source.split("\n")
     if 1 <= line <= len(rows):
         # Tabs would misalign the caret; printable stand-ins keep columns honest.
-        return "".join(ch if ch.isprintable() else " " for ch in rows[line - 1])
+        return "".join(ch if ch.isprintable() else " " for ch in rows[line - 1].removesuffix("\r"))
     return None
 
 

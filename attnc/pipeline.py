@@ -85,8 +85,8 @@ def _read(path: Path) -> str:
                          hint="pass a path to a .attn file or the spec's source text") from None
     except IsADirectoryError:
         raise AttncError(f"{path} is a directory, not a spec file") from None
-    except OSError as exc:
-        raise AttncError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise AttncError(f"cannot read {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
     return decode(data, str(path))
 
 

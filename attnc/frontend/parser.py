@@ -62,6 +62,8 @@ def parse(source: str, filename: str | None = None) -> A.Attention:
 
 
 def _parse(source: str) -> A.Attention:
+    # Editors on some systems start UTF-8 files with a byte-order mark; it is not part of the text.
+    source = source.removeprefix("\ufeff")
     if len(source.encode("utf-8", errors="replace")) > MAX_SOURCE_BYTES:
         raise AttncError(f"spec is larger than {MAX_SOURCE_BYTES} bytes")
     if not source.strip() or all(
@@ -117,9 +119,13 @@ def _check_tree_depth(tree: lark.Tree) -> None:
 def _syntax_error(exc: lark.UnexpectedInput, source: str) -> AttncError:
     line = getattr(exc, "line", None)
     col = getattr(exc, "column", None)
+    tok = getattr(exc, "token", None)
+    if tok is not None and tok.type == "$END" and isinstance(tok.end_line, int):
+        # Lark places end of input at the start of the last token; point just past it instead.
+        line, col = tok.end_line, tok.end_column
     if not isinstance(line, int) or line < 1:
-        # End of input: point just past the last character.
-        rows = source.splitlines() or [""]
+        # End of input: point just past the last character (lines end at "\n" only, as in lark).
+        rows = source.rstrip().split("\n")
         line, col = len(rows), len(rows[-1]) + 1
     span = Span(line, col, line, col + 1)
     names = _terminal_names()
@@ -138,7 +144,7 @@ def _syntax_error(exc: lark.UnexpectedInput, source: str) -> AttncError:
         text = str(tok)
         span = Span(line, col, line, col + max(1, len(text)))
         hint = None
-        if text == "=" and "'=='" not in expected:
+        if text == "=" and "'=='" in expected:  # `=` where a comparison could continue
             hint = "use '==' to compare values"
         return AttncError(f"unexpected {text!r}" + expect, span, hint=hint)
     return AttncError("unexpected end of input" + expect, span, hint=_eof_hint(source))

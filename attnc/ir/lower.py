@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ..errors import AttncError, Span, suggest
 from ..frontend import syntax as A
+from ..frontend.parser import MAX_INT_LITERAL
 from . import nodes as N
 
 RESERVED_TARGETS = ("q", "kv", "mask", "score")
-# Keyword arguments of attnc.compile itself; a spec parameter may not shadow them.
-COMPILE_OPTIONS = ("backend", "tiles")
+# Keyword arguments of attnc.compile itself (`spec` too: it is positional-or-keyword); a spec
+# parameter may not shadow them.
+COMPILE_OPTIONS = ("spec", "backend", "tiles")
 SPACE_FUNCS = ("seq", "grid")
 SCORE_FUNCS = ("softmax",)
 INT_FUNCS = ("abs", "min", "max")
@@ -17,6 +19,11 @@ FLOAT_FUNCS = ("sqrt", "log", "exp")
 MASK_FUNCS = ("window", "same_block")
 BUILTIN_VALUES = ("causal", "head_dim", "true", "false")
 BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
+# Locals are inlined, so short lines can still build an IR far deeper or larger than any line of
+# the spec (`a1 = a0 + 1` repeated nests, `b1 = b0 and b0` doubles); every later pass recurses
+# over the IR as a tree, so both are bounded here.
+MAX_IR_DEPTH = 200
+MAX_IR_NODES = 20_000
 
 
 def lower(ast: A.Attention) -> N.Attention:
@@ -30,6 +37,7 @@ class _Lowering:
         self.locals: dict[str, N.Expr] = {}
         self.local_spans: dict[str, Span | None] = {}
         self.used: set[str] = set()
+        self.measured: dict[int, tuple[N.Expr, int, int]] = {}  # id -> (node, depth, tree size)
         self.q: N.Space | None = None
         self.kv: N.Space | None = None
 
@@ -156,6 +164,8 @@ class _Lowering:
         out = self.expr(e)
         if _varies(out):
             raise AttncError(f"{what} cannot depend on token coordinates", e.span)
+        if what in ("a parameter default", "a space size") and _mentions(out, (N.HeadDim, N.NVisible)):
+            raise AttncError(f"{what} is fixed at compile time and cannot use head_dim or n_visible", e.span)
         return out
 
     def uniform_int(self, e: A.Expr, what: str) -> N.Expr:
@@ -167,10 +177,15 @@ class _Lowering:
 
     def expr(self, e: A.Expr) -> N.Expr:
         out = self._expr(e)
+        self.bounded(out, e)
         if out.type == N.FLOAT and _varies(out):
             raise AttncError("arithmetic on token coordinates must stay in integers", e.span,
                              hint="use // for integer division")
-        return _fold(out)
+        out = _fold(out)
+        # Folding multiplies literals into integers no literal may be (and no int64 can hold).
+        if isinstance(out, N.Const) and out.type == N.INT and abs(out.value) > MAX_INT_LITERAL:
+            raise AttncError(f"integer constant {out.value} is too large (limit {MAX_INT_LITERAL})", e.span)
+        return out
 
     def _expr(self, e: A.Expr) -> N.Expr:
         if isinstance(e, A.Num):
@@ -200,7 +215,7 @@ class _Lowering:
             self.used.add(e.id)
             return self.locals[e.id]
         if e.id == "causal":
-            return self.causal()
+            return self.causal(e)
         if e.id == "head_dim":
             return N.HeadDim()
         if e.id in ("q", "k"):
@@ -219,7 +234,8 @@ class _Lowering:
             hint = "use k.<axis> for key coordinates" if isinstance(e.value, A.Name) and e.value.id == "kv" else None
             raise AttncError("only q.<axis> and k.<axis> have attributes", e.span, hint=hint)
         side = e.value.id
-        space = self.q if side == "q" else self.kv
+        q, kv = self.spaces(e)
+        space = q if side == "q" else kv
         axes = space.axes + (("i",) if space.kind == "grid" else ())
         if e.attr not in axes:
             raise AttncError(f"{side} has no axis '{e.attr}'; its axes are {', '.join(axes)}", e.span,
@@ -254,7 +270,7 @@ class _Lowering:
         if fn == "causal":
             if e.args or e.kwargs:
                 raise AttncError("causal takes no arguments", e.span)
-            return self.causal()
+            return self.causal(e)
         if fn in INT_FUNCS:
             self.no_kwargs(e)
             args = [self.number(a, fn) for a in e.args]
@@ -278,9 +294,10 @@ class _Lowering:
         known = list(INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS)
         raise AttncError(f"unknown function '{fn}'", e.func.span, hint=suggest(fn, known))
 
-    def causal(self) -> N.Expr:
+    def causal(self, e: A.Expr) -> N.Expr:
         # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
-        nq, nk = self.q.size(), self.kv.size()
+        q, kv = self.spaces(e)
+        nq, nk = q.size(), kv.size()
         offset = N.Const(0) if nq == nk else nk - nq
         return N.Coord("k", "i").le(_fold(N.Coord("q", "i") + offset))
 
@@ -300,7 +317,8 @@ class _Lowering:
                     raise AttncError("causal must be true/false or a tuple of them", kw.value.span)
                 flags = [i.value for i in items]
                 if len(flags) not in (1, ndim):
-                    raise AttncError(f"expected 1 or {ndim} causal flags, got {len(flags)}", kw.value.span)
+                    want = "1 causal flag" if ndim == 1 else f"1 or {ndim} causal flags"
+                    raise AttncError(f"expected {want}, got {len(flags)}", kw.value.span)
                 causal = flags * ndim if len(flags) == 1 else flags
             else:
                 raise AttncError(f"window has no argument '{kw.name}'", kw.span,
@@ -323,15 +341,51 @@ class _Lowering:
         return out
 
     def same_space(self, e: A.Call) -> N.Space:
-        if self.q != self.kv:
+        q, kv = self.spaces(e)
+        if q != kv:
             raise AttncError(f"{e.func.id}() needs q and kv in the same token space", e.func.span)
-        return self.q
+        return q
+
+    def spaces(self, e: A.Expr) -> tuple[N.Space, N.Space]:
+        # Parameter defaults and space sizes are lowered before q and kv exist.
+        if self.q is None or self.kv is None:
+            raise AttncError("token coordinates cannot be used in parameter defaults or token space sizes",
+                             e.span)
+        return self.q, self.kv
 
     def per_axis(self, items, ndim: int, where: A.Expr, what: str) -> list[N.Expr]:
         if len(items) not in (1, ndim):
-            raise AttncError(f"expected 1 or {ndim} {what} (one per axis), got {len(items)}", where.span)
+            want = f"1 {what[:-1]}" if ndim == 1 else f"1 or {ndim} {what} (one per axis)"
+            raise AttncError(f"expected {want}, got {len(items)}", where.span)
         vals = [self.uniform_int(i, what[:-1]) for i in items]
         return vals * ndim if len(vals) == 1 else vals
+
+    def bounded(self, out: N.Expr, e: A.Expr) -> None:
+        """Refuse an IR deeper than MAX_IR_DEPTH or with more than MAX_IR_NODES as a tree.
+
+        Shared subtrees (inlined locals) are measured once, by identity, and iteratively, so a
+        40-line spec that stands for 2**40 nodes is refused in 40 steps without recursion.
+        """
+        stack = [out]
+        while stack:
+            node = stack[-1]
+            if id(node) in self.measured:
+                stack.pop()
+                continue
+            kids = _children(node)
+            todo = [k for k in kids if id(k) not in self.measured]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            depth = 1 + max((self.measured[id(k)][1] for k in kids), default=0)
+            size = 1 + sum(self.measured[id(k)][2] for k in kids)
+            self.measured[id(node)] = (node, depth, size)  # holding the node keeps its id unique
+        _, depth, size = self.measured[id(out)]
+        if depth > MAX_IR_DEPTH or size > MAX_IR_NODES:
+            what = f"{depth} levels deep (limit {MAX_IR_DEPTH})" if depth > MAX_IR_DEPTH \
+                else f"{size} terms (limit {MAX_IR_NODES})"
+            raise AttncError(f"expression is too large once local definitions are substituted: {what}", e.span)
 
     @staticmethod
     def no_kwargs(e: A.Call) -> None:
@@ -345,6 +399,28 @@ def _default_scale() -> N.Expr:
 
 def _article(type_: str) -> str:
     return {"int": "an integer", "float": "a float", "bool": "a condition"}[type_]
+
+
+def _children(e: N.Expr) -> tuple[N.Expr, ...]:
+    if isinstance(e, N.Unary):
+        return (e.operand,)
+    if isinstance(e, N.Binary):
+        return (e.lhs, e.rhs)
+    if isinstance(e, N.Call):
+        return e.args
+    if isinstance(e, N.Window):
+        return (e.length, e.kernel, e.dilation, e.stride)
+    return ()
+
+
+def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, kinds):
+            return True
+        stack.extend(_children(x))
+    return False
 
 
 def _varies(e: N.Expr) -> bool:

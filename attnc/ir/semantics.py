@@ -107,17 +107,23 @@ def _show(e: N.Expr) -> str:
 
 def _check_window(w: N.Window, values, bound: Bound) -> None:
     n, k, d, s = (int(evaluate_uniform(x, values)) for x in (w.length, w.kernel, w.dilation, w.stride))
-    names = {x: _show(e) for x, e in (("k", w.kernel), ("d", w.dilation), ("s", w.stride), ("n", w.length))}
+    names = {x: _named(e, v) for x, e, v in (("k", w.kernel, k), ("d", w.dilation, d), ("s", w.stride, s),
+                                                ("n", w.length, n))}
     where = f"window along axis {w.axis}"
     if d < 1:
-        raise AttncError(f"{where}: dilation {names['d']} = {d} must be at least 1", w.span)
+        raise AttncError(f"{where}: dilation {names['d']} must be at least 1", w.span)
     if k < 2:
-        raise AttncError(f"{where}: kernel {names['k']} = {k} must be at least 2", w.span)
+        raise AttncError(f"{where}: kernel {names['k']} must be at least 2", w.span)
     if k * d > n:
-        raise AttncError(f"{where}: kernel {names['k']} = {k} times dilation {names['d']} = {d} exceeds the "
-                         f"axis length {names['n']} = {n}", w.span, hint="NATTEN requires kernel * dilation <= length")
+        raise AttncError(f"{where}: kernel {names['k']} times dilation {names['d']} exceeds the "
+                         f"axis length {names['n']}", w.span, hint="NATTEN requires kernel * dilation <= length")
     if not 1 <= s <= k:
-        raise AttncError(f"{where}: stride {names['s']} = {s} must be between 1 and the kernel size {k}", w.span)
+        raise AttncError(f"{where}: stride {names['s']} must be between 1 and the kernel size {k}", w.span)
+
+
+def _named(e: N.Expr, value: int) -> str:
+    """'3' for a literal, '3 (kernel)' for a value that came from a parameter expression."""
+    return str(value) if isinstance(e, N.Const) else f"{value} ({_show(e)})"
 
 
 def windows(e: N.Expr):
