@@ -115,3 +115,49 @@ def streaming_sink_mask(N: int, W: int, S: int) -> np.ndarray:
     i = np.arange(N)[:, None]
     j = np.arange(N)[None, :]
     return (j <= i) & ((j < S) | (i - j < W))
+
+
+def swin_shifted_mask(H: int, W: int, M: int, s: int) -> np.ndarray:
+    """Swin's own construction: roll the image by -s, partition into M x M windows, and mask
+    pairs from different regions of the rolled image (the attn_mask of SwinTransformerBlock)."""
+    img = np.zeros((H, W), dtype=np.int64)
+    cnt = 0
+    for hs in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+        for ws in (slice(0, -M), slice(-M, -s), slice(-s, None)):
+            img[hs, ws] = cnt
+            cnt += 1
+    # Position (a, b) of the rolled image holds original token ((a + s) % H, (b + s) % W).
+    mask = np.zeros((H * W, H * W), dtype=bool)
+    for a1 in range(H):
+        for b1 in range(W):
+            for a2 in range(H):
+                for b2 in range(W):
+                    if a1 // M == a2 // M and b1 // M == b2 // M and img[a1, b1] == img[a2, b2]:
+                        t1 = ((a1 + s) % H) * W + (b1 + s) % W
+                        t2 = ((a2 + s) % H) * W + (b2 + s) % W
+                        mask[t1, t2] = True
+    return mask
+
+
+def maxvit_grid_mask(H: int, W: int, G: int) -> np.ndarray:
+    """MaxViT grid attention: split into G x G cells of size (H/G, W/G); token (y, x) sits at
+    offset (y mod H/G, x mod W/G) in its cell; equal offsets attend to each other."""
+    ch, cw = H // G, W // G
+    offset = [(y % ch, x % cw) for y in range(H) for x in range(W)]
+    return np.array([[a == b for b in offset] for a in offset], dtype=bool)
+
+
+def sigmoid_attention(q, k, v, mask: np.ndarray, bias: float) -> torch.Tensor:
+    q, k, v = q.double(), k.double(), v.double()
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias
+    return (1 / (1 + torch.exp(-s)) * torch.from_numpy(mask)) @ v
+
+
+def softplus_attention(q, k, v, mask: np.ndarray) -> torch.Tensor:
+    """LSSA: softplus(log(n_visible)/sqrt(d) * q.k), l1-normalised over visible keys."""
+    q, k, v = q.double(), k.double(), v.double()
+    m = torch.from_numpy(mask)
+    n_vis = m.sum(-1, keepdim=True).double()
+    c = torch.log(n_vis.clamp(min=1)) / q.shape[-1] ** 0.5
+    w = torch.log1p(torch.exp(c * (q @ k.transpose(-1, -2)))) * m
+    return w @ v / w.sum(-1, keepdim=True).clamp(min=1e-300)

@@ -97,7 +97,7 @@ PINNED = {
     # unknown names
     "unknown-function": (
         spec("q, kv = grid(H, W)", "mask = windw(3)", head="attention a(H, W) {"),
-        3, 12, "unknown function 'windw'", "did you mean 'window'?"),
+        3, 12, "unknown function 'windw'", "did you mean 'window'"),
     "unknown-name": (
         spec("q, kv = seq(N)", "mask = causl"),
         3, 12, "unknown name 'causl'", "did you mean 'causal'?"),
@@ -481,8 +481,9 @@ def test_very_long_expressions(expr):
 
 
 def test_long_chain_of_local_definitions():
-    # Each line is tiny, but inlining the locals nests 2000 levels deep.
-    body = ["q, kv = seq(N)", "a0 = q.i"] + [f"a{i} = a{i - 1} + 1" for i in range(1, 2000)]
+    # Each line is tiny, but inlining the locals nests 2000 levels deep (a parameter term, so
+    # constant folding cannot flatten the chain).
+    body = ["q, kv = seq(N)", "a0 = q.i"] + [f"a{i} = a{i - 1} + N" for i in range(1, 2000)]
     err = parse_error(spec(*body, "mask = a1999 < k.i"))
     # a200 (line 203) is the first definition past 200 levels.
     assert (err.line, err.col) == (203, 12), str(err)
@@ -593,7 +594,9 @@ def mutate(tokens: list[str], ops: list[tuple[int, int, int, str]]) -> str:
 def check_input(text: str, rng: random.Random | None = None) -> str:
     """Parse, compile and evaluate `text`; only AttncError may escape. Returns how far it got.
 
-    Parameters without a default get 8; with `rng`, any parameter may get another small value.
+    Parameters without a default get 14 (which meets every spec file's preconditions: Swin's
+    multiples of 7, MaxViT's grid divisibility, window sizes); with `rng`, any parameter may get
+    another small value.
     """
     if "\n" not in text:
         text += "\n"  # keep it source text: a string without braces or newlines is a path
@@ -607,7 +610,7 @@ def check_input(text: str, rng: random.Random | None = None) -> str:
             assert 1 <= err.line <= text.count("\n") + 1 and err.col >= 1, str(err)
             assert "^" in str(err), str(err)
         return "parse"
-    params = {p.name: 8 for p in parsed.params if p.default is None}
+    params = {p.name: 14 for p in parsed.params if p.default is None}
     if rng is not None:
         for p in parsed.params:
             if rng.random() < 0.3:
@@ -679,3 +682,32 @@ def test_fuzz_mutations_seeded():
     # The mutations reach every stage, not just the parser.
     assert all(outcomes.values()), outcomes
     print(outcomes)
+
+
+@pytest.mark.parametrize("spec_file, params, phrase", [
+    ("swin_shifted", dict(H=14, W=15), "axis x length must be a multiple of the window: W % 7 == 0 is false"),
+    ("swin_shifted", dict(H=10, W=14), "axis y length must be a multiple of the window: H % 7 == 0 is false"),
+    ("maxvit_grid", dict(H=8, W=8, G=3), "axis y length must be a multiple of the grid size: H % G == 0"),
+    ("maxvit_grid", dict(H=8, W=8, G=0), "grid size along axis y must be at least 1"),
+])
+def test_builtin_preconditions_name_the_parameter(spec_file, params, phrase):
+    path = SPECS / f"{spec_file}.attn"
+    err = compile_error(path, **params)
+    assert phrase in err.message, str(err)
+    assert err.line is not None and str(err).startswith(f"{path}:{err.line}:")
+    assert_clean(err)
+
+
+@pytest.mark.parametrize("source, phrase", [
+    ("attention a(N) { q, kv = seq(N) mask = k.i < n_visible }", "only defined in score expressions"),
+    ("attention a(N) { q, kv = seq(N) score = softmax(bias = 1.0) }", "softmax has no argument 'bias'"),
+    ("attention a(N) { q, kv = seq(N) score = softplus(2.0) }", "takes only keyword arguments"),
+    ("attention a(N) { q, kv = seq(N) score = sigmoid(scale = q.i) }", "cannot depend on token coordinates"),
+    ("attention a(N) { q, kv = seq(N) score = softmx }", "expected a score function"),
+    ("attention a(N) { q, kv = seq(N) mask = same_window(4, shift = 4) }", "shift along axis i must be in [0, window)"),
+])
+def test_score_and_builtin_errors_are_located(source, phrase):
+    err = parse_error(source) if "shift" not in source else compile_error(source, N=8)
+    assert phrase in err.message, str(err)
+    assert err.line == 1
+    assert_clean(err)

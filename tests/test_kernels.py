@@ -194,3 +194,26 @@ def test_dense_mask_with_ragged_tiles(n, device):
     assert (classes[:, :-1] == 2).all()
     assert (classes[:, -1] == (1 if n % 32 else 2)).all()
     _check(fn, *_qkv(n, n, device=device))
+
+
+@pytest.mark.parametrize("score", ["sigmoid(bias = -2.0)", "softplus(scale = log(n_visible) / sqrt(head_dim))"])
+def test_non_softmax_rows_that_see_nothing_output_zero(score, device):
+    spec = f"attention e(N) {{ q, kv = seq(N) mask = causal and q.i >= 17 score = {score} }}"
+    fn = attnc.compile(spec, tiles=(16, 16), N=40)
+    q, k, v = _qkv(40, 40, device=device)
+    out, _ = _check(fn, q, k, v)
+    assert (out[:, :, :17] == 0).all() and (out[:, :, 17:] != 0).any()
+    with pytest.raises(attnc.AttncError, match="return_lse needs softmax"):
+        fn(q, k, v, return_lse=True)
+
+
+def test_sigmoid_weights_are_not_normalised(device):
+    # With v = 1 the output is the row's total weight: sum over visible keys of sigmoid(s + b).
+    spec = "attention s(N) { q, kv = seq(N) mask = causal score = sigmoid(scale = 0.0, bias = 1.5) }"
+    fn = attnc.compile(spec, tiles=(16, 16), N=30)
+    q, k, _ = _qkv(30, 30, d=16, device=device)
+    v = torch.ones(1, 2, 30, 16, device=device)
+    with torch.no_grad():
+        out = fn(q, k, v).cpu()
+    expect = torch.arange(1, 31, dtype=torch.float32) / (1 + math.exp(-1.5))
+    assert torch.allclose(out[0, 0, :, 0], expect, rtol=1e-5)

@@ -31,7 +31,20 @@ CASES = [
     ("cross_causal", dict(M=75, N=50), lambda p: oracles.causal_mask(p["M"], p["N"])),
     ("streaming_sink", dict(N=96, W=16, S=4), lambda p: oracles.streaming_sink_mask(p["N"], p["W"], p["S"])),
     ("streaming_sink", dict(N=77, W=10, S=3), lambda p: oracles.streaming_sink_mask(p["N"], p["W"], p["S"])),
+    ("swin_shifted", dict(H=14, W=14), lambda p: oracles.swin_shifted_mask(p["H"], p["W"], 7, 3)),
+    ("swin_shifted", dict(H=7, W=21), lambda p: oracles.swin_shifted_mask(p["H"], p["W"], 7, 3)),
+    ("maxvit_grid", dict(H=8, W=8, G=2), lambda p: oracles.maxvit_grid_mask(p["H"], p["W"], p["G"])),
+    ("maxvit_grid", dict(H=12, W=9, G=3), lambda p: oracles.maxvit_grid_mask(p["H"], p["W"], p["G"])),
+    ("sigmoid_causal", dict(N=64), lambda p: oracles.causal_mask(p["N"], p["N"])),
+    ("sigmoid_causal", dict(N=90), lambda p: oracles.causal_mask(p["N"], p["N"])),
+    ("softplus", dict(N=64), lambda p: np.ones((p["N"], p["N"]), dtype=bool)),
+    ("softplus", dict(N=45), lambda p: np.ones((p["N"], p["N"]), dtype=bool)),
 ]
+# The attention each spec computes, from its paper's formula (softmax unless listed).
+FORMULAS = {
+    "sigmoid_causal": lambda q, k, v, mask, p: oracles.sigmoid_attention(q, k, v, mask, -np.log(p["N"])),
+    "softplus": lambda q, k, v, mask, p: oracles.softplus_attention(q, k, v, mask),
+}
 IDS = [f"{name}-" + "-".join(f"{k}{v}" for k, v in p.items()) for name, p, _ in CASES]
 
 
@@ -64,7 +77,8 @@ def test_triton_matches_reference_and_oracle(name, params, oracle, device):
         out = fn(q, k, v).cpu().double()
     expect = ref(q.cpu().double(), k.cpu().double(), v.cpu().double())
     assert (out - expect).abs().max().item() < 1e-4
-    independent = oracles.attention(q.cpu(), k.cpu(), v.cpu(), oracle(params))
+    formula = FORMULAS.get(name, lambda q, k, v, mask, p: oracles.attention(q, k, v, mask))
+    independent = formula(q.cpu(), k.cpu(), v.cpu(), oracle(params), params)
     assert (expect - independent).abs().max().item() < 1e-10
 
 

@@ -13,11 +13,11 @@ RESERVED_TARGETS = ("q", "kv", "mask", "score")
 # parameter may not shadow them.
 COMPILE_OPTIONS = ("spec", "backend", "tiles")
 SPACE_FUNCS = ("seq", "grid")
-SCORE_FUNCS = ("softmax",)
+SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
 INT_FUNCS = ("abs", "min", "max")
 FLOAT_FUNCS = ("sqrt", "log", "exp")
-MASK_FUNCS = ("window", "same_block")
-BUILTIN_VALUES = ("causal", "head_dim", "true", "false")
+MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
+BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "true", "false")
 BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
 # Locals are inlined, so short lines can still build an IR far deeper or larger than any line of
 # the spec (`a1 = a0 + 1` repeated nests, `b1 = b0 and b0` doubles); every later pass recurses
@@ -40,6 +40,8 @@ class _Lowering:
         self.measured: dict[int, tuple[N.Expr, int, int]] = {}  # id -> (node, depth, tree size)
         self.q: N.Space | None = None
         self.kv: N.Space | None = None
+        self.requires: list[N.Require] = []
+        self.in_score = False  # n_visible exists only in score expressions
 
     # -- statements ---------------------------------------------------------------------------
     def run(self) -> N.Attention:
@@ -87,7 +89,7 @@ class _Lowering:
         if score is None:
             score = N.Softmax(_default_scale())
         return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv, mask, score,
-                           lines=tuple(sorted(lines.items())))
+                           tuple(self.requires), lines=tuple(sorted(lines.items())))
 
     def declare(self, p: A.Param) -> None:
         if p.name in self.params:
@@ -131,19 +133,27 @@ class _Lowering:
         func = e if isinstance(e, A.Name) else e.func if isinstance(e, A.Call) else None
         if func is None or func.id not in SCORE_FUNCS:
             name = func.id if func is not None else ""
-            raise AttncError("expected a score function: softmax", getattr(func, "span", None) or e.span,
-                             hint=suggest(name, SCORE_FUNCS))
-        scale = _default_scale()
+            raise AttncError("expected a score function: softmax, sigmoid or softplus",
+                             getattr(func, "span", None) or e.span, hint=suggest(name, SCORE_FUNCS))
+        allowed = ("scale", "bias") if func.id == "sigmoid" else ("scale",)
+        args = {"scale": _default_scale(), "bias": N.Const(0.0)}
         if isinstance(e, A.Call):
             if e.args:
-                raise AttncError("softmax takes only keyword arguments: softmax(scale = ...)", e.args[0].span)
-            for kw in e.kwargs:
-                if kw.name != "scale":
-                    raise AttncError(f"softmax has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["scale"]))
-                scale = self.uniform(kw.value, "the softmax scale")
-                if scale.type == N.BOOL:
-                    raise AttncError("the softmax scale must be a number", kw.value.span)
-        return N.Softmax(scale)
+                raise AttncError(f"{func.id} takes only keyword arguments: "
+                                 f"{func.id}({' = ..., '.join(allowed)} = ...)", e.args[0].span)
+            self.in_score = True
+            try:
+                for kw in e.kwargs:
+                    if kw.name not in allowed:
+                        raise AttncError(f"{func.id} has no argument '{kw.name}'", kw.span,
+                                         hint=suggest(kw.name, allowed) or f"it takes {', '.join(allowed)}")
+                    val = self.uniform(kw.value, f"the {func.id} {kw.name}")
+                    if val.type == N.BOOL:
+                        raise AttncError(f"the {func.id} {kw.name} must be a number", kw.value.span)
+                    args[kw.name] = val
+            finally:
+                self.in_score = False
+        return N.Score(func.id, args["scale"], args["bias"])
 
     def define_local(self, stmt: A.Stmt) -> None:
         name = stmt.targets[0]
@@ -218,6 +228,10 @@ class _Lowering:
             return self.causal(e)
         if e.id == "head_dim":
             return N.HeadDim()
+        if e.id == "n_visible":
+            if not self.in_score:
+                raise AttncError("n_visible (keys a query sees) is only defined in score expressions", e.span)
+            return N.NVisible()
         if e.id in ("q", "k"):
             raise AttncError(f"'{e.id}' is a token; use one of its coordinates, e.g. {e.id}.i", e.span)
         if e.id == "kv":
@@ -267,6 +281,10 @@ class _Lowering:
             return self.window(e)
         if fn == "same_block":
             return self.same_block(e)
+        if fn == "same_window":
+            return self.same_window(e)
+        if fn == "same_grid":
+            return self.same_grid(e)
         if fn == "causal":
             if e.args or e.kwargs:
                 raise AttncError("causal takes no arguments", e.span)
@@ -339,6 +357,54 @@ class _Lowering:
             term = (N.Coord("q", axis) // sizes[a]).eq(N.Coord("k", axis) // sizes[a])
             out = term if out is None else out.and_(term)
         return out
+
+    def same_window(self, e: A.Call) -> N.Expr:
+        """Swin (shifted) windows of size M: same floor((c + M - shift) / M) on every axis, which
+        equals Swin's roll-by-shift plus region mask (DESIGN.md section 3)."""
+        space = self.same_space(e)
+        ndim = len(space.dims)
+        sizes = self.per_axis(e.args, ndim, e, "window sizes")
+        shifts = [N.Const(0)] * ndim
+        for kw in e.kwargs:
+            if kw.name != "shift":
+                raise AttncError(f"same_window has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["shift"]))
+            items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
+            shifts = self.per_axis(items, ndim, kw.value, "shift values")
+        out: N.Expr | None = None
+        for a, axis in enumerate(space.axes):
+            m, s, n = sizes[a], shifts[a], space.dims[a]
+            self.require(N.fold(N.Binary(">=", m, N.Const(1))), f"same_window: the window along axis {axis} must be "
+                         "at least 1", e)
+            self.require((n % m).eq(N.Const(0)), f"same_window: axis {axis} length must be a multiple of the window", e)
+            self.require(N.fold(N.Binary("<=", N.Const(0), s)).and_(s.lt(m)),
+                         f"same_window: the shift along axis {axis} must be in [0, window)", e)
+            term = ((N.Coord("q", axis) + m - s) // m).eq((N.Coord("k", axis) + m - s) // m)
+            out = term if out is None else out.and_(term)
+        return out
+
+    def same_grid(self, e: A.Call) -> N.Expr:
+        """MaxViT grid attention over a G x G grid: same y mod (H / G) and x mod (W / G)."""
+        self.no_kwargs(e)
+        space = self.same_space(e)
+        grids = self.per_axis(e.args, len(space.dims), e, "grid sizes")
+        out: N.Expr | None = None
+        for a, axis in enumerate(space.axes):
+            g, n = grids[a], space.dims[a]
+            self.require(N.fold(N.Binary(">=", g, N.Const(1))), f"same_grid: the grid size along axis {axis} must be "
+                         "at least 1", e)
+            self.require((n % g).eq(N.Const(0)), f"same_grid: axis {axis} length must be a multiple of the grid size", e)
+            cell = n // g
+            term = (N.Coord("q", axis) % cell).eq(N.Coord("k", axis) % cell)
+            out = term if out is None else out.and_(term)
+        return out
+
+    def require(self, cond: N.Expr, message: str, e: A.Expr) -> None:
+        cond = N.fold(cond)
+        if cond == N.Const(True):
+            return
+        if cond == N.Const(False):
+            raise AttncError(message, e.span)
+        self.requires.append(N.Require(cond, message, e.span))
 
     def same_space(self, e: A.Call) -> N.Space:
         q, kv = self.spaces(e)

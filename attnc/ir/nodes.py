@@ -147,6 +147,11 @@ def fold(e: "Expr") -> "Expr":
     if ca and cb and e.op in _FOLD and not isinstance(a.value, float) and not isinstance(b.value, float):
         if not (e.op in ("//", "%") and b.value == 0):
             return Const(_FOLD[e.op](a.value, b.value))
+    if cb and e.op in ("+", "-") and isinstance(a, Binary) and a.op in ("+", "-") \
+            and isinstance(a.rhs, Const) and type(a.rhs.value) is int and type(b.value) is int:
+        # (x + c1) - c2  ->  x + (c1 - c2): window and shift arithmetic reads as written.
+        c = (a.rhs.value if a.op == "+" else -a.rhs.value) + (b.value if e.op == "+" else -b.value)
+        return fold(Binary("+" if c >= 0 else "-", a.lhs, Const(abs(c))))
     if cb and not isinstance(b.value, float):
         if (e.op in ("+", "-") and b.value == 0 and not isinstance(b.value, bool)) or \
                 (e.op in ("*", "//") and b.value == 1 and not isinstance(b.value, bool)):
@@ -224,6 +229,15 @@ def Softmax(scale: Expr) -> Score:
 
 
 @dataclass(frozen=True)
+class Require:
+    """A precondition on parameter values (e.g. H % 7 == 0 for Swin windows), checked at bind."""
+
+    cond: Expr
+    message: str
+    span: Span | None = field(default=None, **_NOCMP)
+
+
+@dataclass(frozen=True)
 class ParamDecl:
     name: str
     type: str
@@ -238,6 +252,7 @@ class Attention:
     kv: Space
     mask: Expr  # bool expression over coordinates and parameters
     score: Score
+    requires: tuple[Require, ...] = ()
     # Source line of each part, for comments in generated code; not part of identity.
     lines: tuple[tuple[str, int], ...] = field(default=(), **_NOCMP)
 

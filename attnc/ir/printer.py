@@ -14,6 +14,7 @@ def format_ir(ir: N.Attention) -> str:
     )
     return "\n".join([
         f"attention {ir.name}({params})",
+        *(f"  require {format_expr(r.cond)}" for r in ir.requires),
         f"  q     = {format_space(ir.q)}",
         f"  kv    = {format_space(ir.kv)}",
         f"  mask  = {format_expr(ir.mask)}",

@@ -63,6 +63,9 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
     bound = Bound(ir, tuple(values.items()), q_dims, kv_dims)
     for w in windows(ir.mask):
         _check_window(w, values, bound)
+    for r in ir.requires:
+        if not evaluate_uniform(r.cond, values):
+            raise AttncError(f"{r.message}: {_show(r.cond)} is false for {bound.describe()}", r.span)
     return bound
 
 
