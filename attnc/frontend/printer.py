@@ -32,7 +32,7 @@ def _fmt(e: A.Expr) -> tuple[str, int]:
     if isinstance(e, A.Name):
         return e.id, ATOM
     if isinstance(e, A.Attr):
-        return f"{_wrap(e.value, ATOM)}.{e.attr}", ATOM
+        return f"{_paren(_fmt(e.value), ATOM)}.{e.attr}", ATOM
     if isinstance(e, A.Tuple):
         inner = ", ".join(format_expr(i) for i in e.items)
         return f"({inner}{',' if len(e.items) == 1 else ''})", ATOM
@@ -40,18 +40,26 @@ def _fmt(e: A.Expr) -> tuple[str, int]:
         args = [format_expr(a) for a in e.args] + [f"{k.name} = {format_expr(k.value)}" for k in e.kwargs]
         return f"{e.func.id}({', '.join(args)})", ATOM
     if isinstance(e, A.Unary):
-        if e.op == "not":
-            return f"not {_wrap(e.operand, PRECEDENCE['not'])}", PRECEDENCE["not"]
-        return f"-{_wrap(e.operand, PRECEDENCE['neg'])}", PRECEDENCE["neg"]
+        return unary("not" if e.op == "not" else "neg", _fmt(e.operand))
     if isinstance(e, A.Binary):
-        prec = PRECEDENCE[e.op]
-        # Left-associative: the right operand needs parentheses at equal precedence;
-        # comparisons do not chain, so both sides need them there.
-        left_min = prec + 1 if prec == 4 else prec
-        return f"{_wrap(e.lhs, left_min)} {e.op} {_wrap(e.rhs, prec + 1)}", prec
+        return infix(e.op, _fmt(e.lhs), _fmt(e.rhs))
     raise TypeError(f"not an expression: {e!r}")
 
 
-def _wrap(e: A.Expr, min_prec: int) -> str:
-    text, prec = _fmt(e)
+# Shared with the IR printer: operands arrive as (text, precedence) pairs.
+def unary(op: str, operand: tuple[str, int]) -> tuple[str, int]:
+    prec = PRECEDENCE[op]
+    return f"{'not ' if op == 'not' else '-'}{_paren(operand, prec)}", prec
+
+
+def infix(op: str, lhs: tuple[str, int], rhs: tuple[str, int]) -> tuple[str, int]:
+    prec = PRECEDENCE[op]
+    # Left-associative: the right operand needs parentheses at equal precedence;
+    # comparisons do not chain, so both sides need them there.
+    left_min = prec + 1 if prec == PRECEDENCE["=="] else prec
+    return f"{_paren(lhs, left_min)} {op} {_paren(rhs, prec + 1)}", prec
+
+
+def _paren(operand: tuple[str, int], min_prec: int) -> str:
+    text, prec = operand
     return text if prec >= min_prec else f"({text})"

@@ -1,11 +1,10 @@
 """Canonical text of the IR: deterministic, so it doubles as the hash input."""
 from __future__ import annotations
 
+from ..frontend.printer import ATOM as _ATOM
+from ..frontend.printer import PRECEDENCE as _PREC
+from ..frontend.printer import infix, unary
 from . import nodes as N
-
-_PREC = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
-         "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
-_ATOM = 8
 
 
 def format_ir(ir: N.Attention) -> str:
@@ -59,18 +58,9 @@ def _fmt(e: N.Expr) -> tuple[str, int]:
     if isinstance(e, N.Unary):
         if e.op == "abs":
             return f"abs({format_expr(e.operand)})", _ATOM
-        if e.op == "not":
-            return f"not {_wrap(e.operand, _PREC['not'])}", _PREC["not"]
-        return f"-{_wrap(e.operand, _PREC['neg'])}", _PREC["neg"]
+        return unary(e.op, _fmt(e.operand))
     if isinstance(e, N.Binary):
         if e.op in ("min", "max"):
             return f"{e.op}({format_expr(e.lhs)}, {format_expr(e.rhs)})", _ATOM
-        prec = _PREC[e.op]
-        left_min = prec + 1 if prec == 4 else prec
-        return f"{_wrap(e.lhs, left_min)} {e.op} {_wrap(e.rhs, prec + 1)}", prec
+        return infix(e.op, _fmt(e.lhs), _fmt(e.rhs))
     raise TypeError(f"not an IR expression: {e!r}")
-
-
-def _wrap(e: N.Expr, min_prec: int) -> str:
-    text, prec = _fmt(e)
-    return text if prec >= min_prec else f"({text})"
