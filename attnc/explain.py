@@ -22,7 +22,9 @@ def explain(c: Compiled, sections=None) -> str:
         out += [
             _rule(f"tile map {s.block_m}x{s.block_n} ('#' full, '+' partial, '.' empty; rows = query tiles)"),
             tile_picture(s),
-            f"density: {st['pairs_visible']} of {s.nq * s.nk} pairs visible ({st['density']:.2%})",
+            f"density: {'' if s.exact else 'at most '}{st['pairs_visible']} of {s.nq * s.nk} pairs visible "
+            f"({st['density']:.2%})" + ("" if s.exact else "; the mask reads runtime tensors, so tiles that depend "
+                                        "on them are PARTIAL and evaluated per element"),
             f"tiles: {st['tiles_full']} full, {st['tiles_partial']} partial, {st['tiles_empty']} empty of "
             f"{st['tiles']} (computed {st['tile_density']:.2%}; tile efficiency {st['tile_efficiency']:.2%})",
             f"integer width in kernel: {'int64' if c.int64 else 'int32'}",

@@ -15,7 +15,7 @@ from .frontend import syntax as A
 from .ir import nodes as N
 from .ir.analysis import Schedule, analyse
 from .ir.lower import lower
-from .ir.semantics import Bound, bind, needs_int64
+from .ir.semantics import Bound, bind, needs_int64, tensor_extents
 
 BACKENDS = ("triton", "reference")
 DEFAULT_TILES = (64, 64)
@@ -48,6 +48,7 @@ class Compiled:
     backend: str
     schedule: Schedule | None = None
     int64: bool = False
+    tensor_extents: dict = field(default_factory=dict)  # runtime tensor -> smallest valid shape
     kernel_path: Path | None = None
     kernel_source: str | None = None
     module: Any = field(default=None, repr=False)
@@ -99,8 +100,9 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
     tiles = _check_tiles(tiles)
     try:
         bound = bind(parsed.ir, params)
+        extents = tensor_extents(bound)
         if backend == "reference":
-            return Compiled(parsed, bound, backend)
+            return Compiled(parsed, bound, backend, tensor_extents=extents)
         schedule = analyse(bound, *tiles, progress=progress)
     except AttncError as err:
         raise err.with_source(parsed.text, parsed.filename) from None
@@ -108,7 +110,7 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
     from .settings import settings
 
     module, path, source = load_module(parsed.ir, settings().cache_dir)
-    return Compiled(parsed, bound, backend, schedule, needs_int64(bound), path, source, module)
+    return Compiled(parsed, bound, backend, schedule, needs_int64(bound), extents, path, source, module)
 
 
 def _check_tiles(tiles) -> tuple[int, int]:

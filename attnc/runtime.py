@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import AttncError
+from .errors import AttncError, suggest
 from .ir import nodes as N
 from .ir.semantics import dense_mask, reference_attention, row_scores
 from .pipeline import Compiled
@@ -55,23 +55,61 @@ class AttentionFn:
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
 
-    def mask(self) -> torch.Tensor:
-        """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes)."""
-        return torch.from_numpy(dense_mask(self.compiled.bound))
+    def mask(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes).
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
+        Specs that read runtime tensors need them here too: `fn.mask(doc=doc_ids)`.
+        """
+        return torch.from_numpy(dense_mask(self.compiled.bound, self._host_tensors(self._check_tensors(tensors))))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
+                 **tensors: torch.Tensor):
         self._check(q, k, v)
+        tensors = self._check_tensors(tensors, q.device)
         if self.backend == "reference":
             if return_lse:
                 raise AttncError("return_lse is only available with backend='triton'")
-            return reference_attention(self.compiled.bound, q, k, v)
+            return reference_attention(self.compiled.bound, q, k, v, tensors=self._host_tensors(tensors))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise AttncError("the triton backend has no backward kernel yet",
                              hint="run under torch.no_grad(), or use backend='reference' for gradients")
         if return_lse and self.ir.score.kind != "softmax":
             raise AttncError(f"return_lse needs softmax scoring; this spec scores with {self.ir.score.kind}")
-        out, lse = self._forward(q, k, v)
+        out, lse = self._forward(q, k, v, tensors)
         return (out, lse) if return_lse else out
+
+    # -- runtime tensors ------------------------------------------------------------------------
+    def _check_tensors(self, given: dict, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Validate the runtime tensors the spec reads; return them as contiguous int32."""
+        decls = {t.name: t for t in self.ir.tensors}
+        for name in given:
+            if name not in decls:
+                hint = suggest(name, decls) or (f"it reads: {', '.join(decls)}" if decls else "it reads none")
+                raise AttncError(f"'{self.ir.name}' reads no runtime tensor '{name}'", hint=hint)
+        out = {}
+        for name, decl in decls.items():
+            if name not in given:
+                raise AttncError(f"'{self.ir.name}' reads runtime tensor '{name}'; pass it as {name}=tensor",
+                                 hint=f"an integer tensor of shape {list(self.compiled.tensor_extents[name])}")
+            t = given[name]
+            need = self.compiled.tensor_extents[name]
+            if not isinstance(t, torch.Tensor):
+                raise AttncError(f"runtime tensor '{name}' must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise AttncError(f"runtime tensor '{name}' must have an integer dtype, got {t.dtype}")
+            if t.dim() != decl.rank or any(s < n for s, n in zip(t.shape, need)):
+                raise AttncError(f"runtime tensor '{name}' has shape {list(t.shape)}; the mask indexes it up to "
+                                 f"shape {list(need)} for {self._sizes()}")
+            if device is not None and t.device != device:
+                raise AttncError(f"runtime tensor '{name}' is on {t.device} but q is on {device}")
+            if t.numel() and (t.min() < -(2**31) or t.max() >= 2**31):
+                raise AttncError(f"runtime tensor '{name}' has values outside int32")
+            out[name] = t.to(torch.int32).contiguous()
+        return out
+
+    @staticmethod
+    def _host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {name: t.cpu().numpy().astype(np.int64) for name, t in tensors.items()}
 
     # -- validation -----------------------------------------------------------------------------
     def _check(self, q, k, v) -> None:
@@ -137,29 +175,37 @@ class AttentionFn:
             self._tables[device] = tables
         return tables
 
-    def _row_scores(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_scores(self, head_dim: int, device: torch.device, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         key = (head_dim, device)
-        if key not in self._scores:
-            scale, bias = row_scores(self.compiled.bound, head_dim, self.compiled.schedule.row_counts)
+        if key not in self._scores or not self.compiled.schedule.exact:
+            counts = self.compiled.schedule.row_counts
+            if not self.compiled.schedule.exact:
+                # The mask reads runtime data: count visible keys for this call (O(Nq * Nk)).
+                counts = dense_mask(self.compiled.bound, self._host_tensors(tensors)).sum(axis=1)
+            scale, bias = row_scores(self.compiled.bound, head_dim, counts)
             if self.ir.score.kind == "softmax":
                 scale = scale * LOG2E  # the kernel's online softmax works in base 2
             self._scores[key] = tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
         return self._scores[key]
 
-    def _forward(self, q, k, v):
+    def _forward(self, q, k, v, tensors):
         c = self.compiled
         s = c.schedule
         B, Hq, Nq, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        scale, bias = self._row_scores(D, q.device)
+        scale, bias = self._row_scores(D, q.device, tensors)
+        rt_args = []
+        for decl in self.ir.tensors:
+            t = tensors[decl.name]
+            rt_args += [t, *t.shape, *t.stride()]
         params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]
         grid = (s.q_tiles, B * Hq)
         c.module.attnc_fwd[grid](
             q, k, v, out, lse, scale, bias, *self._device_tables(q.device),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Hq, Hq // Hkv, Nq, s.nk, D, *params,
+            Hq, Hq // Hkv, Nq, s.nk, D, *params, *rt_args,
             HEAD_DIM=D, HEAD_DIM_V=Dv,
             BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
             BLOCK_M=s.block_m, BLOCK_N=s.block_n, INT64=c.int64,

@@ -161,3 +161,9 @@ def softplus_attention(q, k, v, mask: np.ndarray) -> torch.Tensor:
     c = torch.log(n_vis.clamp(min=1)) / q.shape[-1] ** 0.5
     w = torch.log1p(torch.exp(c * (q @ k.transpose(-1, -2)))) * m
     return w @ v / w.sum(-1, keepdim=True).clamp(min=1e-300)
+
+
+def document_causal_mask(doc: np.ndarray) -> np.ndarray:
+    """Packed documents: same document id and j <= i."""
+    n = len(doc)
+    return np.array([[doc[i] == doc[j] and j <= i for j in range(n)] for i in range(n)], dtype=bool)

@@ -619,7 +619,9 @@ def check_input(text: str, rng: random.Random | None = None) -> str:
         fn = attnc.compile(text, backend="reference", **params)
         bound = fn.compiled.bound
         if bound.nq * bound.nk <= 1 << 16:
-            fn.mask()
+            # Runtime tensors (document ids...) of the smallest valid shape, all zeros.
+            fn.mask(**{name: torch.zeros(shape, dtype=torch.long)
+                       for name, shape in fn.compiled.tensor_extents.items()})
     except AttncError as err:
         assert_clean(err)
         return "bind"
@@ -711,3 +713,38 @@ def test_score_and_builtin_errors_are_located(source, phrase):
     assert phrase in err.message, str(err)
     assert err.line == 1
     assert_clean(err)
+
+
+@pytest.mark.parametrize("tensors, phrase", [
+    ({}, "reads runtime tensor 'doc'; pass it as doc=tensor"),
+    ({"doc": torch.zeros(24), "dco": torch.zeros(24, dtype=torch.long)}, "reads no runtime tensor 'dco'"),
+    ({"doc": torch.zeros(24)}, "must have an integer dtype"),
+    ({"doc": torch.zeros(20, dtype=torch.long)}, "has shape [20]; the mask indexes it up to shape [24]"),
+    ({"doc": torch.zeros(24, 1, dtype=torch.long)}, "has shape [24, 1]"),
+    ({"doc": [0] * 24}, "must be a torch.Tensor"),
+    ({"doc": torch.full((24,), 2**40)}, "outside int32"),
+])
+def test_runtime_tensor_validation(tensors, phrase):
+    fn = attnc.compile(SPECS / "document_causal.attn", N=24)
+    q = k = v = torch.zeros(1, 1, 24, 16)
+    with pytest.raises(AttncError) as info:
+        fn(q, k, v, **tensors)
+    assert phrase in info.value.message, str(info.value)
+    assert_clean(info.value)
+
+
+@pytest.mark.parametrize("source, line, col, phrase", [
+    ("attention a(N) { q, kv = seq(N) mask = N[q.i] == 0 }", 1, 40, "'N' is not a runtime tensor"),
+    ("attention a(N) { q, kv = seq(N) mask = d[q.i] == d[q.i, k.i] }", 1, 50, "indexed with 2 indices here but 1"),
+    ("attention a(N) { q, kv = seq(N) mask = d[N / 2] == 0 }", 1, 42, "must be an integer"),
+    ("attention a(N) { q, kv = seq(N) score = softmax(scale = d[0]) }", 1, 57, "can only be read in the mask"),
+])
+def test_runtime_tensor_spec_errors(source, line, col, phrase):
+    err = parse_error(source)
+    assert (err.line, err.col) == (line, col), str(err)
+    assert phrase in err.message
+
+
+def test_negative_tensor_index_is_an_error():
+    err = compile_error("attention a(N) { q, kv = seq(N) mask = d[q.i - k.i] == 0 }", N=8)
+    assert "can be negative" in err.message

@@ -18,6 +18,16 @@ def int_params(ir: N.Attention) -> list[str]:
     return [f"p_{p.name}" for p in ir.params if p.type == N.INT]
 
 
+def tensor_args(ir: N.Attention) -> list[str]:
+    """Kernel argument names for runtime tensors: pointer, then sizes, then strides. Names are
+    numbered (rt0, rt1, ...) rather than derived from spec names, so they can never collide."""
+    out = []
+    for n, t in enumerate(ir.tensors):
+        out.append(f"rt{n}_ptr")
+        out += [f"rt{n}_n{d}" for d in range(t.rank)] + [f"rt{n}_s{d}" for d in range(t.rank)]
+    return out
+
+
 class _Emitter:
     """Emits an expression as a list of assignments, sharing repeated subexpressions."""
 
@@ -48,6 +58,13 @@ class _Emitter:
             return f"p_{e.name}"
         if isinstance(e, N.HeadDim):
             return "head_dim"
+        if isinstance(e, N.Lookup):
+            n = [t.name for t in self.ir.tensors].index(e.tensor)
+            idx = [self.emit(i) for i in e.indices]
+            offset = " + ".join(f"{i} * rt{n}_s{d}" for d, i in enumerate(idx))
+            inside = " & ".join(f"({i} >= 0) & ({i} < rt{n}_n{d})" for d, i in enumerate(idx))
+            # Padding rows and columns of a tile may index past the tensor: those loads are masked.
+            return self.temp(f"tl.load(rt{n}_ptr + {offset}, mask={inside}, other=0)  # {e.tensor}[...]")
         if isinstance(e, N.Coord):
             return f"{e.side}_{e.axis}"
         if isinstance(e, N.Window):
@@ -124,12 +141,14 @@ def _coords_used(e: N.Expr, acc: set[tuple[str, str]]) -> set[tuple[str, str]]:
             stack.append(x.operand)
         elif isinstance(x, N.Binary):
             stack += [x.lhs, x.rhs]
+        elif isinstance(x, N.Lookup):
+            stack += list(x.indices)
     return acc
 
 
 def emit_visible(ir: N.Attention) -> str:
     """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
-    args = ", ".join(["q_i", "k_i"] + int_params(ir) + ["head_dim"])
+    args = ", ".join(["q_i", "k_i"] + int_params(ir) + ["head_dim"] + tensor_args(ir))
     head = [
         "@triton.jit",
         f"def visible({args}):",
@@ -306,8 +325,8 @@ def emit_forward(ir: N.Attention, header: str) -> str:
     kind = ir.score.kind
     kernel = _KERNEL.replace("FULL_STEP", _tile_step(False, kind)).replace("PARTIAL_STEP", _tile_step(True, kind))
     kernel = kernel.replace("EPILOGUE", _EPILOGUE[kind]).replace("SCORE_TEXT", format_score(ir.score))
-    kernel = kernel.replace("PARAMS", "".join(f"\n    {p}," for p in params))
-    kernel = kernel.replace("VISIBLE_ARGS", ", ".join(params + ["head_dim"]))
+    kernel = kernel.replace("PARAMS", "".join(f"\n    {p}," for p in params + tensor_args(ir)))
+    kernel = kernel.replace("VISIBLE_ARGS", ", ".join(params + ["head_dim"] + tensor_args(ir)))
     visible = emit_visible(ir)
     parts = [header, "import triton\nimport triton.language as tl", _PRELUDE, visible, kernel]
     return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"

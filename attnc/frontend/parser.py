@@ -212,6 +212,9 @@ class _Builder:
             return A.Name(str(kids[0]), span)
         if kind == "attr":
             return A.Attr(self.expr(kids[0]), str(kids[1]), span)
+        if kind == "index":
+            base = A.Name(str(kids[0]), _span(kids[0]))
+            return A.Index(base, tuple(self.expr(k) for k in kids[1:]), span)
         if kind == "tuple":
             return A.Tuple(tuple(self.expr(k) for k in kids), span)
         if kind == "call":

@@ -39,6 +39,8 @@ def _fmt(e: A.Expr) -> tuple[str, int]:
     if isinstance(e, A.Call):
         args = [format_expr(a) for a in e.args] + [f"{k.name} = {format_expr(k.value)}" for k in e.kwargs]
         return f"{e.func.id}({', '.join(args)})", ATOM
+    if isinstance(e, A.Index):
+        return f"{e.base.id}[{', '.join(format_expr(i) for i in e.indices)}]", ATOM
     if isinstance(e, A.Unary):
         return unary("not" if e.op == "not" else "neg", _fmt(e.operand))
     if isinstance(e, A.Binary):

@@ -70,12 +70,21 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Index:
+    """`doc[q.i]`: a lookup in a runtime tensor passed to the compiled function."""
+
+    base: Name
+    indices: tuple["Expr", ...]
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
 class Tuple:
     items: tuple["Expr", ...]
     span: Span | None = field(default=None, **_SPAN)
 
 
-Expr = Union[Num, Bool, Name, Attr, Unary, Binary, Call, Tuple]
+Expr = Union[Num, Bool, Name, Attr, Unary, Binary, Call, Index, Tuple]
 
 
 @dataclass(frozen=True)

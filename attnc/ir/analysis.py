@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import AttncError
-from .semantics import Bound, mask_block
+from .semantics import Bound, mask_bounds, reads_tensors
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -38,6 +38,9 @@ class Schedule:
     full_idx: np.ndarray = field(repr=False)
     part_ptr: np.ndarray = field(repr=False)
     part_idx: np.ndarray = field(repr=False)
+    # False when the mask reads runtime tensors: row_counts then counts the keys a query can
+    # possibly see, and the true counts are known only at call time.
+    exact: bool = True
 
     @property
     def q_tiles(self) -> int:
@@ -78,18 +81,19 @@ def analyse(bound: Bound, block_m: int, block_n: int,
     pad = n_kt * block_n - nk
     for t in range(n_qt):
         rows = np.arange(t * block_m, min(nq, (t + 1) * block_m))
-        vis = mask_block(bound, rows, keys)
-        row_counts[rows] = vis.sum(axis=1)
+        # Certainly / possibly visible: equal unless the mask reads runtime tensors (unknown here).
+        certain, possible = mask_bounds(bound, rows, keys)
+        row_counts[rows] = possible.sum(axis=1)
         # Padding keys count as hidden, so a ragged kv tile (which needs bounds checks) is never FULL.
-        tiles = np.pad(vis, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n)
-        any_ = tiles.any(axis=(0, 2))
-        all_ = tiles.all(axis=(0, 2))
+        any_ = np.pad(possible, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n).any(axis=(0, 2))
+        all_ = np.pad(certain, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n).all(axis=(0, 2))
         classes[t] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
         if progress is not None:
             progress(t + 1, n_qt)
     full_ptr, full_idx = _csr(classes == FULL)
     part_ptr, part_idx = _csr(classes == PARTIAL)
-    return Schedule(block_m, block_n, nq, nk, classes, row_counts, full_ptr, full_idx, part_ptr, part_idx)
+    return Schedule(block_m, block_n, nq, nk, classes, row_counts, full_ptr, full_idx, part_ptr, part_idx,
+                    exact=not reads_tensors(bound.ir.mask))
 
 
 def _csr(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,8 @@ class _Lowering:
         self.kv: N.Space | None = None
         self.requires: list[N.Require] = []
         self.in_score = False  # n_visible exists only in score expressions
+        self.in_mask = False  # runtime tensors are read only by the mask
+        self.tensors: dict[str, N.TensorDecl] = {}
 
     # -- statements ---------------------------------------------------------------------------
     def run(self) -> N.Attention:
@@ -76,7 +78,9 @@ class _Lowering:
                 raise AttncError("only `q, kv = ...` may assign several names at once", stmt.targets[1].span)
             name = ids[0]
             if name == "mask":
+                self.in_mask = True
                 mask = self.expect(stmt.value, N.BOOL, "the mask")
+                self.in_mask = False
             elif name == "score":
                 score = self.score(stmt.value)
             else:
@@ -89,7 +93,7 @@ class _Lowering:
         if score is None:
             score = N.Softmax(_default_scale())
         return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv, mask, score,
-                           tuple(self.requires), lines=tuple(sorted(lines.items())))
+                           tuple(self.requires), tuple(self.tensors.values()), lines=tuple(sorted(lines.items())))
 
     def declare(self, p: A.Param) -> None:
         if p.name in self.params:
@@ -216,7 +220,32 @@ class _Lowering:
             return self.binary(e)
         if isinstance(e, A.Call):
             return self.call(e)
+        if isinstance(e, A.Index):
+            return self.lookup(e)
         raise TypeError(f"unknown AST node {e!r}")
+
+    def lookup(self, e: A.Index) -> N.Expr:
+        name = e.base.id
+        if name in self.params or name in self.locals or name in BUILTINS or name in RESERVED_TARGETS \
+                or name in ("k", "v"):
+            raise AttncError(f"'{name}' is not a runtime tensor and cannot be indexed", e.base.span)
+        if name in COMPILE_OPTIONS or name == "return_lse":
+            raise AttncError(f"a runtime tensor cannot be called '{name}'", e.base.span)
+        if not self.in_mask:
+            raise AttncError(f"runtime tensors such as '{name}' can only be read in the mask (for now)", e.span)
+        rank = len(e.indices)
+        seen = self.tensors.get(name)
+        if seen is not None and seen.rank != rank:
+            raise AttncError(f"'{name}' is indexed with {rank} indices here but {seen.rank} elsewhere", e.span)
+        self.tensors[name] = N.TensorDecl(name, rank)
+        indices = []
+        for i in e.indices:
+            idx = self.expr(i)
+            if idx.type != N.INT:
+                raise AttncError(f"an index into '{name}' must be an integer, but this is {_article(idx.type)}",
+                                 i.span)
+            indices.append(idx)
+        return N.Lookup(name, tuple(indices))
 
     def name(self, e: A.Name) -> N.Expr:
         if e.id in self.params:
@@ -474,6 +503,8 @@ def _children(e: N.Expr) -> tuple[N.Expr, ...]:
         return (e.lhs, e.rhs)
     if isinstance(e, N.Call):
         return e.args
+    if isinstance(e, N.Lookup):
+        return e.indices
     if isinstance(e, N.Window):
         return (e.length, e.kernel, e.dilation, e.stride)
     return ()
@@ -490,8 +521,8 @@ def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
 
 
 def _varies(e: N.Expr) -> bool:
-    """Does the expression depend on token coordinates?"""
-    if isinstance(e, (N.Coord, N.Window)):
+    """Does the expression depend on token coordinates (or runtime data)?"""
+    if isinstance(e, (N.Coord, N.Window, N.Lookup)):
         return True
     if isinstance(e, N.Unary):
         return _varies(e.operand)

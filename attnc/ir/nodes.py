@@ -55,6 +55,15 @@ class Coord:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """An element of an integer runtime tensor, e.g. document ids: `doc[q.i]`."""
+
+    tensor: str
+    indices: tuple["Expr", ...]
+    type = INT
+
+
+@dataclass(frozen=True)
 class Unary:
     op: str  # 'neg', 'not', 'abs'
     operand: "Expr"
@@ -119,7 +128,7 @@ class Window:
 
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
-Expr = Union[Const, Param, HeadDim, NVisible, Coord, Unary, Binary, Call, Window]
+Expr = Union[Const, Param, HeadDim, NVisible, Coord, Lookup, Unary, Binary, Call, Window]
 
 
 _FOLD = {
@@ -174,7 +183,7 @@ def _binop(op):
 
 
 # Small builder methods keep expansions (Window, causal, blocks) readable.
-for _cls in (Const, Param, HeadDim, NVisible, Coord, Unary, Binary, Call, Window):
+for _cls in (Const, Param, HeadDim, NVisible, Coord, Lookup, Unary, Binary, Call, Window):
     _cls.__add__ = _binop("+")
     _cls.__sub__ = _binop("-")
     _cls.__mul__ = _binop("*")
@@ -238,6 +247,15 @@ class Require:
 
 
 @dataclass(frozen=True)
+class TensorDecl:
+    """A runtime tensor the spec reads; passed as fn(q, k, v, NAME=tensor)."""
+
+    name: str
+    rank: int
+    dtype: str = INT
+
+
+@dataclass(frozen=True)
 class ParamDecl:
     name: str
     type: str
@@ -253,6 +271,7 @@ class Attention:
     mask: Expr  # bool expression over coordinates and parameters
     score: Score
     requires: tuple[Require, ...] = ()
+    tensors: tuple[TensorDecl, ...] = ()
     # Source line of each part, for comments in generated code; not part of identity.
     lines: tuple[tuple[str, int], ...] = field(default=(), **_NOCMP)
 

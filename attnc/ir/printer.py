@@ -14,6 +14,7 @@ def format_ir(ir: N.Attention) -> str:
     return "\n".join([
         f"attention {ir.name}({params})",
         *(f"  require {format_expr(r.cond)}" for r in ir.requires),
+        *(f"  tensor {t.name}: {t.dtype}[{t.rank} dims]" for t in ir.tensors),
         f"  q     = {format_space(ir.q)}",
         f"  kv    = {format_space(ir.kv)}",
         f"  mask  = {format_expr(ir.mask)}",
@@ -53,6 +54,8 @@ def _fmt(e: N.Expr) -> tuple[str, int]:
         flags = f"kernel={format_expr(e.kernel)}, dilation={format_expr(e.dilation)}, " \
                 f"stride={format_expr(e.stride)}, causal={'true' if e.causal else 'false'}"
         return f"window[{e.axis} < {format_expr(e.length)}]({flags})", _ATOM
+    if isinstance(e, N.Lookup):
+        return f"{e.tensor}[{', '.join(format_expr(i) for i in e.indices)}]", _ATOM
     if isinstance(e, N.Call):
         return f"{e.fn}({', '.join(format_expr(a) for a in e.args)})", _ATOM
     if isinstance(e, N.Unary):

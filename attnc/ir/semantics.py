@@ -154,8 +154,36 @@ _FLOAT_FUNCS = {"sqrt": np.sqrt, "log": np.log, "exp": np.exp}
 
 
 def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple[str, str], np.ndarray],
-             head_dim: int | None = None):
-    """Evaluate an expression; coordinates are int64 arrays that broadcast against each other."""
+             head_dim: int | None = None, tensors: Mapping[str, np.ndarray] | None = None):
+    """Evaluate an expression; coordinates are int64 arrays that broadcast against each other.
+
+    `tensors` holds the runtime tensors (int64 numpy arrays) that Lookup nodes read.
+    """
+    if tensors is not None:
+        return _Evaluator(values, coords, head_dim, tensors).eval(e)
+    return _Evaluator(values, coords, head_dim, {}).eval(e)
+
+
+class _Evaluator:
+    def __init__(self, values, coords, head_dim, tensors):
+        self.values, self.coords, self.head_dim, self.tensors = values, coords, head_dim, tensors
+
+    def eval(self, e: N.Expr):
+        return _evaluate(e, self)
+
+
+def _evaluate(e: N.Expr, ctx: "_Evaluator"):
+    values, coords, head_dim = ctx.values, ctx.coords, ctx.head_dim
+    if isinstance(e, N.Lookup):
+        if e.tensor not in ctx.tensors:
+            raise AttncError(f"the mask reads runtime tensor '{e.tensor}'; pass it, e.g. {e.tensor}=tensor")
+        table = ctx.tensors[e.tensor]
+        idx = [np.asarray(_evaluate(i, ctx)) for i in e.indices]
+        for d, (i, size) in enumerate(zip(idx, table.shape)):
+            if i.size and (i.min() < 0 or i.max() >= size):
+                raise AttncError(f"index {int(i.min()) if i.min() < 0 else int(i.max())} is out of range for "
+                                 f"dimension {d} of '{e.tensor}' (size {size}) in `{_show(e)}`")
+        return table[tuple(np.broadcast_arrays(*idx))] if len(idx) > 1 else table[idx[0]]
     if isinstance(e, N.Const):
         return e.value
     if isinstance(e, N.Param):
@@ -171,19 +199,19 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
     if isinstance(e, N.Coord):
         return coords[(e.side, e.axis)]
     if isinstance(e, N.Window):
-        return evaluate(e.expand(), values, coords, head_dim)
+        return _evaluate(e.expand(), ctx)
     if isinstance(e, N.Unary):
-        x = evaluate(e.operand, values, coords, head_dim)
+        x = _evaluate(e.operand, ctx)
         return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
     if isinstance(e, N.Call):
-        x = np.asarray(evaluate(e.args[0], values, coords, head_dim), dtype=np.float64)
+        x = np.asarray(_evaluate(e.args[0], ctx), dtype=np.float64)
         # Out-of-domain values become nan/inf here and are reported by whoever uses them.
         with np.errstate(all="ignore"):
             out = _FLOAT_FUNCS[e.fn](x)
         return out.item() if out.ndim == 0 else out
     if isinstance(e, N.Binary):
-        a = evaluate(e.lhs, values, coords, head_dim)
-        b = evaluate(e.rhs, values, coords, head_dim)
+        a = _evaluate(e.lhs, ctx)
+        b = _evaluate(e.rhs, ctx)
         if e.op in ("//", "%"):
             if np.any(np.asarray(b) == 0):
                 raise AttncError(f"division by zero in `{_show(e)}`")
@@ -211,18 +239,92 @@ def decode(dims: tuple[int, ...], axes: tuple[str, ...], flat: np.ndarray) -> di
     return out
 
 
-def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> np.ndarray:
-    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)]."""
+def _pair_coords(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> dict:
     ir = bound.ir
     qc = decode(bound.q_dims, ir.q.axes, q_idx.astype(np.int64)[:, None])
     kc = decode(bound.kv_dims, ir.kv.axes, k_idx.astype(np.int64)[None, :])
-    coords = {("q", a): v for a, v in qc.items()} | {("k", a): v for a, v in kc.items()}
-    out = evaluate(ir.mask, bound.env, coords)
+    return {("q", a): v for a, v in qc.items()} | {("k", a): v for a, v in kc.items()}
+
+
+def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None) -> np.ndarray:
+    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)]."""
+    out = evaluate(bound.ir.mask, bound.env, _pair_coords(bound, q_idx, k_idx), tensors=tensors)
     return np.broadcast_to(np.asarray(out, dtype=bool), (len(q_idx), len(k_idx)))
 
 
-def dense_mask(bound: Bound) -> np.ndarray:
-    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk)).copy()
+def dense_mask(bound: Bound, tensors=None) -> np.ndarray:
+    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors).copy()
+
+
+def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(certainly visible, possibly visible) without runtime data: three-valued evaluation in
+    which every comparison that reads a runtime tensor is unknown."""
+    coords = _pair_coords(bound, q_idx, k_idx)
+    shape = (len(q_idx), len(k_idx))
+
+    def rec(e: N.Expr):
+        if not reads_tensors(e):
+            v = np.asarray(evaluate(e, bound.env, coords), dtype=bool)
+            return v, v
+        if isinstance(e, N.Unary) and e.op == "not":
+            lo, hi = rec(e.operand)
+            return ~hi, ~lo
+        if isinstance(e, N.Binary) and e.op in ("and", "or"):
+            (alo, ahi), (blo, bhi) = rec(e.lhs), rec(e.rhs)
+            if e.op == "and":
+                return alo & blo, ahi & bhi
+            return alo | blo, ahi | bhi
+        return np.zeros((), dtype=bool), np.ones((), dtype=bool)
+
+    lo, hi = rec(bound.ir.mask)
+    return np.broadcast_to(lo, shape), np.broadcast_to(hi, shape)
+
+
+def reads_tensors(e: N.Expr) -> bool:
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, N.Lookup):
+            return True
+        if isinstance(x, N.Unary):
+            stack.append(x.operand)
+        elif isinstance(x, N.Binary):
+            stack += [x.lhs, x.rhs]
+        elif isinstance(x, N.Call):
+            stack += list(x.args)
+    return False
+
+
+def lookups(e: N.Expr) -> list[N.Lookup]:
+    out, stack = [], [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, N.Lookup):
+            out.append(x)
+            stack += list(x.indices)
+        elif isinstance(x, N.Unary):
+            stack.append(x.operand)
+        elif isinstance(x, N.Binary):
+            stack += [x.lhs, x.rhs]
+        elif isinstance(x, N.Call):
+            stack += list(x.args)
+    return out
+
+
+def tensor_extents(bound: Bound) -> dict[str, tuple[int, ...]]:
+    """The smallest shape each runtime tensor must have so that every index the mask can form
+    (by interval analysis over all token pairs) is in range; a negative index is an error."""
+    ranges = _coord_ranges(bound)
+    need: dict[str, list[int]] = {}
+    for lk in lookups(bound.ir.mask):
+        dims = need.setdefault(lk.tensor, [0] * len(lk.indices))
+        for d, idx in enumerate(lk.indices):
+            lo, hi = int_range(idx, bound.env, ranges)
+            if lo < 0:
+                raise AttncError(f"index `{_show(idx)}` into '{lk.tensor}' can be negative ({lo}) for "
+                                 f"{bound.describe()}")
+            dims[d] = max(dims[d], hi + 1)
+    return {k: tuple(v) for k, v in need.items()}
 
 
 def row_scores(bound: Bound, head_dim: int, row_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +373,10 @@ def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], tuple[int, int
         elif isinstance(x, N.Window):
             rec(x.expand())
             r = (0, 1)
+        elif isinstance(x, N.Lookup):
+            for i in x.indices:
+                rec(i)
+            r = INT32  # runtime tensors reach the kernel as int32
         elif isinstance(x, N.Unary):
             a = rec(x.operand)
             if x.op == "not":
@@ -311,28 +417,32 @@ def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], tuple[int, int
     return rec(e)
 
 
-def needs_int64(bound: Bound) -> bool:
-    """True when some intermediate of the mask may leave int32 over this binding's coordinates."""
+def _coord_ranges(bound: Bound) -> dict[tuple[str, str], tuple[int, int]]:
     ranges = {}
     for side, space, dims in (("q", bound.ir.q, bound.q_dims), ("k", bound.ir.kv, bound.kv_dims)):
         ranges[(side, "i")] = (0, math.prod(dims) - 1)
         for axis, size in zip(space.axes, dims):
             ranges[(side, axis)] = (0, size - 1)
+    return ranges
+
+
+def needs_int64(bound: Bound) -> bool:
+    """True when some intermediate of the mask may leave int32 over this binding's coordinates."""
     seen: list[tuple[int, int]] = []
-    int_range(bound.ir.mask, bound.env, ranges, seen)
+    int_range(bound.ir.mask, bound.env, _coord_ranges(bound), seen)
     lo, hi = INT32
     return any(r[0] < lo or r[1] > hi for r in seen)
 
 
 # -- the dense reference attention ---------------------------------------------------------------
-def reference_attention(bound: Bound, q, k, v, mask=None):
+def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None):
     """softmax(scale * q k^T, masked) v in the inputs' dtype (use float64 for an oracle).
 
     Rows that see no key output exactly 0. Differentiable through torch autograd.
     """
     import torch
 
-    dense = dense_mask(bound) if mask is None else mask.cpu().numpy()
+    dense = dense_mask(bound, tensors) if mask is None else mask.cpu().numpy()
     mask = torch.from_numpy(dense).to(q.device)
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
