@@ -129,21 +129,8 @@ def _decode(ir: N.Attention, side: str, used: set[str], em: _Emitter) -> list[st
     return out
 
 
-def _coords_used(e: N.Expr, acc: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, N.Coord):
-            acc.add((x.side, x.axis))
-        elif isinstance(x, N.Window):
-            stack.append(x.expand())
-        elif isinstance(x, N.Unary):
-            stack.append(x.operand)
-        elif isinstance(x, N.Binary):
-            stack += [x.lhs, x.rhs]
-        elif isinstance(x, N.Lookup):
-            stack += list(x.indices)
-    return acc
+def _coords_used(e: N.Expr) -> set[tuple[str, str]]:
+    return {(x.side, x.axis) for x in N.walk(e, expand_windows=True) if isinstance(x, N.Coord)}
 
 
 def emit_visible(ir: N.Attention) -> str:
@@ -162,7 +149,7 @@ def emit_visible(ir: N.Attention) -> str:
         # Constant masks still return a tile so callers can combine it with bounds checks.
         return "\n".join(head + [f"    return k_i {'>=' if mask.value else '<'} 0", ""])
     em = _Emitter(ir)
-    used = _coords_used(mask, set())
+    used = _coords_used(mask)
     decode = []
     for side in ("q", "k"):
         decode += _decode(ir, side, {a for s, a in used if s == side}, em)

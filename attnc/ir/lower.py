@@ -467,7 +467,7 @@ class _Lowering:
             if id(node) in self.measured:
                 stack.pop()
                 continue
-            kids = _children(node)
+            kids = N.children(node)
             todo = [k for k in kids if id(k) not in self.measured]
             if todo:
                 stack.extend(todo)
@@ -496,41 +496,13 @@ def _article(type_: str) -> str:
     return {"int": "an integer", "float": "a float", "bool": "a condition"}[type_]
 
 
-def _children(e: N.Expr) -> tuple[N.Expr, ...]:
-    if isinstance(e, N.Unary):
-        return (e.operand,)
-    if isinstance(e, N.Binary):
-        return (e.lhs, e.rhs)
-    if isinstance(e, N.Call):
-        return e.args
-    if isinstance(e, N.Lookup):
-        return e.indices
-    if isinstance(e, N.Window):
-        return (e.length, e.kernel, e.dilation, e.stride)
-    return ()
-
-
 def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, kinds):
-            return True
-        stack.extend(_children(x))
-    return False
+    return any(isinstance(x, kinds) for x in N.walk(e))
 
 
 def _varies(e: N.Expr) -> bool:
     """Does the expression depend on token coordinates (or runtime data)?"""
-    if isinstance(e, (N.Coord, N.Window, N.Lookup)):
-        return True
-    if isinstance(e, N.Unary):
-        return _varies(e.operand)
-    if isinstance(e, N.Binary):
-        return _varies(e.lhs) or _varies(e.rhs)
-    if isinstance(e, N.Call):
-        return any(_varies(a) for a in e.args)
-    return False
+    return _mentions(e, (N.Coord, N.Window, N.Lookup))
 
 
 def _fold(e: N.Expr) -> N.Expr:

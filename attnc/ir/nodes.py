@@ -197,6 +197,33 @@ for _cls in (Const, Param, HeadDim, NVisible, Coord, Lookup, Unary, Binary, Call
     _cls.and_ = _binop("and")
 
 
+def children(e: "Expr") -> tuple["Expr", ...]:
+    """Direct sub-expressions (a Window's are its size arguments, not its expansion)."""
+    if isinstance(e, Unary):
+        return (e.operand,)
+    if isinstance(e, Binary):
+        return (e.lhs, e.rhs)
+    if isinstance(e, Call):
+        return e.args
+    if isinstance(e, Lookup):
+        return e.indices
+    if isinstance(e, Window):
+        return (e.length, e.kernel, e.dilation, e.stride)
+    return ()
+
+
+def walk(e: "Expr", expand_windows: bool = False):
+    """Every node of an expression, iteratively; with expand_windows, Windows as plain arithmetic."""
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        yield x
+        if expand_windows and isinstance(x, Window):
+            stack.append(x.expand())
+        else:
+            stack.extend(children(x))
+
+
 @dataclass(frozen=True)
 class Space:
     """A token space: `seq(N)` (axes i) or `grid(H, W)` / `grid(T, H, W)` (axes y x / t y x)."""

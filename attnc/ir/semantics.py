@@ -131,17 +131,7 @@ def _named(e: N.Expr, value: int) -> str:
 
 def windows(e: N.Expr):
     """All Window nodes in an expression."""
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, N.Window):
-            yield x
-        elif isinstance(x, N.Unary):
-            stack.append(x.operand)
-        elif isinstance(x, N.Binary):
-            stack += [x.lhs, x.rhs]
-        elif isinstance(x, N.Call):
-            stack += list(x.args)
+    return [x for x in N.walk(e) if isinstance(x, N.Window)]
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -280,35 +270,12 @@ def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.
     return np.broadcast_to(lo, shape), np.broadcast_to(hi, shape)
 
 
-def reads_tensors(e: N.Expr) -> bool:
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, N.Lookup):
-            return True
-        if isinstance(x, N.Unary):
-            stack.append(x.operand)
-        elif isinstance(x, N.Binary):
-            stack += [x.lhs, x.rhs]
-        elif isinstance(x, N.Call):
-            stack += list(x.args)
-    return False
-
-
 def lookups(e: N.Expr) -> list[N.Lookup]:
-    out, stack = [], [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, N.Lookup):
-            out.append(x)
-            stack += list(x.indices)
-        elif isinstance(x, N.Unary):
-            stack.append(x.operand)
-        elif isinstance(x, N.Binary):
-            stack += [x.lhs, x.rhs]
-        elif isinstance(x, N.Call):
-            stack += list(x.args)
-    return out
+    return [x for x in N.walk(e) if isinstance(x, N.Lookup)]
+
+
+def reads_tensors(e: N.Expr) -> bool:
+    return any(isinstance(x, N.Lookup) for x in N.walk(e))
 
 
 def tensor_extents(bound: Bound) -> dict[str, tuple[int, ...]]:
