@@ -153,11 +153,9 @@ def emit_visible(ir: N.Attention) -> str:
     decode = []
     for side in ("q", "k"):
         decode += _decode(ir, side, {a for s, a in used if s == side}, em)
-    body_em = _Emitter(ir)
-    body_em.memo.update(em.memo)
-    body_em.count = em.count
-    result = body_em.emit(mask)
-    lines = head + em.lines + decode + body_em.lines + [f"    return {result}", ""]
+    sizes, em.lines = em.lines, []  # size temporaries go before the decode lines that use them
+    result = em.emit(mask)
+    lines = head + sizes + decode + em.lines + [f"    return {result}", ""]
     return "\n".join(lines)
 
 

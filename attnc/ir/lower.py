@@ -195,7 +195,7 @@ class _Lowering:
         if out.type == N.FLOAT and _varies(out):
             raise AttncError("arithmetic on token coordinates must stay in integers", e.span,
                              hint="use // for integer division")
-        out = _fold(out)
+        out = N.fold(out)
         # Folding multiplies literals into integers no literal may be (and no int64 can hold).
         if isinstance(out, N.Const) and out.type == N.INT and abs(out.value) > MAX_INT_LITERAL:
             raise AttncError(f"integer constant {out.value} is too large (limit {MAX_INT_LITERAL})", e.span)
@@ -346,7 +346,7 @@ class _Lowering:
         q, kv = self.spaces(e)
         nq, nk = q.size(), kv.size()
         offset = N.Const(0) if nq == nk else nk - nq
-        return N.Coord("k", "i").le(_fold(N.Coord("q", "i") + offset))
+        return N.Coord("k", "i").le(N.Coord("q", "i") + offset)
 
     def window(self, e: A.Call) -> N.Expr:
         space = self.same_space(e)
@@ -503,10 +503,6 @@ def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
 def _varies(e: N.Expr) -> bool:
     """Does the expression depend on token coordinates (or runtime data)?"""
     return _mentions(e, (N.Coord, N.Window, N.Lookup))
-
-
-def _fold(e: N.Expr) -> N.Expr:
-    return N.fold(e)
 
 
 __all__ = ["lower", "COMPILE_OPTIONS"]
