@@ -8,7 +8,7 @@ import torch
 
 from .errors import AttncError, suggest
 from .ir import nodes as N
-from .ir.semantics import dense_mask, reference_attention, row_scores
+from .ir.semantics import dense_mask, reference_attention, row_scores, score_reads_n_visible
 from .pipeline import Compiled
 
 LOG2E = 1.4426950408889634
@@ -177,11 +177,14 @@ class AttentionFn:
 
     def _row_scores(self, head_dim: int, device: torch.device, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         key = (head_dim, device)
-        if key not in self._scores or not self.compiled.schedule.exact:
+        # Only a score that reads n_visible under a mask that reads runtime data needs this call's
+        # counts; every other score depends on head_dim alone (rows that see nothing output 0
+        # whatever their scale), so it is computed once.
+        per_call = not self.compiled.schedule.exact and score_reads_n_visible(self.ir.score)
+        if key not in self._scores or per_call:
             counts = self.compiled.schedule.row_counts
-            if not self.compiled.schedule.exact:
-                # The mask reads runtime data: count visible keys for this call (O(Nq * Nk)).
-                counts = dense_mask(self.compiled.bound, self._host_tensors(tensors)).sum(axis=1)
+            if per_call:
+                counts = dense_mask(self.compiled.bound, self._host_tensors(tensors)).sum(axis=1)  # O(Nq * Nk)
             scale, bias = row_scores(self.compiled.bound, head_dim, counts)
             if self.ir.score.kind == "softmax":
                 scale = scale * LOG2E  # the kernel's online softmax works in base 2

@@ -117,3 +117,21 @@ def test_document_causal(n, lengths, device):
         out = fn(q, k, v, doc=doc.to(device)).cpu().double()
     independent = oracles.attention(q.cpu(), k.cpu(), v.cpu(), expect_mask)
     assert (out - independent).abs().max().item() < 1e-4
+
+
+def test_n_visible_under_a_mask_that_reads_runtime_data(device):
+    # n_visible depends on the document ids, so it must be counted per call: one compiled
+    # function, two partitions, each against the LSSA formula on its own mask.
+    spec = """attention docs_softplus(N) {
+        q, kv = seq(N)
+        mask  = causal and doc[q.i] == doc[k.i]
+        score = softplus(scale = log(n_visible) / sqrt(head_dim))
+    }"""
+    fn = attnc.compile(spec, tiles=(16, 16), N=48)
+    q, k, v = _qkv(48, 48, device=device, seed=7)
+    for lengths in ([5, 30, 13], [40, 8]):
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        with torch.no_grad():
+            out = fn(q, k, v, doc=doc.to(device)).cpu().double()
+        expect = oracles.softplus_attention(q.cpu(), k.cpu(), v.cpu(), oracles.document_causal_mask(doc.numpy()))
+        assert (out - expect).abs().max().item() < 1e-4

@@ -149,69 +149,57 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
 
     `tensors` holds the runtime tensors (int64 numpy arrays) that Lookup nodes read.
     """
-    if tensors is not None:
-        return _Evaluator(values, coords, head_dim, tensors).eval(e)
-    return _Evaluator(values, coords, head_dim, {}).eval(e)
+    tensors = tensors or {}
 
+    def rec(e: N.Expr):
+        if isinstance(e, N.Lookup):
+            if e.tensor not in tensors:
+                raise AttncError(f"the mask reads runtime tensor '{e.tensor}'; pass it, e.g. {e.tensor}=tensor")
+            table = tensors[e.tensor]
+            idx = [np.asarray(rec(i)) for i in e.indices]
+            for d, (i, size) in enumerate(zip(idx, table.shape)):
+                if i.size and (i.min() < 0 or i.max() >= size):
+                    raise AttncError(f"index {int(i.min()) if i.min() < 0 else int(i.max())} is out of range for "
+                                     f"dimension {d} of '{e.tensor}' (size {size}) in `{_show(e)}`")
+            return table[tuple(np.broadcast_arrays(*idx))] if len(idx) > 1 else table[idx[0]]
+        if isinstance(e, N.Const):
+            return e.value
+        if isinstance(e, N.Param):
+            return values[e.name]
+        if isinstance(e, N.HeadDim):
+            if head_dim is None:
+                raise AttncError("head_dim is only known when the attention runs")
+            return head_dim
+        if isinstance(e, N.NVisible):
+            if ("q", "n_visible") not in coords:
+                raise AttncError("n_visible is only defined in score expressions")
+            return coords[("q", "n_visible")]
+        if isinstance(e, N.Coord):
+            return coords[(e.side, e.axis)]
+        if isinstance(e, N.Window):
+            return rec(e.expand())
+        if isinstance(e, N.Unary):
+            x = rec(e.operand)
+            return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
+        if isinstance(e, N.Call):
+            x = np.asarray(rec(e.args[0]), dtype=np.float64)
+            # Out-of-domain values become nan/inf here and are reported by whoever uses them.
+            with np.errstate(all="ignore"):
+                out = _FLOAT_FUNCS[e.fn](x)
+            return out.item() if out.ndim == 0 else out
+        if isinstance(e, N.Binary):
+            a = rec(e.lhs)
+            b = rec(e.rhs)
+            if e.op in ("//", "%", "/"):
+                if np.any(np.asarray(b) == 0):
+                    raise AttncError(f"division by zero in `{_show(e)}`")
+                if e.op == "/":
+                    return np.true_divide(a, b)
+                return np.floor_divide(a, b) if e.op == "//" else np.remainder(a, b)
+            return _ARITH[e.op](a, b)
+        raise TypeError(f"not an IR expression: {e!r}")
 
-class _Evaluator:
-    def __init__(self, values, coords, head_dim, tensors):
-        self.values, self.coords, self.head_dim, self.tensors = values, coords, head_dim, tensors
-
-    def eval(self, e: N.Expr):
-        return _evaluate(e, self)
-
-
-def _evaluate(e: N.Expr, ctx: "_Evaluator"):
-    values, coords, head_dim = ctx.values, ctx.coords, ctx.head_dim
-    if isinstance(e, N.Lookup):
-        if e.tensor not in ctx.tensors:
-            raise AttncError(f"the mask reads runtime tensor '{e.tensor}'; pass it, e.g. {e.tensor}=tensor")
-        table = ctx.tensors[e.tensor]
-        idx = [np.asarray(_evaluate(i, ctx)) for i in e.indices]
-        for d, (i, size) in enumerate(zip(idx, table.shape)):
-            if i.size and (i.min() < 0 or i.max() >= size):
-                raise AttncError(f"index {int(i.min()) if i.min() < 0 else int(i.max())} is out of range for "
-                                 f"dimension {d} of '{e.tensor}' (size {size}) in `{_show(e)}`")
-        return table[tuple(np.broadcast_arrays(*idx))] if len(idx) > 1 else table[idx[0]]
-    if isinstance(e, N.Const):
-        return e.value
-    if isinstance(e, N.Param):
-        return values[e.name]
-    if isinstance(e, N.HeadDim):
-        if head_dim is None:
-            raise AttncError("head_dim is only known when the attention runs")
-        return head_dim
-    if isinstance(e, N.NVisible):
-        if ("q", "n_visible") not in coords:
-            raise AttncError("n_visible is only defined in score expressions")
-        return coords[("q", "n_visible")]
-    if isinstance(e, N.Coord):
-        return coords[(e.side, e.axis)]
-    if isinstance(e, N.Window):
-        return _evaluate(e.expand(), ctx)
-    if isinstance(e, N.Unary):
-        x = _evaluate(e.operand, ctx)
-        return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
-    if isinstance(e, N.Call):
-        x = np.asarray(_evaluate(e.args[0], ctx), dtype=np.float64)
-        # Out-of-domain values become nan/inf here and are reported by whoever uses them.
-        with np.errstate(all="ignore"):
-            out = _FLOAT_FUNCS[e.fn](x)
-        return out.item() if out.ndim == 0 else out
-    if isinstance(e, N.Binary):
-        a = _evaluate(e.lhs, ctx)
-        b = _evaluate(e.rhs, ctx)
-        if e.op in ("//", "%"):
-            if np.any(np.asarray(b) == 0):
-                raise AttncError(f"division by zero in `{_show(e)}`")
-            return np.floor_divide(a, b) if e.op == "//" else np.remainder(a, b)
-        if e.op == "/":
-            if np.any(np.asarray(b) == 0):
-                raise AttncError(f"division by zero in `{_show(e)}`")
-            return np.true_divide(a, b)
-        return _ARITH[e.op](a, b)
-    raise TypeError(f"not an IR expression: {e!r}")
+    return rec(e)
 
 
 def evaluate_uniform(e: N.Expr, values, head_dim: int | None = None) -> int | float:
@@ -292,6 +280,10 @@ def tensor_extents(bound: Bound) -> dict[str, tuple[int, ...]]:
                                  f"{bound.describe()}")
             dims[d] = max(dims[d], hi + 1)
     return {k: tuple(v) for k, v in need.items()}
+
+
+def score_reads_n_visible(score: N.Score) -> bool:
+    return any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) for x in N.walk(e))
 
 
 def row_scores(bound: Bound, head_dim: int, row_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
