@@ -15,6 +15,7 @@ from .frontend import syntax as A
 from .ir import nodes as N
 from .ir.analysis import Schedule, analyse
 from .ir.lower import lower
+from .ir.routing import check_routable
 from .ir.semantics import Bound, bind, needs_int64, tensor_extents
 
 BACKENDS = ("triton", "reference")
@@ -103,6 +104,7 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
         extents = tensor_extents(bound)
         if backend == "reference":
             return Compiled(parsed, bound, backend, tensor_extents=extents)
+        check_routable(parsed.ir)
         schedule = analyse(bound, *tiles, progress=progress)
     except AttncError as err:
         raise err.with_source(parsed.text, parsed.filename) from None

@@ -8,7 +8,9 @@ import torch
 
 from .errors import AttncError, suggest
 from .ir import nodes as N
-from .ir.semantics import dense_mask, reference_attention, row_scores, score_reads_n_visible
+from .ir.routing import routed_mask
+from .ir.semantics import (dense_mask, reference_attention, row_scores, score_reads_n_visible, sink_logits,
+                           softcap_value, tensor_extents)
 from .pipeline import Compiled
 
 LOG2E = 1.4426950408889634
@@ -27,6 +29,7 @@ class AttentionFn:
         self.compiled = compiled
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._scores: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._extent_cache: dict[int, dict[str, tuple[int, ...]]] = {}
 
     @property
     def spec(self):
@@ -58,19 +61,29 @@ class AttentionFn:
     def mask(self, **tensors: torch.Tensor) -> torch.Tensor:
         """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes).
 
-        Specs that read runtime tensors need them here too: `fn.mask(doc=doc_ids)`.
+        Specs whose mask reads runtime tensors need them here too: `fn.mask(doc=doc_ids)`.
         """
-        return torch.from_numpy(dense_mask(self.compiled.bound, self._host_tensors(self._check_tensors(tensors))))
+        if self.ir.route is not None:
+            raise AttncError("a routed spec's visibility depends on q and k; use fn.routed_mask(q, k)")
+        checked = self._check_tensors(tensors, heads=None)
+        return torch.from_numpy(dense_mask(self.compiled.bound, self._host_tensors(checked)))
+
+    def routed_mask(self, q: torch.Tensor, k: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
+        """Visibility of a routed spec: bool [B, Hq, Nq, Nk] (the mask and the top-k selection)."""
+        if self.ir.route is None:
+            raise AttncError(f"'{self.ir.name}' has no route; use fn.mask()")
+        checked = self._check_tensors(tensors, heads=None)
+        return routed_mask(self.compiled.bound, q, k, self._host_tensors(checked))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  **tensors: torch.Tensor):
         self._check(q, k, v)
-        tensors = self._check_tensors(tensors, q.device)
+        tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device)
         if self.backend == "reference":
             if return_lse:
                 raise AttncError("return_lse is only available with backend='triton'")
-            return reference_attention(self.compiled.bound, q, k, v, tensors=self._host_tensors(tensors))
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return reference_attention(self.compiled.bound, q, k, v, tensors=tensors)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tensors.values())):
             raise AttncError("the triton backend has no backward kernel yet",
                              hint="run under torch.no_grad(), or use backend='reference' for gradients")
         if return_lse and self.ir.score.kind != "softmax":
@@ -79,37 +92,65 @@ class AttentionFn:
         return (out, lse) if return_lse else out
 
     # -- runtime tensors ------------------------------------------------------------------------
-    def _check_tensors(self, given: dict, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Validate the runtime tensors the spec reads; return them as contiguous int32."""
+    def _check_tensors(self, given: dict, heads: int | None, device: torch.device | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Validate the runtime tensors the spec reads and return them unchanged (the reference
+        backend differentiates through float tables). With heads=None (fn.mask), only the
+        integer tensors the mask reads are required."""
         decls = {t.name: t for t in self.ir.tensors}
         for name in given:
             if name not in decls:
                 hint = suggest(name, decls) or (f"it reads: {', '.join(decls)}" if decls else "it reads none")
                 raise AttncError(f"'{self.ir.name}' reads no runtime tensor '{name}'", hint=hint)
+        extents = self.compiled.tensor_extents if heads is None else self._extents(heads)
         out = {}
         for name, decl in decls.items():
+            floating = decl.dtype == N.FLOAT
+            if floating and heads is None:
+                continue
+            need = extents[name]
             if name not in given:
+                shape = ([heads] if decl.per_head else []) + list(need)
+                what = f"a float tensor of shape {list(need)} or {shape} (per head)" if decl.per_head \
+                    else f"{'a float' if floating else 'an integer'} tensor of shape {list(need)}"
                 raise AttncError(f"'{self.ir.name}' reads runtime tensor '{name}'; pass it as {name}=tensor",
-                                 hint=f"an integer tensor of shape {list(self.compiled.tensor_extents[name])}")
+                                 hint=what)
             t = given[name]
-            need = self.compiled.tensor_extents[name]
             if not isinstance(t, torch.Tensor):
                 raise AttncError(f"runtime tensor '{name}' must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            if floating and not t.dtype.is_floating_point:
+                raise AttncError(f"runtime tensor '{name}' is read by a score modifier and must be floating "
+                                 f"point, got {t.dtype}")
+            if not floating and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
                 raise AttncError(f"runtime tensor '{name}' must have an integer dtype, got {t.dtype}")
-            if t.dim() != decl.rank or any(s < n for s, n in zip(t.shape, need)):
-                raise AttncError(f"runtime tensor '{name}' has shape {list(t.shape)}; the mask indexes it up to "
-                                 f"shape {list(need)} for {self._sizes()}")
+            shape = list(t.shape)
+            if floating and decl.per_head and t.dim() == decl.rank + 1:
+                if shape[0] != heads:
+                    raise AttncError(f"runtime tensor '{name}' has shape {shape}: a per-head table's first "
+                                     f"dimension must be the {heads} query heads")
+                shape = shape[1:]
+            if len(shape) != decl.rank or any(s < n for s, n in zip(shape, need)):
+                per_head = f" (or [{heads}, ...] per head)" if floating and decl.per_head else ""
+                raise AttncError(f"runtime tensor '{name}' has shape {list(t.shape)}; the spec indexes it up to "
+                                 f"shape {list(need)}{per_head} for {self._sizes()}")
             if device is not None and t.device != device:
                 raise AttncError(f"runtime tensor '{name}' is on {t.device} but q is on {device}")
-            if t.numel() and (t.min() < -(2**31) or t.max() >= 2**31):
+            if not floating and t.numel() and (t.min() < -(2**31) or t.max() >= 2**31):
                 raise AttncError(f"runtime tensor '{name}' has values outside int32")
-            out[name] = t.to(torch.int32).contiguous()
+            if floating and t.numel() and torch.isnan(t).any():
+                raise AttncError(f"runtime tensor '{name}' contains NaN")
+            out[name] = t
         return out
+
+    def _extents(self, heads: int) -> dict[str, tuple[int, ...]]:
+        if heads not in self._extent_cache:
+            self._extent_cache[heads] = tensor_extents(self.compiled.bound, heads)
+        return self._extent_cache[heads]
 
     @staticmethod
     def _host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        return {name: t.cpu().numpy().astype(np.int64) for name, t in tensors.items()}
+        return {name: t.cpu().numpy().astype(np.int64) for name, t in tensors.items()
+                if not t.dtype.is_floating_point}
 
     # -- validation -----------------------------------------------------------------------------
     def _check(self, q, k, v) -> None:
@@ -186,7 +227,7 @@ class AttentionFn:
             if per_call:
                 counts = dense_mask(self.compiled.bound, self._host_tensors(tensors)).sum(axis=1)  # O(Nq * Nk)
             scale, bias = row_scores(self.compiled.bound, head_dim, counts)
-            if self.ir.score.kind == "softmax":
+            if self.ir.score.kind == "softmax" and not self.ir.score.modified:
                 scale = scale * LOG2E  # the kernel's online softmax works in base 2
             self._scores[key] = tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
         return self._scores[key]
@@ -202,11 +243,21 @@ class AttentionFn:
         rt_args = []
         for decl in self.ir.tensors:
             t = tensors[decl.name]
-            rt_args += [t, *t.shape, *t.stride()]
+            t = (t.to(torch.float32) if decl.dtype == N.FLOAT else t.to(torch.int32)).contiguous()
+            per_head = t.dim() == decl.rank + 1
+            dims = t.shape[1:] if per_head else t.shape
+            strides = t.stride()[1:] if per_head else t.stride()
+            rt_args += [t, *dims, *strides]
+            if decl.per_head:
+                rt_args.append(t.stride(0) if per_head else 0)
+        f32 = torch.empty(0, dtype=torch.float32, device=q.device)
+        sink = sink_logits(c.bound, Hq, tensors, D, f32)
+        sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
+        cap = softcap_value(c.bound, D) or 0.0
         params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]
         grid = (s.q_tiles, B * Hq)
         c.module.attnc_fwd[grid](
-            q, k, v, out, lse, scale, bias, *self._device_tables(q.device),
+            q, k, v, out, lse, scale, bias, sink, cap, *self._device_tables(q.device),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hkv, Nq, s.nk, D, *params, *rt_args,
             HEAD_DIM=D, HEAD_DIM_V=Dv,

@@ -79,9 +79,9 @@ PINNED = {
     "missing-close-paren-expr": (
         spec("q, kv = seq(N)", "mask = (q.i < k.i"),
         4, 1, "unexpected '}', expected ')' or ','", None),
-    "stray-at": (
+    "at-outside-route": (
         spec("q, kv = seq(N)", "mask = q.i @ k.i"),
-        3, 16, "unexpected character '@'", None),
+        3, 16, "unexpected '@'", None),
     "stray-dollar": (
         spec("q, kv = seq(N)", "mask = $causal"),
         3, 12, "unexpected character '$'", None),
@@ -269,7 +269,7 @@ def test_filename_in_located_parse_error(tmp_path):
     assert err.filename == str(path)
     assert_rendered(err, where=str(path))
     err = parse_error(path)  # a PathLike as well as a str
-    assert str(err).startswith(f"{path}:3:16: error: unexpected character '@'")
+    assert str(err).startswith(f"{path}:3:16: error: unexpected '@'")
 
 
 # -- binding errors ----------------------------------------------------------------------------
@@ -531,7 +531,7 @@ def test_cli_check_reports_located_errors(tmp_path, capsys, monkeypatch):
     bad.write_text(spec("q, kv = seq(N)", "mask = q.i @ k.i"))
     assert main(["check", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert f"{bad}:3:16: error: unexpected character '@'" in err
+    assert f"{bad}:3:16: error: unexpected '@'" in err
     assert "^" in err
     assert main(["check", "specs/causal.attn"]) == 0
     captured = capsys.readouterr()
@@ -719,7 +719,7 @@ def test_score_and_builtin_errors_are_located(source, phrase):
     ({}, "reads runtime tensor 'doc'; pass it as doc=tensor"),
     ({"doc": torch.zeros(24), "dco": torch.zeros(24, dtype=torch.long)}, "reads no runtime tensor 'dco'"),
     ({"doc": torch.zeros(24)}, "must have an integer dtype"),
-    ({"doc": torch.zeros(20, dtype=torch.long)}, "has shape [20]; the mask indexes it up to shape [24]"),
+    ({"doc": torch.zeros(20, dtype=torch.long)}, "has shape [20]; the spec indexes it up to shape [24]"),
     ({"doc": torch.zeros(24, 1, dtype=torch.long)}, "has shape [24, 1]"),
     ({"doc": [0] * 24}, "must be a torch.Tensor"),
     ({"doc": torch.full((24,), 2**40)}, "outside int32"),

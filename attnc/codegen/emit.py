@@ -19,24 +19,33 @@ def int_params(ir: N.Attention) -> list[str]:
 
 
 def tensor_args(ir: N.Attention) -> list[str]:
-    """Kernel argument names for runtime tensors: pointer, then sizes, then strides. Names are
-    numbered (rt0, rt1, ...) rather than derived from spec names, so they can never collide."""
+    """Kernel argument names for runtime tensors: pointer, sizes, strides, and for tables that
+    may be per head the head stride (0 when shared). Names are numbered (rt0, rt1, ...) rather
+    than derived from spec names, so they can never collide."""
     out = []
     for n, t in enumerate(ir.tensors):
         out.append(f"rt{n}_ptr")
         out += [f"rt{n}_n{d}" for d in range(t.rank)] + [f"rt{n}_s{d}" for d in range(t.rank)]
+        if t.per_head:
+            out.append(f"rt{n}_hs")
     return out
+
+
+def pair_args(ir: N.Attention) -> list[str]:
+    """Arguments of the generated per-pair functions (visible, logit_bias) after q_i and k_i."""
+    return ["h"] + int_params(ir) + ["head_dim"] + tensor_args(ir)
 
 
 class _Emitter:
     """Emits an expression as a list of assignments, sharing repeated subexpressions."""
 
-    def __init__(self, ir: N.Attention, indent: str = "    "):
+    def __init__(self, ir: N.Attention, indent: str = "    ", key: str = "k", count: int = 0):
         self.ir = ir
         self.indent = indent
+        self.key = key  # name prefix of key coordinates: 'k', or 'k0', 'k1', ... per segment
         self.lines: list[str] = []
         self.memo: dict[N.Expr, str] = {}
-        self.count = 0
+        self.count = count
 
     def temp(self, code: str) -> str:
         name = f"t{self.count}"
@@ -58,15 +67,20 @@ class _Emitter:
             return f"p_{e.name}"
         if isinstance(e, N.HeadDim):
             return "head_dim"
+        if isinstance(e, N.Head):
+            return "h"
         if isinstance(e, N.Lookup):
             n = [t.name for t in self.ir.tensors].index(e.tensor)
             idx = [self.emit(i) for i in e.indices]
             offset = " + ".join(f"{i} * rt{n}_s{d}" for d, i in enumerate(idx))
+            if self.ir.tensors[n].per_head:
+                offset += f" + h * rt{n}_hs"
             inside = " & ".join(f"({i} >= 0) & ({i} < rt{n}_n{d})" for d, i in enumerate(idx))
+            other = "0.0" if e.type == N.FLOAT else "0"
             # Padding rows and columns of a tile may index past the tensor: those loads are masked.
-            return self.temp(f"tl.load(rt{n}_ptr + {offset}, mask={inside}, other=0)  # {e.tensor}[...]")
+            return self.temp(f"tl.load(rt{n}_ptr + {offset}, mask={inside}, other={other})  # {e.tensor}[...]")
         if isinstance(e, N.Coord):
-            return f"{e.side}_{e.axis}"
+            return f"{self.key if e.side == 'k' else 'q'}_{e.axis}"
         if isinstance(e, N.Window):
             line = self.ir.line_of("mask")
             where = f" (spec line {line})" if line else ""
@@ -86,7 +100,11 @@ class _Emitter:
                 if _nonneg(e.lhs) and _positive(e.rhs):
                     return f"{a} {e.op} {b}"  # C and floor semantics agree here
                 return f"{'_floordiv' if e.op == '//' else '_floormod'}({a}, {b})"
+            if e.op == "/":
+                return f"(({a}) * 1.0 / {b})"  # true division, also of integers
             return f"({a} {_OPS[e.op]} {b})"
+        if isinstance(e, N.Call):
+            return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
         return self.emit(e)
 
 
@@ -111,21 +129,20 @@ def _positive(e: N.Expr) -> bool:
     return isinstance(e, N.Const) and e.value > 0
 
 
-def _decode(ir: N.Attention, side: str, used: set[str], em: _Emitter) -> list[str]:
-    """Coordinates of the side's tokens from the flat index (row-major, DESIGN.md section 3)."""
-    space = ir.q if side == "q" else ir.kv
+def _decode(space: N.Space, name: str, used: set[str], em: _Emitter) -> list[str]:
+    """Coordinates `{name}_{axis}` of tokens from the flat index `{name}_i` (row-major)."""
     out = []
-    rest = f"{side}_i"
+    rest = f"{name}_i"
     axes = space.axes
     if space.kind == "seq" or not (used & set(axes)):
         return out
     for pos in range(len(axes) - 1, -1, -1):
         axis = axes[pos]
         size = em.emit(space.dims[pos])
-        out.append(f"    {side}_{axis} = {rest} % {size}")
+        out.append(f"    {name}_{axis} = {rest} % {size}")
         if pos:
-            out.append(f"    {side}_r{pos} = {rest} // {size}")
-            rest = f"{side}_r{pos}"
+            out.append(f"    {name}_r{pos} = {rest} // {size}")
+            rest = f"{name}_r{pos}"
     return out
 
 
@@ -133,30 +150,58 @@ def _coords_used(e: N.Expr) -> set[tuple[str, str]]:
     return {(x.side, x.axis) for x in N.walk(e, expand_windows=True) if isinstance(x, N.Coord)}
 
 
-def emit_visible(ir: N.Attention) -> str:
-    """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
-    args = ", ".join(["q_i", "k_i"] + int_params(ir) + ["head_dim"] + tensor_args(ir))
+def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> str:
+    """A @triton.jit function of one (query, key) tile pair ([M, 1] and [1, N] flat indices):
+    the mask (`visible`) or the logit bias. On a segmented key space each segment gets its own
+    decoded coordinates and its specialised expression, selected by the key's flat index."""
     head = [
         "@triton.jit",
-        f"def visible({args}):",
-        f'    """mask = {format_expr(ir.mask)}',
+        f"def {name}({', '.join(['q_i', 'k_i'] + pair_args(ir))}):",
+        f'    """{doc} = {format_expr(expr)}',
         "",
-        f"    spec line {ir.line_of('mask') or '-'}; q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
+        f"    spec line {ir.line_of({'visible': 'mask', 'logit_bias': 'bias'}[name]) or '-'}; "
+        f"q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
         '    """',
     ]
-    mask = ir.mask
-    if isinstance(mask, N.Const):
+    is_bool = expr.type == N.BOOL
+    if isinstance(expr, N.Const) and is_bool:
         # Constant masks still return a tile so callers can combine it with bounds checks.
-        return "\n".join(head + [f"    return k_i {'>=' if mask.value else '<'} 0", ""])
-    em = _Emitter(ir)
-    used = _coords_used(mask)
-    decode = []
-    for side in ("q", "k"):
-        decode += _decode(ir, side, {a for s, a in used if s == side}, em)
-    sizes, em.lines = em.lines, []  # size temporaries go before the decode lines that use them
-    result = em.emit(mask)
-    lines = head + sizes + decode + em.lines + [f"    return {result}", ""]
-    return "\n".join(lines)
+        return "\n".join(head + [f"    return k_i {'>=' if expr.value else '<'} 0", ""])
+    top = _Emitter(ir)
+    q_used = {a for s, a in _coords_used(expr) if s == "q"}
+    body = _decode(ir.q, "q", q_used, top)
+    parts = N.parts(ir.kv)
+    results = []
+    count = top.count
+    for j, (seg, space) in enumerate(parts):
+        sub = N.specialise(expr, seg)
+        key = "k" if seg is None else f"k{j}"
+        em = _Emitter(ir, key=key, count=count)
+        em.memo = dict(top.memo)
+        if seg is not None:
+            offset, size = em.emit(ir.kv.offsets()[j]), em.emit(space.size())
+            em.lines.append(f"    # segment {seg}: {format_space(space)}")
+            em.lines.append(f"    {key}_i = k_i - {offset}")
+            em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
+        em.lines += _decode(space, key, {a for s, a in _coords_used(sub) if s == "k"}, em)
+        results.append((j, em.emit(sub)))
+        body += em.lines
+        count = em.count
+    sizes = top.lines
+    if len(parts) == 1:
+        result = results[0][1]
+    elif is_bool:
+        result = " | ".join(f"(in{j} & {r})" for j, r in results)
+    else:
+        result = "0.0"
+        for j, r in reversed(results):
+            result = f"tl.where(in{j}, {r}, {result})"
+    return "\n".join(head + sizes + body + [f"    return {result}", ""])
+
+
+def emit_visible(ir: N.Attention) -> str:
+    """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
+    return emit_pair_function(ir, "visible", ir.mask, "mask")
 
 
 _PRELUDE = '''\
@@ -174,9 +219,10 @@ def _floormod(a, b):
 '''
 
 
-def _tile_step(masked: bool, kind: str) -> str:
+def _tile_step(masked: bool, score: N.Score) -> str:
     """One kv tile: FlashAttention-2 online softmax (log2 domain), or the sigmoid / softplus
     accumulation, which needs no running max."""
+    kind = score.kind
     bounds = "(offs_n[:, None] < Nk) & " if masked else ""
     lines = [
         "        offs_n = kv_tile * BLOCK_N + offs_n0",
@@ -186,23 +232,35 @@ def _tile_step(masked: bool, kind: str) -> str:
         f"                    mask={bounds}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
         "        s = tl.dot(q, tl.trans(k), input_precision=\"ieee\") * row_scale[:, None]",
     ]
-    if masked:
+    if masked or score.logit_bias is not None:
         lines += [
             "        k_i = offs_n[None, :]",
             "        if INT64:",
             "            k_i = k_i.to(tl.int64)",
-            "        keep = (k_i < Nk) & visible(q_i, k_i, VISIBLE_ARGS)",
         ]
+    if score.logit_bias is not None:
+        lines.append("        s += logit_bias(q_i, k_i, PAIR_ARGS)")
+    if score.softcap is not None:
+        lines += [
+            "        # soft-cap: softcap * tanh(s / softcap), with tanh from one exp (no overflow)",
+            "        e2 = tl.exp(-2.0 * tl.abs(s) / softcap)",
+            "        s = softcap * tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)",
+        ]
+    if kind == "softmax" and score.modified:
+        lines.append("        s = s * 1.4426950408889634  # to base 2 after the modifiers")
+    if masked:
+        lines.append("        keep = (k_i < Nk) & visible(q_i, k_i, PAIR_ARGS)")
     if kind == "softmax":
         if masked:
+            lines.append("        s = tl.where(keep, s, float(\"-inf\"))")
+        lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1))")
+        if masked or score.modified:
             lines += [
-                "        s = tl.where(keep, s, float(\"-inf\"))",
-                "        m_new = tl.maximum(m_i, tl.max(s, 1))",
-                "        # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.",
+                "        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.",
                 "        m_use = tl.where(m_new == float(\"-inf\"), 0.0, m_new)",
             ]
         else:
-            lines += ["        m_new = tl.maximum(m_i, tl.max(s, 1))", "        m_use = m_new"]
+            lines.append("        m_use = m_new")
         lines += [
             "        alpha = tl.math.exp2(m_i - m_use)",
             "        p = tl.math.exp2(s - m_use[:, None])",
@@ -244,7 +302,7 @@ _EPILOGUE = {
 _KERNEL = '''\
 @triton.jit
 def attnc_fwd(
-    Q, K, V, Out, Stat, ROW_SCALE, ROW_BIAS,
+    Q, K, V, Out, Stat, ROW_SCALE, ROW_BIAS, SINK, softcap,
     FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -258,7 +316,8 @@ def attnc_fwd(
 ):
     """Forward attention for one (query tile, batch * head).
 
-    Score: SCORE_TEXT. Per-row scale and bias come from the host (softmax's scale includes log2(e)).
+    Score: SCORE_TEXT.
+    Per-row scale and bias come from the host (without modifiers, softmax's scale includes log2(e)).
     Stat receives the logsumexp (softmax) or the row sum of weights (sigmoid, softplus).
     """
     q_tile = tl.program_id(0)
@@ -279,8 +338,7 @@ def attnc_fwd(
         q_i = q_i.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+INIT_STATE
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
@@ -304,14 +362,26 @@ EPILOGUE
 '''
 
 
+_INIT = """\
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)"""
+# The sink is a virtual key with logit SINK[h] and value 0: it starts the running max and sum.
+_INIT_SINK = """\
+    m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINK + h) * 1.4426950408889634)
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)"""
+
+
 def emit_forward(ir: N.Attention, header: str) -> str:
     """Complete module source: header comment, helpers, the mask predicate and the kernel."""
     params = int_params(ir)
-    kind = ir.score.kind
-    kernel = _KERNEL.replace("FULL_STEP", _tile_step(False, kind)).replace("PARTIAL_STEP", _tile_step(True, kind))
-    kernel = kernel.replace("EPILOGUE", _EPILOGUE[kind]).replace("SCORE_TEXT", format_score(ir.score))
+    score = ir.score
+    kernel = _KERNEL.replace("FULL_STEP", _tile_step(False, score)).replace("PARTIAL_STEP", _tile_step(True, score))
+    kernel = kernel.replace("EPILOGUE", _EPILOGUE[score.kind]).replace("SCORE_TEXT", format_score(score))
+    kernel = kernel.replace("INIT_STATE", _INIT_SINK if score.sink is not None else _INIT)
     kernel = kernel.replace("PARAMS", "".join(f"\n    {p}," for p in params + tensor_args(ir)))
-    kernel = kernel.replace("VISIBLE_ARGS", ", ".join(params + ["head_dim"] + tensor_args(ir)))
-    visible = emit_visible(ir)
-    parts = [header, "import triton\nimport triton.language as tl", _PRELUDE, visible, kernel]
+    kernel = kernel.replace("PAIR_ARGS", ", ".join(pair_args(ir)))
+    parts = [header, "import triton\nimport triton.language as tl", _PRELUDE, emit_visible(ir)]
+    if score.logit_bias is not None:
+        parts.append(emit_pair_function(ir, "logit_bias", score.logit_bias, "bias"))
+    parts.append(kernel)
     return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"

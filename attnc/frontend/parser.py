@@ -184,7 +184,16 @@ class _Builder:
     def stmt(self, tree: lark.Tree) -> A.Stmt:
         *targets, value = tree.children
         names = tuple(A.Name(str(t), _span(t)) for t in targets)
-        return A.Stmt(names, self.expr(value), _span(tree))
+        return A.Stmt(names, self.value(value), _span(tree))
+
+    def value(self, node) -> A.Value:
+        if isinstance(node, lark.Tree) and node.data == "segments":
+            items = tuple(A.Segment(A.Name(str(s.children[0]), _span(s.children[0])), self.expr(s.children[1]),
+                                    _span(s)) for s in node.children)
+            return A.Segments(items, _span(node))
+        if isinstance(node, lark.Tree) and node.data == "route":
+            return A.Route(*(self.expr(k) for k in node.children), _span(node))
+        return self.expr(node)
 
     def expr(self, node) -> A.Expr:
         span = _span(node)
@@ -210,6 +219,8 @@ class _Builder:
             return A.Bool(False, span)
         if kind == "name":
             return A.Name(str(kids[0]), span)
+        if kind == "member":
+            return A.Member(self.expr(kids[0]), A.Name(str(kids[1]), _span(kids[1])), span)
         if kind == "attr":
             return A.Attr(self.expr(kids[0]), str(kids[1]), span)
         if kind == "index":

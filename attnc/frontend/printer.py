@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import syntax as A
 
 # Binding strength, loosest first; matches grammar.lark.
-PRECEDENCE = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4,
+PRECEDENCE = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4, "in": 4,
               "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
 ATOM = 8
 
@@ -15,9 +15,17 @@ def format_spec(node: A.Attention) -> str:
     lines = [f"attention {node.name}({params}) {{"]
     for stmt in node.body:
         targets = ", ".join(t.id for t in stmt.targets)
-        lines.append(f"    {targets} = {format_expr(stmt.value)}")
+        lines.append(f"    {targets} = {format_value(stmt.value)}")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def format_value(v: A.Value) -> str:
+    if isinstance(v, A.Segments):
+        return ", ".join(f"{s.name.id}: {format_expr(s.space)}" for s in v.items)
+    if isinstance(v, A.Route):
+        return f"{format_expr(v.top)} of {format_expr(v.groups)} by {format_expr(v.query)} @ {format_expr(v.key)}"
+    return format_expr(v)
 
 
 def format_expr(e: A.Expr) -> str:
@@ -41,6 +49,8 @@ def _fmt(e: A.Expr) -> tuple[str, int]:
         return f"{e.func.id}({', '.join(args)})", ATOM
     if isinstance(e, A.Index):
         return f"{e.base.id}[{', '.join(format_expr(i) for i in e.indices)}]", ATOM
+    if isinstance(e, A.Member):
+        return f"{_paren(_fmt(e.value), PRECEDENCE['in'] + 1)} in {e.segment.id}", PRECEDENCE["in"]
     if isinstance(e, A.Unary):
         return unary("not" if e.op == "not" else "neg", _fmt(e.operand))
     if isinstance(e, A.Binary):

@@ -79,12 +79,48 @@ class Index:
 
 
 @dataclass(frozen=True)
+class Member:
+    """`k in hi`: is the key token in the named segment of the key space?"""
+
+    value: "Expr"
+    segment: Name
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: Name
+    space: "Expr"
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """`hi: grid(H, W), lo: grid(H / 4, W / 4)`: a key space made of named parts, in order."""
+
+    items: tuple[Segment, ...]
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
+class Route:
+    """`top(4) of regions(7, 7) by mean(q) @ mean(k)`: data-dependent selection of key groups."""
+
+    top: "Expr"
+    groups: "Expr"
+    query: "Expr"
+    key: "Expr"
+    span: Span | None = field(default=None, **_SPAN)
+
+
+@dataclass(frozen=True)
 class Tuple:
     items: tuple["Expr", ...]
     span: Span | None = field(default=None, **_SPAN)
 
 
-Expr = Union[Num, Bool, Name, Attr, Unary, Binary, Call, Index, Tuple]
+Expr = Union[Num, Bool, Name, Attr, Unary, Binary, Call, Index, Member, Tuple]
+Value = Union[Expr, Segments, Route]  # what a statement may assign
 
 
 @dataclass(frozen=True)
@@ -97,7 +133,7 @@ class Param:
 @dataclass(frozen=True)
 class Stmt:
     targets: tuple[Name, ...]
-    value: Expr
+    value: Value
     span: Span | None = field(default=None, **_SPAN)
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 
 
+import dataclasses
+
 from ..errors import AttncError, Span, suggest
 from ..frontend import syntax as A
 from ..frontend.parser import MAX_INT_LITERAL
 from . import nodes as N
 
-RESERVED_TARGETS = ("q", "kv", "mask", "score")
+RESERVED_TARGETS = ("q", "kv", "mask", "score", "bias", "route")
 # Keyword arguments of attnc.compile itself (`spec` too: it is positional-or-keyword); a spec
 # parameter may not shadow them.
 COMPILE_OPTIONS = ("spec", "backend", "tiles")
@@ -17,8 +19,9 @@ SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
 INT_FUNCS = ("abs", "min", "max")
 FLOAT_FUNCS = ("sqrt", "log", "exp")
 MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
-BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "true", "false")
-BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
+BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
+ROUTE_FUNCS = ("top", "regions", "blocks", "mean")
+BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES + ROUTE_FUNCS
 # Locals are inlined, so short lines can still build an IR far deeper or larger than any line of
 # the spec (`a1 = a0 + 1` repeated nests, `b1 = b0 and b0` doubles); every later pass recurses
 # over the IR as a tree, so both are bounded here.
@@ -41,8 +44,11 @@ class _Lowering:
         self.q: N.Space | None = None
         self.kv: N.Space | None = None
         self.requires: list[N.Require] = []
+        self.kv_space: N.Space | N.Segments | None = None
         self.in_score = False  # n_visible exists only in score expressions
-        self.in_mask = False  # runtime tensors are read only by the mask
+        self.in_mask = False  # integer runtime tensors are read by the mask
+        self.in_modifier = False  # bias and sink: float tensors, `head`, float arithmetic on coordinates
+        self.in_size = False  # `/` in space sizes is exact integer division
         self.tensors: dict[str, N.TensorDecl] = {}
 
     # -- statements ---------------------------------------------------------------------------
@@ -70,6 +76,8 @@ class _Lowering:
                              self.ast.span, hint="add `q, kv = seq(N)` (or `q = ...` and `kv = ...`)")
         mask: N.Expr = N.Const(True)
         score: N.Score | None = None
+        logit_bias: N.Expr | None = None
+        route: N.Route | None = None
         for stmt in self.ast.body:
             ids = tuple(t.id for t in stmt.targets)
             if "q" in ids or "kv" in ids:
@@ -77,12 +85,22 @@ class _Lowering:
             if len(ids) > 1:
                 raise AttncError("only `q, kv = ...` may assign several names at once", stmt.targets[1].span)
             name = ids[0]
+            if isinstance(stmt.value, A.Segments):
+                raise AttncError("only the key space `kv` may be made of segments", stmt.value.span)
+            if isinstance(stmt.value, A.Route) and name != "route":
+                raise AttncError("a `top(k) of ... by ...` selection can only be assigned to `route`",
+                                 stmt.value.span)
             if name == "mask":
                 self.in_mask = True
                 mask = self.expect(stmt.value, N.BOOL, "the mask")
                 self.in_mask = False
+                self.check_segment_axes(mask, stmt.value)
             elif name == "score":
                 score = self.score(stmt.value)
+            elif name == "bias":
+                logit_bias = self.logit_bias(stmt.value)
+            elif name == "route":
+                route = self.route(stmt.value)
             else:
                 self.define_local(stmt)
             lines[name] = stmt.span.line if stmt.span else 0
@@ -92,8 +110,11 @@ class _Lowering:
                                  hint=suggest(name, RESERVED_TARGETS))
         if score is None:
             score = N.Softmax(_default_scale())
-        return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv, mask, score,
-                           tuple(self.requires), tuple(self.tensors.values()), lines=tuple(sorted(lines.items())))
+        if logit_bias is not None:
+            score = dataclasses.replace(score, logit_bias=logit_bias)
+        return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv_space, mask, score,
+                           tuple(self.requires), tuple(self.tensors.values()), route,
+                           lines=tuple(sorted(lines.items())))
 
     def declare(self, p: A.Param) -> None:
         if p.name in self.params:
@@ -115,11 +136,33 @@ class _Lowering:
         if ids not in (("q",), ("kv",), ("q", "kv")):
             raise AttncError("token spaces are assigned as `q, kv = ...`, `q = ...` or `kv = ...`",
                              stmt.targets[0].span)
+        if isinstance(stmt.value, A.Segments):
+            if ids != ("kv",):
+                raise AttncError("only the key space may be made of segments: write `q = ...` and "
+                                 "`kv = name: ..., name: ...` separately", stmt.value.span)
+            self.kv_space = self.segments(stmt.value)
+            self.kv = self.kv_space  # type: ignore[assignment]
+            return
+        if isinstance(stmt.value, A.Route):
+            raise AttncError("expected a token space, not a routing rule", stmt.value.span)
         space = self.space(stmt.value)
         if "q" in ids:
             self.q = space
         if "kv" in ids:
-            self.kv = space
+            self.kv = self.kv_space = space
+
+    def segments(self, e: A.Segments) -> N.Segments:
+        seen: dict[str, A.Name] = {}
+        out = []
+        for seg in e.items:
+            name = seg.name
+            if name.id in seen:
+                raise AttncError(f"segment '{name.id}' is defined twice", name.span)
+            if name.id in ("q", "k", "kv", "v") or name.id in BUILTINS:
+                raise AttncError(f"segment name '{name.id}' is reserved", name.span)
+            seen[name.id] = name
+            out.append((name.id, self.space(seg.space)))
+        return N.Segments(tuple(out))
 
     def space(self, e: A.Expr) -> N.Space:
         if not isinstance(e, A.Call) or e.func.id not in SPACE_FUNCS:
@@ -130,7 +173,11 @@ class _Lowering:
         if len(e.args) not in arity:
             want = "one size" if e.func.id == "seq" else "2 or 3 sizes"
             raise AttncError(f"{e.func.id}() takes {want}, got {len(e.args)}", e.span)
-        dims = tuple(self.uniform_int(a, "a space size") for a in e.args)
+        self.in_size = True
+        try:
+            dims = tuple(self.uniform_int(a, "a space size") for a in e.args)
+        finally:
+            self.in_size = False
         return N.Space(e.func.id, dims)
 
     def score(self, e: A.Expr) -> N.Score:
@@ -139,25 +186,55 @@ class _Lowering:
             name = func.id if func is not None else ""
             raise AttncError("expected a score function: softmax, sigmoid or softplus",
                              getattr(func, "span", None) or e.span, hint=suggest(name, SCORE_FUNCS))
-        allowed = ("scale", "bias") if func.id == "sigmoid" else ("scale",)
-        args = {"scale": _default_scale(), "bias": N.Const(0.0)}
+        allowed = ("scale", "bias", "softcap") if func.id == "sigmoid" else \
+            ("scale", "softcap", "sink") if func.id == "softmax" else ("scale", "softcap")
+        args: dict[str, N.Expr | None] = {"scale": _default_scale(), "bias": N.Const(0.0), "softcap": None, "sink": None}
         if isinstance(e, A.Call):
             if e.args:
                 raise AttncError(f"{func.id} takes only keyword arguments: "
                                  f"{func.id}({' = ..., '.join(allowed)} = ...)", e.args[0].span)
-            self.in_score = True
-            try:
-                for kw in e.kwargs:
-                    if kw.name not in allowed:
-                        raise AttncError(f"{func.id} has no argument '{kw.name}'", kw.span,
-                                         hint=suggest(kw.name, allowed) or f"it takes {', '.join(allowed)}")
+            for kw in e.kwargs:
+                if kw.name not in allowed:
+                    hint = "a sink logit needs softmax normalisation" if kw.name == "sink" else None
+                    raise AttncError(f"{func.id} has no argument '{kw.name}'", kw.span,
+                                     hint=hint or suggest(kw.name, allowed) or f"it takes {', '.join(allowed)}")
+                if kw.name == "sink":
+                    args["sink"] = self.sink(kw.value)
+                    continue
+                self.in_score = kw.name != "softcap"  # n_visible: per-row values only
+                try:
                     val = self.uniform(kw.value, f"the {func.id} {kw.name}")
-                    if val.type == N.BOOL:
-                        raise AttncError(f"the {func.id} {kw.name} must be a number", kw.value.span)
-                    args[kw.name] = val
-            finally:
-                self.in_score = False
-        return N.Score(func.id, args["scale"], args["bias"])
+                finally:
+                    self.in_score = False
+                if val.type == N.BOOL:
+                    raise AttncError(f"the {func.id} {kw.name} must be a number", kw.value.span)
+                args[kw.name] = val
+        return N.Score(func.id, args["scale"], args["bias"], softcap=args["softcap"], sink=args["sink"])
+
+    def modifier(self, e: A.Expr, what: str) -> N.Expr:
+        self.in_modifier = True
+        try:
+            out = self.expr(e)
+        finally:
+            self.in_modifier = False
+        if out.type == N.BOOL:
+            raise AttncError(f"{what} must be a number, but this is a condition", e.span,
+                             hint="masks go in `mask = ...`")
+        return out
+
+    def logit_bias(self, e: A.Expr) -> N.Expr:
+        """`bias = rel_bias[q.y - k.y + 6, q.x - k.x + 6]`: added to every logit; may read float
+        runtime tensors, the query head `head` and token coordinates."""
+        out = self.modifier(e, "the bias")
+        self.check_segment_axes(out, e)
+        return out
+
+    def sink(self, e: A.Expr) -> N.Expr:
+        """`sink = sink_logits[head]`: the logit of a virtual key with value 0, one per head."""
+        out = self.modifier(e, "the sink logit")
+        if _mentions(out, (N.Coord, N.Window, N.Member)):
+            raise AttncError("the sink logit is one number per head; it cannot use token coordinates", e.span)
+        return out
 
     def define_local(self, stmt: A.Stmt) -> None:
         name = stmt.targets[0]
@@ -192,9 +269,9 @@ class _Lowering:
     def expr(self, e: A.Expr) -> N.Expr:
         out = self._expr(e)
         self.bounded(out, e)
-        if out.type == N.FLOAT and _varies(out):
+        if out.type == N.FLOAT and _varies(out) and not self.in_modifier:
             raise AttncError("arithmetic on token coordinates must stay in integers", e.span,
-                             hint="use // for integer division")
+                             hint="use // for integer division (float arithmetic is allowed in `bias`)")
         out = N.fold(out)
         # Folding multiplies literals into integers no literal may be (and no int64 can hold).
         if isinstance(out, N.Const) and out.type == N.INT and abs(out.value) > MAX_INT_LITERAL:
@@ -222,6 +299,8 @@ class _Lowering:
             return self.call(e)
         if isinstance(e, A.Index):
             return self.lookup(e)
+        if isinstance(e, A.Member):
+            return self.member(e)
         raise TypeError(f"unknown AST node {e!r}")
 
     def lookup(self, e: A.Index) -> N.Expr:
@@ -231,13 +310,17 @@ class _Lowering:
             raise AttncError(f"'{name}' is not a runtime tensor and cannot be indexed", e.base.span)
         if name in COMPILE_OPTIONS or name == "return_lse":
             raise AttncError(f"a runtime tensor cannot be called '{name}'", e.base.span)
-        if not self.in_mask:
-            raise AttncError(f"runtime tensors such as '{name}' can only be read in the mask (for now)", e.span)
+        if not (self.in_mask or self.in_modifier):
+            raise AttncError(f"runtime tensors such as '{name}' can only be read in the mask, the bias "
+                             "and the sink logit", e.span)
         rank = len(e.indices)
+        dtype = N.FLOAT if self.in_modifier else N.INT
         seen = self.tensors.get(name)
         if seen is not None and seen.rank != rank:
             raise AttncError(f"'{name}' is indexed with {rank} indices here but {seen.rank} elsewhere", e.span)
-        self.tensors[name] = N.TensorDecl(name, rank)
+        if seen is not None and seen.dtype != dtype:
+            raise AttncError(f"'{name}' is read by the mask (integers) and by a score modifier (floats); "
+                             "use two tensors", e.span)
         indices = []
         for i in e.indices:
             idx = self.expr(i)
@@ -245,7 +328,39 @@ class _Lowering:
                 raise AttncError(f"an index into '{name}' must be an integer, but this is {_article(idx.type)}",
                                  i.span)
             indices.append(idx)
-        return N.Lookup(name, tuple(indices))
+        by_head = any(_mentions(i, (N.Head,)) for i in indices)
+        per_head = dtype == N.FLOAT and not by_head and (seen is None or seen.per_head)
+        self.tensors[name] = N.TensorDecl(name, rank, dtype, per_head)
+        return N.Lookup(name, tuple(indices), dtype)
+
+    def member(self, e: A.Member) -> N.Expr:
+        side = e.value.id if isinstance(e.value, A.Name) else None
+        if side not in ("q", "k"):
+            raise AttncError("`in` tests a token's segment: write `k in NAME`", e.value.span)
+        if side == "q":
+            raise AttncError("the query space has no segments; `in` applies to keys (`k in NAME`)", e.value.span)
+        self.spaces(e)
+        if not isinstance(self.kv_space, N.Segments):
+            raise AttncError("the key space has no segments to test", e.span,
+                             hint="name them: `kv = hi: grid(H, W), lo: grid(H / 4, W / 4)`")
+        names = [n for n, _ in self.kv_space.parts]
+        if e.segment.id not in names:
+            raise AttncError(f"the key space has no segment '{e.segment.id}'; its segments are {', '.join(names)}",
+                             e.segment.span, hint=suggest(e.segment.id, names))
+        return N.Member("k", e.segment.id)
+
+    def check_segment_axes(self, out: N.Expr, e: A.Expr) -> None:
+        """Each segment must give a value to every key coordinate its branch of the expression reads:
+        `k.y` is fine on a grid segment, and on a seq segment only where `k in grid_part` guards it."""
+        if not isinstance(self.kv_space, N.Segments):
+            return
+        for seg, space in self.kv_space.parts:
+            axes = set(space.axes) | {"i"}
+            for x in N.walk(N.specialise(out, seg), expand_windows=True):
+                if isinstance(x, N.Coord) and x.side == "k" and x.axis not in axes:
+                    raise AttncError(f"k.{x.axis} is read for keys of segment '{seg}' ({space.kind}), which has "
+                                     f"no axis {x.axis}", e.span,
+                                     hint=f"guard it, e.g. `k in other and ... k.{x.axis} ...`, or use k.i")
 
     def name(self, e: A.Name) -> N.Expr:
         if e.id in self.params:
@@ -257,6 +372,11 @@ class _Lowering:
             return self.causal(e)
         if e.id == "head_dim":
             return N.HeadDim()
+        if e.id == "head":
+            if not self.in_modifier:
+                raise AttncError("head (the query head index) is only defined in `bias` and the sink logit",
+                                 e.span)
+            return N.Head()
         if e.id == "n_visible":
             if not self.in_score:
                 raise AttncError("n_visible (keys a query sees) is only defined in score expressions", e.span)
@@ -278,8 +398,8 @@ class _Lowering:
             raise AttncError("only q.<axis> and k.<axis> have attributes", e.span, hint=hint)
         side = e.value.id
         q, kv = self.spaces(e)
-        space = q if side == "q" else kv
-        axes = space.axes + (("i",) if space.kind == "grid" else ())
+        spaces = [s for _, s in N.parts(kv)] if side == "k" else [q]
+        axes = tuple(dict.fromkeys(a for sp in spaces for a in sp.axes + ("i",)))
         if e.attr not in axes:
             raise AttncError(f"{side} has no axis '{e.attr}'; its axes are {', '.join(axes)}", e.span,
                              hint=suggest(e.attr, axes))
@@ -296,6 +416,11 @@ class _Lowering:
             return N.Binary(e.op, self.expect(e.lhs, N.BOOL, f"the operand of '{e.op}'"),
                             self.expect(e.rhs, N.BOOL, f"the operand of '{e.op}'"))
         lhs, rhs = self.number(e.lhs, e.op), self.number(e.rhs, e.op)
+        if e.op == "/" and self.in_size and lhs.type == rhs.type == N.INT:
+            # Sizes are integers: `H / 4` is exact division, and H must be a multiple of 4.
+            self.require(N.fold(N.Binary(">=", rhs, N.Const(1))), "a size must be divided by a positive number", e)
+            self.require((lhs % rhs).eq(N.Const(0)), "a size divided with / must divide exactly", e)
+            return N.Binary("//", lhs, rhs)
         if e.op in ("//", "%"):
             for side, val in ((e.lhs, lhs), (e.rhs, rhs)):
                 if val.type != N.INT:
@@ -338,12 +463,68 @@ class _Lowering:
             return N.Call(fn, (self.number(e.args[0], fn),))
         if fn in SPACE_FUNCS or fn in SCORE_FUNCS:
             raise AttncError(f"{fn}() is not allowed inside an expression", e.func.span)
+        if fn in ROUTE_FUNCS:
+            raise AttncError(f"{fn}() belongs in a routing rule: `route = top(k) of blocks(B) by q @ mean(k)`",
+                             e.func.span)
         known = list(INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS)
         raise AttncError(f"unknown function '{fn}'", e.func.span, hint=suggest(fn, known))
+
+    def route(self, e: A.Expr) -> N.Route:
+        """`top(K [, own = true]) of regions(a, b) | blocks(B) by mean(q) | q @ mean(k)`."""
+        if not isinstance(e, A.Route):
+            raise AttncError("route must be a selection: `top(K) of blocks(B) by q @ mean(k)`", e.span)
+        top = e.top
+        if not (isinstance(top, A.Call) and top.func.id == "top"):
+            raise AttncError("a routing rule starts with top(K)", top.span)
+        if len(top.args) != 1:
+            raise AttncError(f"top() takes one count, got {len(top.args)}", top.span)
+        k = self.uniform_int(top.args[0], "the number of routed groups")
+        own = False
+        for kw in top.kwargs:
+            if kw.name != "own":
+                raise AttncError(f"top has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["own"]))
+            if not isinstance(kw.value, A.Bool):
+                raise AttncError("own must be true or false", kw.value.span)
+            own = kw.value.value
+        self.require(N.fold(N.Binary(">=", k, N.Const(1))), "top(K): K must be at least 1", top)
+        groups = e.groups
+        if not (isinstance(groups, A.Call) and groups.func.id in ("regions", "blocks")):
+            raise AttncError("route over regions(...) of a grid or blocks(B) of a sequence", groups.span,
+                             hint=suggest(groups.func.id, ["regions", "blocks"]) if isinstance(groups, A.Call) else None)
+        self.no_kwargs(groups)
+        q, kv = self.spaces(groups)
+        if q != kv:
+            raise AttncError("routing needs q and kv in the same token space", groups.span)
+        kind = groups.func.id
+        if kind == "blocks" and q.kind != "seq":
+            raise AttncError("blocks(B) routes a seq space; use regions(...) on a grid", groups.span)
+        if kind == "regions" and q.kind != "grid":
+            raise AttncError("regions(...) routes a grid space; use blocks(B) on a seq", groups.span)
+        if kind == "blocks" and len(groups.args) != 1:
+            raise AttncError(f"blocks() takes one block size, got {len(groups.args)}", groups.span)
+        sizes = tuple(self.per_axis(groups.args, len(q.dims), groups, "region sizes"))
+        for size in sizes:
+            self.require(N.fold(N.Binary(">=", size, N.Const(1))), f"{kind}: sizes must be at least 1", groups)
+        query = self.pooled(e.query, "q")
+        if self.pooled(e.key, "k") != "mean":
+            raise AttncError("keys are pooled per group: write `@ mean(k)`", e.key.span)
+        return N.Route(k, kind, sizes, query, own)
+
+    @staticmethod
+    def pooled(e: A.Expr, side: str) -> str:
+        if isinstance(e, A.Name) and e.id == side:
+            return "token"
+        if isinstance(e, A.Call) and e.func.id == "mean" and not e.kwargs and len(e.args) == 1 \
+                and isinstance(e.args[0], A.Name) and e.args[0].id == side:
+            return "mean"
+        raise AttncError(f"expected `{side}` or `mean({side})` here", e.span)
 
     def causal(self, e: A.Expr) -> N.Expr:
         # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
         q, kv = self.spaces(e)
+        if isinstance(kv, N.Segments):
+            raise AttncError("causal is ambiguous on a segmented key space", e.span,
+                             hint="write it per segment, e.g. `k in ctx and k.i <= q.i`")
         nq, nk = q.size(), kv.size()
         offset = N.Const(0) if nq == nk else nk - nq
         return N.Coord("k", "i").le(N.Coord("q", "i") + offset)
@@ -438,7 +619,8 @@ class _Lowering:
     def same_space(self, e: A.Call) -> N.Space:
         q, kv = self.spaces(e)
         if q != kv:
-            raise AttncError(f"{e.func.id}() needs q and kv in the same token space", e.func.span)
+            what = "an unsegmented key space equal to q's" if isinstance(kv, N.Segments) else "q and kv in the same token space"
+            raise AttncError(f"{e.func.id}() needs {what}", e.func.span)
         return q
 
     def spaces(self, e: A.Expr) -> tuple[N.Space, N.Space]:

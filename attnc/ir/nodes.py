@@ -46,8 +46,27 @@ class NVisible:
 
 
 @dataclass(frozen=True)
+class Head:
+    """The query head index h (0 <= h < Hq); only in score modifiers, which may differ per head."""
+
+    type = INT
+
+
+@dataclass(frozen=True)
+class Member:
+    """`k in name`: the key token lies in the named segment of a segmented key space."""
+
+    side: str
+    segment: str
+    type = BOOL
+
+
+@dataclass(frozen=True)
 class Coord:
-    """A coordinate of the query ('q') or key ('k') token: axis 'i' (flat index), 't', 'y' or 'x'."""
+    """A coordinate of the query ('q') or key ('k') token: axis 'i' (flat index), 't', 'y' or 'x'.
+
+    In a segmented key space a key's coordinates are those within its own segment.
+    """
 
     side: str
     axis: str
@@ -56,11 +75,12 @@ class Coord:
 
 @dataclass(frozen=True)
 class Lookup:
-    """An element of an integer runtime tensor, e.g. document ids: `doc[q.i]`."""
+    """An element of a runtime tensor: integer in masks (document ids, `doc[q.i]`), float in
+    score modifiers (bias tables, `rel_bias[q.y - k.y + 6, q.x - k.x + 6]`)."""
 
     tensor: str
     indices: tuple["Expr", ...]
-    type = INT
+    type: str = INT
 
 
 @dataclass(frozen=True)
@@ -128,7 +148,7 @@ class Window:
 
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
-Expr = Union[Const, Param, HeadDim, NVisible, Coord, Lookup, Unary, Binary, Call, Window]
+Expr = Union[Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary, Binary, Call, Window]
 
 
 _FOLD = {
@@ -167,12 +187,16 @@ def fold(e: "Expr") -> "Expr":
             return a
         if e.op == "and" and b.value is True or e.op == "or" and b.value is False:
             return a
+        if e.op == "and" and b.value is False or e.op == "or" and b.value is True:
+            return b  # expressions are pure, so the other side may be dropped
     if ca and not isinstance(a.value, float):
         if (e.op == "+" and a.value == 0 and not isinstance(a.value, bool)) or \
                 (e.op == "*" and a.value == 1 and not isinstance(a.value, bool)):
             return b
         if e.op == "and" and a.value is True or e.op == "or" and a.value is False:
             return b
+        if e.op == "and" and a.value is False or e.op == "or" and a.value is True:
+            return a
     return e
 
 
@@ -183,7 +207,7 @@ def _binop(op):
 
 
 # Small builder methods keep expansions (Window, causal, blocks) readable.
-for _cls in (Const, Param, HeadDim, NVisible, Coord, Lookup, Unary, Binary, Call, Window):
+for _cls in (Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary, Binary, Call, Window):
     _cls.__add__ = _binop("+")
     _cls.__sub__ = _binop("-")
     _cls.__mul__ = _binop("*")
@@ -224,6 +248,34 @@ def walk(e: "Expr", expand_windows: bool = False):
             stack.extend(children(x))
 
 
+def substitute(e: "Expr", fn) -> "Expr":
+    """Rebuild an expression bottom-up, replacing each node x by fn(x) (or x when fn returns
+    None) and folding the result. Windows are kept whole (their children are sizes)."""
+    import dataclasses
+
+    memo: dict = {}
+
+    def rec(x):
+        if x in memo:
+            return memo[x]
+        out = fn(x)
+        if out is None:
+            if isinstance(x, Unary):
+                out = fold(Unary(x.op, rec(x.operand)))
+            elif isinstance(x, Binary):
+                out = fold(Binary(x.op, rec(x.lhs), rec(x.rhs)))
+            elif isinstance(x, Call):
+                out = Call(x.fn, tuple(rec(a) for a in x.args))
+            elif isinstance(x, Lookup):
+                out = dataclasses.replace(x, indices=tuple(rec(i) for i in x.indices))
+            else:
+                out = x
+        memo[x] = out
+        return out
+
+    return rec(e)
+
+
 @dataclass(frozen=True)
 class Space:
     """A token space: `seq(N)` (axes i) or `grid(H, W)` / `grid(T, H, W)` (axes y x / t y x)."""
@@ -242,22 +294,68 @@ class Space:
         return total
 
 
+@dataclass(frozen=True)
+class Segments:
+    """A key space made of named segments, concatenated in order: `hi: grid(H, W), lo: seq(M)`.
+
+    Key k of segment s has flat index offset(s) + (its index within s); its coordinates are
+    those within s, and `k in s` holds for it.
+    """
+
+    parts: tuple[tuple[str, Space], ...]
+    kind = "segments"
+
+    def size(self) -> Expr:
+        total = self.parts[0][1].size()
+        for _, space in self.parts[1:]:
+            total = total + space.size()
+        return total
+
+    def offsets(self) -> list[Expr]:
+        out, at = [], Const(0)
+        for _, space in self.parts:
+            out.append(at)
+            at = at + space.size()
+        return out
+
+
+def parts(kv: "Space | Segments") -> tuple[tuple[str | None, Space], ...]:
+    """A key space as its segments; an unsegmented space is one nameless segment."""
+    return kv.parts if isinstance(kv, Segments) else ((None, kv),)
+
+
+def specialise(mask: Expr, segment: str | None) -> Expr:
+    """The mask for keys of one segment: `k in s` becomes true for that segment, false for others."""
+    if segment is None:
+        return mask
+    return substitute(mask, lambda x: Const(x.segment == segment) if isinstance(x, Member) else None)
+
+
 SCORE_KINDS = ("softmax", "sigmoid", "softplus")
 
 
 @dataclass(frozen=True)
 class Score:
-    """How scores s = scale * q.k become weights (DESIGN.md section 3).
+    """How logits become weights (DESIGN.md section 3, docs/language.md "Scores").
 
-    softmax:  w = exp(s - max) / sum           (bias cancels, so it has none)
-    sigmoid:  w = sigmoid(s + bias)            (no row normalisation)
-    softplus: w = softplus(s) / sum_visible softplus(s)
-    scale and bias are float expressions over parameters, head_dim and n_visible.
+    z = scale * q.k + logit_bias;  z = softcap * tanh(z / softcap) when a cap is given; then
+    softmax:  w = exp(z) / (exp(sink) + sum_visible exp(z))   (no sink: the plain softmax)
+    sigmoid:  w = sigmoid(z + bias)                           (no row normalisation)
+    softplus: w = softplus(z) / sum_visible softplus(z)
+    scale and bias are float expressions over parameters, head_dim and n_visible (one value per
+    query row); logit_bias varies per (head, query, key); sink per head.
     """
 
     kind: str
     scale: Expr
     bias: Expr = Const(0.0)
+    logit_bias: Expr | None = None
+    softcap: Expr | None = None
+    sink: Expr | None = None
+
+    @property
+    def modified(self) -> bool:
+        return self.logit_bias is not None or self.softcap is not None or self.sink is not None
 
 
 def Softmax(scale: Expr) -> Score:
@@ -280,6 +378,8 @@ class TensorDecl:
     name: str
     rank: int
     dtype: str = INT
+    # A float table not indexed by `head` may also be passed with a leading [heads] dimension.
+    per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,15 +390,33 @@ class ParamDecl:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Routing (BiFormer, MoBA): each query (or query group) keeps the `top` key groups with the
+    highest pooled score; see docs/language.md "Routing" for the exact rule.
+
+    groups: 'regions' (boxes of `sizes` on a grid) or 'blocks' (runs of `sizes[0]` tokens);
+    query: 'mean' (pooled over the query's group) or 'token'; own: the query's own group is
+    always kept and counts toward `top`.
+    """
+
+    top: Expr
+    groups: str
+    sizes: tuple[Expr, ...]
+    query: str
+    own: bool = False
+
+
+@dataclass(frozen=True)
 class Attention:
     name: str
     params: tuple[ParamDecl, ...]
     q: Space
-    kv: Space
+    kv: "Space | Segments"
     mask: Expr  # bool expression over coordinates and parameters
     score: Score
     requires: tuple[Require, ...] = ()
     tensors: tuple[TensorDecl, ...] = ()
+    route: Route | None = None
     # Source line of each part, for comments in generated code; not part of identity.
     lines: tuple[tuple[str, int], ...] = field(default=(), **_NOCMP)
 

@@ -14,22 +14,37 @@ def format_ir(ir: N.Attention) -> str:
     return "\n".join([
         f"attention {ir.name}({params})",
         *(f"  require {format_expr(r.cond)}" for r in ir.requires),
-        *(f"  tensor {t.name}: {t.dtype}[{t.rank} dims]" for t in ir.tensors),
+        *(f"  tensor {t.name}: {t.dtype}[{t.rank} dims{' (+ optional heads)' if t.per_head else ''}]"
+          for t in ir.tensors),
         f"  q     = {format_space(ir.q)}",
         f"  kv    = {format_space(ir.kv)}",
         f"  mask  = {format_expr(ir.mask)}",
+        *([f"  bias  = {format_expr(ir.score.logit_bias)}"] if ir.score.logit_bias is not None else []),
         f"  score = {format_score(ir.score)}",
+        *([f"  route = {format_route(ir.route)}"] if ir.route is not None else []),
     ])
+
+
+def format_route(r: N.Route) -> str:
+    own = ", own = true" if r.own else ""
+    query = "mean(q)" if r.query == "mean" else "q"
+    return (f"top({format_expr(r.top)}{own}) of {r.groups}({', '.join(format_expr(s) for s in r.sizes)}) "
+            f"by {query} @ mean(k)")
 
 
 def format_score(score: N.Score) -> str:
     args = f"scale = {format_expr(score.scale)}"
     if score.kind == "sigmoid":
         args += f", bias = {format_expr(score.bias)}"
+    for name in ("softcap", "sink"):
+        if getattr(score, name) is not None:
+            args += f", {name} = {format_expr(getattr(score, name))}"
     return f"{score.kind}({args})"
 
 
-def format_space(space: N.Space) -> str:
+def format_space(space: "N.Space | N.Segments") -> str:
+    if isinstance(space, N.Segments):
+        return ", ".join(f"{name}: {format_space(s)}" for name, s in space.parts)
     return f"{space.kind}({', '.join(format_expr(d) for d in space.dims)})"
 
 
@@ -48,6 +63,10 @@ def _fmt(e: N.Expr) -> tuple[str, int]:
         return "head_dim", _ATOM
     if isinstance(e, N.NVisible):
         return "n_visible", _ATOM
+    if isinstance(e, N.Head):
+        return "head", _ATOM
+    if isinstance(e, N.Member):
+        return f"{e.side} in {e.segment}", _PREC["in"]
     if isinstance(e, N.Coord):
         return f"{e.side}.{e.axis}", _ATOM
     if isinstance(e, N.Window):

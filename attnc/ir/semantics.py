@@ -3,6 +3,7 @@ and the dense reference attention. This module is the oracle every kernel is tes
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -14,6 +15,21 @@ from . import nodes as N
 
 # Kernels decode coordinates in int32; larger spaces are rejected rather than silently wrapped.
 MAX_TOKENS = 2**31 - 1
+MAX_HEADS = 2**16
+
+
+@dataclass(frozen=True)
+class KeyPart:
+    """One segment of the key space under a binding (an unsegmented space is one nameless part)."""
+
+    name: str | None
+    space: N.Space
+    dims: tuple[int, ...]
+    offset: int  # flat index of its first key
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.dims)
 
 
 @dataclass(frozen=True)
@@ -23,7 +39,7 @@ class Bound:
     ir: N.Attention
     values: tuple[tuple[str, int | float], ...]
     q_dims: tuple[int, ...]
-    kv_dims: tuple[int, ...]
+    kv_parts: tuple[KeyPart, ...]
 
     @property
     def env(self) -> dict[str, int | float]:
@@ -35,7 +51,7 @@ class Bound:
 
     @property
     def nk(self) -> int:
-        return math.prod(self.kv_dims)
+        return sum(p.size for p in self.kv_parts)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.values)
@@ -58,14 +74,22 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
             missing = [d.name for d in ir.params if d.name not in params and d.default is None]
             raise AttncError(f"attention '{ir.name}' needs a value for parameter{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(missing)}", hint=f"pass them to attnc.compile, e.g. {missing[0]}=64")
-    q_dims = _dims(ir.q, values, "q")
-    kv_dims = _dims(ir.kv, values, "kv")
-    bound = Bound(ir, tuple(values.items()), q_dims, kv_dims)
-    for w in windows(ir.mask):
-        _check_window(w, values, bound)
+    described = ", ".join(f"{k}={v}" for k, v in values.items())
+    # Preconditions first: they explain a size like H / 4 before the size itself is computed.
     for r in ir.requires:
         if not evaluate_uniform(r.cond, values):
-            raise AttncError(f"{r.message}: {_show(r.cond)} is false for {bound.describe()}", r.span)
+            raise AttncError(f"{r.message}: {_show(r.cond)} is false for {described}", r.span)
+    q_dims = _dims(ir.q, values, "q")
+    kv_parts, offset = [], 0
+    for name, space in N.parts(ir.kv):
+        dims = _dims(space, values, "kv" if name is None else f"kv segment '{name}'")
+        kv_parts.append(KeyPart(name, space, dims, offset))
+        offset += math.prod(dims)
+    if offset > MAX_TOKENS:
+        raise AttncError(f"kv space has {offset} tokens; at most {MAX_TOKENS} are supported")
+    bound = Bound(ir, tuple(values.items()), q_dims, tuple(kv_parts))
+    for w in windows(ir.mask):
+        _check_window(w, values, bound)
     return bound
 
 
@@ -129,6 +153,12 @@ def _named(e: N.Expr, value: int) -> str:
     return str(value) if isinstance(e, N.Const) else f"{value} ({_show(e)})"
 
 
+@functools.lru_cache(maxsize=256)
+def part_expr(e: N.Expr, segment: str | None) -> N.Expr:
+    """An expression (mask or bias) as seen by keys of one segment (cached: IR is hashable)."""
+    return N.specialise(e, segment)
+
+
 def windows(e: N.Expr):
     """All Window nodes in an expression."""
     return [x for x in N.walk(e) if isinstance(x, N.Window)]
@@ -176,6 +206,8 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
             return coords[("q", "n_visible")]
         if isinstance(e, N.Coord):
             return coords[(e.side, e.axis)]
+        if isinstance(e, N.Head):
+            return coords[("q", "head")]
         if isinstance(e, N.Window):
             return rec(e.expand())
         if isinstance(e, N.Unary):
@@ -217,45 +249,59 @@ def decode(dims: tuple[int, ...], axes: tuple[str, ...], flat: np.ndarray) -> di
     return out
 
 
-def _pair_coords(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> dict:
+def _parts(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray):
+    """Per key segment: (part, selection of k_idx in it, pair coordinates [len(q), selected])."""
     ir = bound.ir
     qc = decode(bound.q_dims, ir.q.axes, q_idx.astype(np.int64)[:, None])
-    kc = decode(bound.kv_dims, ir.kv.axes, k_idx.astype(np.int64)[None, :])
-    return {("q", a): v for a, v in qc.items()} | {("k", a): v for a, v in kc.items()}
+    qc = {("q", a): v for a, v in qc.items()}
+    k_idx = k_idx.astype(np.int64)
+    for part in bound.kv_parts:
+        sel = (k_idx >= part.offset) & (k_idx < part.offset + part.size)
+        if not sel.any():
+            continue
+        kc = decode(part.dims, part.space.axes, k_idx[sel][None, :] - part.offset)
+        yield part, sel, qc | {("k", a): v for a, v in kc.items()}
 
 
 def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None) -> np.ndarray:
     """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)]."""
-    out = evaluate(bound.ir.mask, bound.env, _pair_coords(bound, q_idx, k_idx), tensors=tensors)
-    return np.broadcast_to(np.asarray(out, dtype=bool), (len(q_idx), len(k_idx)))
+    out = np.zeros((len(q_idx), len(k_idx)), dtype=bool)
+    for part, sel, coords in _parts(bound, q_idx, k_idx):
+        m = evaluate(part_expr(bound.ir.mask, part.name), bound.env, coords, tensors=tensors)
+        out[:, sel] = np.broadcast_to(np.asarray(m, dtype=bool), (len(q_idx), int(sel.sum())))
+    return out
 
 
 def dense_mask(bound: Bound, tensors=None) -> np.ndarray:
-    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors).copy()
+    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors)
 
 
 def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(certainly visible, possibly visible) without runtime data: three-valued evaluation in
     which every comparison that reads a runtime tensor is unknown."""
-    coords = _pair_coords(bound, q_idx, k_idx)
     shape = (len(q_idx), len(k_idx))
+    lo_out, hi_out = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    for part, sel, coords in _parts(bound, q_idx, k_idx):
 
-    def rec(e: N.Expr):
-        if not reads_tensors(e):
-            v = np.asarray(evaluate(e, bound.env, coords), dtype=bool)
-            return v, v
-        if isinstance(e, N.Unary) and e.op == "not":
-            lo, hi = rec(e.operand)
-            return ~hi, ~lo
-        if isinstance(e, N.Binary) and e.op in ("and", "or"):
-            (alo, ahi), (blo, bhi) = rec(e.lhs), rec(e.rhs)
-            if e.op == "and":
-                return alo & blo, ahi & bhi
-            return alo | blo, ahi | bhi
-        return np.zeros((), dtype=bool), np.ones((), dtype=bool)
+        def rec(e: N.Expr):
+            if not reads_tensors(e):
+                v = np.asarray(evaluate(e, bound.env, coords), dtype=bool)
+                return v, v
+            if isinstance(e, N.Unary) and e.op == "not":
+                lo, hi = rec(e.operand)
+                return ~hi, ~lo
+            if isinstance(e, N.Binary) and e.op in ("and", "or"):
+                (alo, ahi), (blo, bhi) = rec(e.lhs), rec(e.rhs)
+                if e.op == "and":
+                    return alo & blo, ahi & bhi
+                return alo | blo, ahi | bhi
+            return np.zeros((), dtype=bool), np.ones((), dtype=bool)
 
-    lo, hi = rec(bound.ir.mask)
-    return np.broadcast_to(lo, shape), np.broadcast_to(hi, shape)
+        lo, hi = rec(part_expr(bound.ir.mask, part.name))
+        part_shape = (len(q_idx), int(sel.sum()))
+        lo_out[:, sel] = np.broadcast_to(lo, part_shape)
+        hi_out[:, sel] = np.broadcast_to(hi, part_shape)
+    return lo_out, hi_out
 
 
 def lookups(e: N.Expr) -> list[N.Lookup]:
@@ -266,19 +312,26 @@ def reads_tensors(e: N.Expr) -> bool:
     return any(isinstance(x, N.Lookup) for x in N.walk(e))
 
 
-def tensor_extents(bound: Bound) -> dict[str, tuple[int, ...]]:
-    """The smallest shape each runtime tensor must have so that every index the mask can form
-    (by interval analysis over all token pairs) is in range; a negative index is an error."""
-    ranges = _coord_ranges(bound)
+def modifier_exprs(ir: N.Attention) -> list[N.Expr]:
+    return [e for e in (ir.score.logit_bias, ir.score.sink) if e is not None]
+
+
+def tensor_extents(bound: Bound, heads: int = 1) -> dict[str, tuple[int, ...]]:
+    """The smallest shape each runtime tensor must have so that every index the spec can form
+    (by interval analysis over all token pairs and the query heads) is in range; a negative
+    index is an error. A per-head float table also has a leading [heads] dimension (not listed)."""
     need: dict[str, list[int]] = {}
-    for lk in lookups(bound.ir.mask):
-        dims = need.setdefault(lk.tensor, [0] * len(lk.indices))
-        for d, idx in enumerate(lk.indices):
-            lo, hi = int_range(idx, bound.env, ranges)
-            if lo < 0:
-                raise AttncError(f"index `{_show(idx)}` into '{lk.tensor}' can be negative ({lo}) for "
-                                 f"{bound.describe()}")
-            dims[d] = max(dims[d], hi + 1)
+    for part in bound.kv_parts:
+        ranges = _coord_ranges(bound, part, heads)
+        for e in [bound.ir.mask] + modifier_exprs(bound.ir):
+            for lk in lookups(part_expr(e, part.name)):
+                dims = need.setdefault(lk.tensor, [0] * len(lk.indices))
+                for d, idx in enumerate(lk.indices):
+                    lo, hi = int_range(idx, bound.env, ranges)
+                    if lo < 0:
+                        raise AttncError(f"index `{_show(idx)}` into '{lk.tensor}' can be negative ({lo}) for "
+                                         f"{bound.describe()}")
+                    dims[d] = max(dims[d], hi + 1)
     return {k: tuple(v) for k, v in need.items()}
 
 
@@ -287,7 +340,8 @@ def score_reads_n_visible(score: N.Score) -> bool:
 
 
 def row_scores(bound: Bound, head_dim: int, row_counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query score scale and bias (float64 [Nq]); they may depend on n_visible.
+    """Per-query score scale and bias (float64, the shape of row_counts: [Nq], or [B, H, Nq] when
+    routing makes counts depend on the data); they may depend on n_visible.
 
     Rows that see no key get scale 0 and bias 0: they contribute nothing either way, and
     expressions like log(n_visible) are undefined there.
@@ -303,9 +357,10 @@ def row_scores(bound: Bound, head_dim: int, row_counts: np.ndarray | None = None
         val[row_counts == 0] = 0.0
         bad = ~np.isfinite(val)
         if bad.any():
-            row = int(np.argmax(bad))
-            raise AttncError(f"the {score.kind} {what} `{_show(expr)}` is {val[row]} for query {row} "
-                             f"(n_visible = {row_counts[row]}, head_dim = {head_dim})")
+            # counts are [Nq], or [B, H, Nq] under routing: report the query position.
+            at = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            raise AttncError(f"the {score.kind} {what} `{_show(expr)}` is {val[at]} for query {at[-1]} "
+                             f"(n_visible = {row_counts[at]}, head_dim = {head_dim})")
         out.append(val)
     return out[0], out[1]
 
@@ -327,6 +382,8 @@ def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], tuple[int, int
             r = (int(values[x.name]), int(values[x.name]))
         elif isinstance(x, N.HeadDim):
             r = (1, 1024)
+        elif isinstance(x, N.Head):
+            r = ranges.get(("q", "head"), (0, MAX_HEADS - 1))
         elif isinstance(x, N.Coord):
             r = ranges[(x.side, x.axis)]
         elif isinstance(x, N.Window):
@@ -376,49 +433,161 @@ def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], tuple[int, int
     return rec(e)
 
 
-def _coord_ranges(bound: Bound) -> dict[tuple[str, str], tuple[int, int]]:
-    ranges = {}
-    for side, space, dims in (("q", bound.ir.q, bound.q_dims), ("k", bound.ir.kv, bound.kv_dims)):
-        ranges[(side, "i")] = (0, math.prod(dims) - 1)
-        for axis, size in zip(space.axes, dims):
-            ranges[(side, axis)] = (0, size - 1)
+def _coord_ranges(bound: Bound, part: KeyPart, heads: int = MAX_HEADS) -> dict[tuple[str, str], tuple[int, int]]:
+    ranges = {("q", "i"): (0, bound.nq - 1), ("k", "i"): (0, part.size - 1), ("q", "head"): (0, heads - 1)}
+    for axis, size in zip(bound.ir.q.axes, bound.q_dims):
+        ranges[("q", axis)] = (0, size - 1)
+    for axis, size in zip(part.space.axes, part.dims):
+        ranges[("k", axis)] = (0, size - 1)
     return ranges
 
 
 def needs_int64(bound: Bound) -> bool:
-    """True when some intermediate of the mask may leave int32 over this binding's coordinates."""
+    """True when some integer intermediate of the mask or the score modifiers may leave int32
+    over this binding's coordinates."""
     seen: list[tuple[int, int]] = []
-    int_range(bound.ir.mask, bound.env, _coord_ranges(bound), seen)
+    for part in bound.kv_parts:
+        ranges = _coord_ranges(bound, part)
+        int_range(part_expr(bound.ir.mask, part.name), bound.env, ranges, seen)
+        for e in modifier_exprs(bound.ir):
+            for x in _int_subtrees(part_expr(e, part.name)):
+                int_range(x, bound.env, ranges, seen)
     lo, hi = INT32
     return any(r[0] < lo or r[1] > hi for r in seen)
 
 
+def _int_subtrees(e: N.Expr):
+    """The maximal integer-typed subexpressions of a float expression (indices, distances)."""
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x.type == N.INT:
+            yield x
+        else:
+            stack.extend(N.children(x))
+
+
+# -- score modifiers ------------------------------------------------------------------------------
+def softcap_value(bound: Bound, head_dim: int) -> float | None:
+    cap = bound.ir.score.softcap
+    if cap is None:
+        return None
+    value = float(evaluate_uniform(cap, bound.env, head_dim))
+    if not (math.isfinite(value) and value > 0):
+        raise AttncError(f"the softcap `{_show(cap)}` is {value} for {bound.describe()}; it must be positive")
+    return value
+
+
+def _reads_float_tensor(e: N.Expr) -> bool:
+    return any(isinstance(x, N.Lookup) and x.type == N.FLOAT for x in N.walk(e))
+
+
+def evaluate_torch(e: N.Expr, bound: Bound, coords, tensors, head_dim: int, like):
+    """Evaluate a float modifier expression with torch so that gradients reach the float runtime
+    tensors it reads (bias tables, sink logits). Integer parts (indices, distances) go through
+    the numpy evaluator above, so both paths share one definition of the arithmetic."""
+    import torch
+
+    def rec(x: N.Expr):
+        if not _reads_float_tensor(x):
+            v = np.asarray(evaluate(x, bound.env, coords, head_dim), dtype=np.float64)
+            return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+        if isinstance(x, N.Lookup):
+            table = tensors[x.tensor]
+            idx = [np.asarray(evaluate(i, bound.env, coords, head_dim)) for i in x.indices]
+            if table.dim() == len(idx) + 1:  # a per-head table: its leading dimension is the head
+                idx = [np.asarray(coords[("q", "head")])] + idx
+            idx = [torch.from_numpy(np.ascontiguousarray(i)).to(table.device) for i in np.broadcast_arrays(*idx)]
+            return table.to(like.dtype)[tuple(idx)]
+        if isinstance(x, N.Unary):
+            v = rec(x.operand)
+            return -v if x.op == "neg" else torch.abs(v)
+        if isinstance(x, N.Call):
+            return {"sqrt": torch.sqrt, "log": torch.log, "exp": torch.exp}[x.fn](rec(x.args[0]))
+        if isinstance(x, N.Binary):
+            a, b = rec(x.lhs), rec(x.rhs)
+            ops = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div,
+                   "min": torch.minimum, "max": torch.maximum}
+            return ops[x.op](a, b)
+        raise TypeError(f"not a float modifier expression: {x!r}")
+
+    return rec(e)
+
+
+def logit_bias(bound: Bound, heads: int, tensors, head_dim: int, like):
+    """The logit bias as a torch tensor broadcastable to [heads, Nq, Nk] (None when absent)."""
+    import torch
+
+    e = bound.ir.score.logit_bias
+    if e is None:
+        return None
+    head = np.arange(heads)[:, None, None]
+    out = torch.zeros((heads, bound.nq, bound.nk), dtype=like.dtype, device=like.device)
+    cols = []
+    for part, sel, coords in _parts(bound, np.arange(bound.nq), np.arange(bound.nk)):
+        coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
+        val = evaluate_torch(part_expr(e, part.name), bound, coords, tensors, head_dim, like)
+        cols.append((torch.from_numpy(np.nonzero(sel)[0]).to(like.device), val))
+    for idx, val in cols:
+        out = out.index_copy(2, idx, val.expand(heads, bound.nq, len(idx)).contiguous())
+    return out
+
+
+def sink_logits(bound: Bound, heads: int, tensors, head_dim: int, like):
+    """Per-head sink logits [heads] (None when the score has no sink)."""
+    e = bound.ir.score.sink
+    if e is None:
+        return None
+    coords = {("q", "head"): np.arange(heads)}
+    return evaluate_torch(e, bound, coords, tensors, head_dim, like).expand(heads)
+
+
 # -- the dense reference attention ---------------------------------------------------------------
 def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None):
-    """softmax(scale * q k^T, masked) v in the inputs' dtype (use float64 for an oracle).
+    """The spec's attention, densely, in the inputs' dtype (use float64 for an oracle).
 
-    Rows that see no key output exactly 0. Differentiable through torch autograd.
+    `tensors` maps runtime tensor names to torch tensors. Rows that see no key output exactly 0.
+    Differentiable through torch autograd, including the float runtime tensors (bias tables).
     """
     import torch
 
-    dense = dense_mask(bound, tensors) if mask is None else mask.cpu().numpy()
+    tensors = tensors or {}
+    host = {n: t.detach().cpu().numpy().astype(np.int64) for n, t in tensors.items() if not t.dtype.is_floating_point}
+    if mask is None and bound.ir.route is not None:
+        from .routing import routed_mask
+
+        mask = routed_mask(bound, q, k, host)  # [B, Hq, Nq, Nk]: routing depends on the data
+    dense = dense_mask(bound, host) if mask is None else mask.cpu().numpy()
     mask = torch.from_numpy(dense).to(q.device)
-    hq, hkv = q.shape[1], k.shape[1]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[:, None]
-                   for x in row_scores(bound, q.shape[-1], dense.sum(axis=1)))
+                   for x in row_scores(bound, d, dense.sum(axis=-1)))
     s = (q @ k.transpose(-1, -2)) * scale
+    extra = logit_bias(bound, hq, tensors, d, q)
+    if extra is not None:
+        s = s + extra
+    cap = softcap_value(bound, d)
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
     kind = bound.ir.score.kind
     if kind == "sigmoid":
         return (torch.sigmoid(s + bias) * mask) @ v
     if kind == "softplus":
         p = torch.nn.functional.softplus(s) * mask
+        denom = p.sum(dim=-1, keepdim=True)
     else:
         s = s.masked_fill(~mask, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
+        sink = sink_logits(bound, hq, tensors, d, q)
+        if sink is not None:
+            sink = sink[None, :, None, None]
+            m = torch.maximum(m, sink)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
         p = torch.exp(s - m) * mask
-    denom = p.sum(dim=-1, keepdim=True)
+        denom = p.sum(dim=-1, keepdim=True)
+        if sink is not None:
+            denom = denom + torch.exp(sink - m)
     return (p @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)

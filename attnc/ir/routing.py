@@ -1,0 +1,92 @@
+"""What a `route` means (BiFormer, MoBA): the reference definition kernels will be tested against.
+
+Tokens are partitioned into groups: `blocks(B)` on seq(N) puts token t in group t // B;
+`regions(a, b)` on grid(H, W) puts (y, x) in group (y // a) * ceil(W / b) + x // b (3-D alike).
+Partial groups at the end of an axis are allowed; means are over the tokens they hold.
+
+For each batch and query head, a query *unit* (its group for `mean(q)`, itself for `q`) scores
+every key group g by  mean(q over the unit) . mean(k over g)  (k of the matching kv head; no scale,
+it would not change the order). Candidates are the groups holding at least one key the mask lets
+some query of the unit see. With `own = true` the unit's own group (the group of the query's
+position) is taken first; the remaining places go to the highest-scoring candidates, ties to the
+lower group index, until `top` groups (or all candidates) are chosen. A query sees key j iff the
+mask holds and j's group was chosen for its unit.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import AttncError
+from . import nodes as N
+from .semantics import Bound, dense_mask, evaluate_uniform
+
+
+def group_of(bound: Bound, flat: np.ndarray) -> tuple[np.ndarray, int]:
+    """Group index of each flat token index, and the number of groups."""
+    route = bound.ir.route
+    dims = bound.q_dims
+    sizes = [int(evaluate_uniform(s, bound.env)) for s in route.sizes]
+    counts = [math.ceil(d / s) for d, s in zip(dims, sizes)]
+    group = np.zeros_like(flat)
+    rest = flat.copy()
+    coords = []
+    for d in reversed(dims):
+        coords.append(rest % d)
+        rest = rest // d
+    coords.reverse()
+    for c, s, n in zip(coords, sizes, counts):
+        group = group * n + c // s
+    return group, math.prod(counts)
+
+
+def routed_mask(bound: Bound, q, k, tensors=None):
+    """bool [B, Hq, Nq, Nk]: the mask and the top-k selection (see the module docstring)."""
+    import torch
+
+    route = bound.ir.route
+    if route is None:
+        raise AttncError(f"'{bound.ir.name}' has no route")
+    mask = torch.from_numpy(dense_mask(bound, tensors)).to(q.device)
+    top = int(evaluate_uniform(route.top, bound.env))
+    B, Hq = q.shape[:2]
+    hkv = k.shape[1]
+    kk = k.repeat_interleave(Hq // hkv, dim=1) if Hq != hkv else k
+    gk_np, n_groups = group_of(bound, np.arange(bound.nk))
+    gk = torch.from_numpy(gk_np).to(q.device)
+    onehot_k = torch.nn.functional.one_hot(gk, n_groups).to(torch.float64)  # [Nk, G]
+    k_mean = (onehot_k.T @ kk.to(torch.float64)) / onehot_k.sum(0)[:, None]  # [B, H, G, D]
+    if route.query == "mean":
+        unit_np = group_of(bound, np.arange(bound.nq))[0]
+        n_units = n_groups
+        onehot_q = torch.nn.functional.one_hot(torch.from_numpy(unit_np).to(q.device), n_units).to(torch.float64)
+        q_unit = (onehot_q.T @ q.to(torch.float64)) / onehot_q.sum(0)[:, None]  # [B, H, U, D]
+        own = torch.arange(n_units, device=q.device)
+    else:
+        unit_np = np.arange(bound.nq)
+        n_units = bound.nq
+        q_unit = q.to(torch.float64)
+        own = torch.from_numpy(group_of(bound, unit_np)[0]).to(q.device)  # q and kv share one space
+    unit = torch.from_numpy(unit_np).to(q.device)
+    scores = q_unit @ k_mean.transpose(-1, -2)  # [B, H, U, G]
+    # Candidates: the mask lets some query of the unit see some key of the group.
+    seen = torch.zeros((n_units, n_groups), dtype=torch.float64, device=q.device)
+    seen.index_add_(0, unit, mask.to(torch.float64) @ onehot_k)
+    cand = seen > 0
+    scores = scores.masked_fill(~cand, float("-inf"))
+    if route.own:
+        own_hot = torch.nn.functional.one_hot(own, n_groups).bool() & cand
+        scores = scores.masked_fill(own_hot, float("inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n_groups, device=q.device).expand_as(order))
+    chosen = (rank < top) & cand  # [B, H, U, G]
+    visible = chosen[:, :, unit][..., gk]  # [B, H, Nq, Nk]
+    return visible & mask
+
+
+def check_routable(ir: N.Attention) -> None:
+    if ir.route is not None:
+        raise AttncError(f"'{ir.name}' routes keys by data (top-k); the generated kernels do not route yet",
+                         hint="use backend='reference' (routing semantics are defined and tested there)")
