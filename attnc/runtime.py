@@ -108,7 +108,7 @@ class AttentionFn:
             floating = decl.dtype == N.FLOAT
             if floating and heads is None:
                 continue
-            need = extents[name]
+            need = extents.get(name, (0,) * decl.rank)
             if name not in given:
                 shape = ([heads] if decl.per_head else []) + list(need)
                 what = f"a float tensor of shape {list(need)} or {shape} (per head)" if decl.per_head \

@@ -171,6 +171,8 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
     q_used = {a for s, a in _coords_used(expr) if s == "q"}
     body = _decode(ir.q, "q", q_used, top)
     parts = N.parts(ir.kv)
+    if isinstance(ir.kv, N.Segments):  # segment bounds first, so every segment shares them
+        bounds = [(top.emit(o), top.emit(sp.size())) for o, (_, sp) in zip(ir.kv.offsets(), parts)]
     results = []
     count = top.count
     for j, (seg, space) in enumerate(parts):
@@ -179,9 +181,9 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
         em = _Emitter(ir, key=key, count=count)
         em.memo = dict(top.memo)
         if seg is not None:
-            offset, size = em.emit(ir.kv.offsets()[j]), em.emit(space.size())
+            offset, size = bounds[j]
             em.lines.append(f"    # segment {seg}: {format_space(space)}")
-            em.lines.append(f"    {key}_i = k_i - {offset}")
+            em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
             em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
         em.lines += _decode(space, key, {a for s, a in _coords_used(sub) if s == "k"}, em)
         results.append((j, em.emit(sub)))
@@ -191,7 +193,8 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
     if len(parts) == 1:
         result = results[0][1]
     elif is_bool:
-        result = " | ".join(f"(in{j} & {r})" for j, r in results)
+        result = " | ".join(f"in{j}" if r == "True" else f"(in{j} & {r})" for j, r in results if r != "False")
+        result = result or "k_i < 0"
     else:
         result = "0.0"
         for j, r in reversed(results):

@@ -316,23 +316,63 @@ def modifier_exprs(ir: N.Attention) -> list[N.Expr]:
     return [e for e in (ir.score.logit_bias, ir.score.sink) if e is not None]
 
 
-def tensor_extents(bound: Bound, heads: int = 1) -> dict[str, tuple[int, ...]]:
-    """The smallest shape each runtime tensor must have so that every index the spec can form
-    (by interval analysis over all token pairs and the query heads) is in range; a negative
-    index is an error. A per-head float table also has a leading [heads] dimension (not listed)."""
+def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The smallest shape each runtime tensor must have so that every index the spec forms is in
+    range; a negative index is an error. A per-head float table also has a leading [heads]
+    dimension (not listed).
+
+    Mask tensors are indexed at every token pair (the kernel evaluates the mask on whole tiles),
+    so their extents come from interval analysis over all pairs. Score modifiers are read only
+    where a query sees a key, so their tables need to cover only the pairs the mask can make
+    visible: `rel_bias[q.y - k.y + 6, ...]` under a 7 x 7 window. That is measured by scanning
+    the possibly visible pairs (O(Nq * Nk), like tile analysis v1), and only when `heads` is
+    given: modifier tables are checked when the attention runs.
+    """
     need: dict[str, list[int]] = {}
+
+    def widen(lk: N.Lookup, d: int, lo: int, hi: int) -> None:
+        if lo < 0:
+            raise AttncError(f"index `{_show(lk.indices[d])}` into '{lk.tensor}' can be negative ({lo}) for "
+                             f"{bound.describe()}")
+        dims = need.setdefault(lk.tensor, [0] * len(lk.indices))
+        dims[d] = max(dims[d], hi + 1)
+
     for part in bound.kv_parts:
-        ranges = _coord_ranges(bound, part, heads)
-        for e in [bound.ir.mask] + modifier_exprs(bound.ir):
-            for lk in lookups(part_expr(e, part.name)):
-                dims = need.setdefault(lk.tensor, [0] * len(lk.indices))
-                for d, idx in enumerate(lk.indices):
-                    lo, hi = int_range(idx, bound.env, ranges)
-                    if lo < 0:
-                        raise AttncError(f"index `{_show(idx)}` into '{lk.tensor}' can be negative ({lo}) for "
-                                         f"{bound.describe()}")
-                    dims[d] = max(dims[d], hi + 1)
+        ranges = _coord_ranges(bound, part)
+        for lk in lookups(part_expr(bound.ir.mask, part.name)):
+            for d, idx in enumerate(lk.indices):
+                widen(lk, d, *int_range(idx, bound.env, ranges))
+    if heads is not None and modifier_exprs(bound.ir):
+        for lk, d, lo, hi in _visible_index_ranges(bound, heads):
+            widen(lk, d, lo, hi)
     return {k: tuple(v) for k, v in need.items()}
+
+
+def _visible_index_ranges(bound: Bound, heads: int):
+    """(lookup, dimension, min, max) of every modifier index over the possibly visible pairs."""
+    head = np.arange(heads)[:, None, None]
+    found: dict[tuple[N.Lookup, int], list[int]] = {}
+    rows_per_chunk = max(1, (1 << 22) // max(1, bound.nk * heads))
+    keys = np.arange(bound.nk)
+    for start in range(0, bound.nq, rows_per_chunk):
+        rows = np.arange(start, min(bound.nq, start + rows_per_chunk))
+        _, possible = mask_bounds(bound, rows, keys)
+        for part, sel, coords in _parts(bound, rows, keys):
+            seen = possible[:, sel][None]  # [1, rows, part keys]
+            if not seen.any():
+                continue
+            coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
+            for e in modifier_exprs(bound.ir):
+                for lk in lookups(part_expr(e, part.name)):
+                    for d, idx in enumerate(lk.indices):
+                        val = np.broadcast_to(np.asarray(evaluate(idx, bound.env, coords)),
+                                              np.broadcast_shapes(seen.shape, (heads, 1, 1)))
+                        val = val[np.broadcast_to(seen, val.shape)]
+                        if val.size:
+                            r = found.setdefault((lk, d), [int(val.min()), int(val.max())])
+                            r[0], r[1] = min(r[0], int(val.min())), max(r[1], int(val.max()))
+    for (lk, d), (lo, hi) in found.items():
+        yield lk, d, lo, hi
 
 
 def score_reads_n_visible(score: N.Score) -> bool:
@@ -497,6 +537,9 @@ def evaluate_torch(e: N.Expr, bound: Bound, coords, tensors, head_dim: int, like
             idx = [np.asarray(evaluate(i, bound.env, coords, head_dim)) for i in x.indices]
             if table.dim() == len(idx) + 1:  # a per-head table: its leading dimension is the head
                 idx = [np.asarray(coords[("q", "head")])] + idx
+            # Pairs the mask hides may index outside the table (only visible pairs are checked);
+            # their logits are discarded, so any in-range value will do.
+            idx = [np.clip(i, 0, n - 1) for i, n in zip(idx, table.shape)]
             idx = [torch.from_numpy(np.ascontiguousarray(i)).to(table.device) for i in np.broadcast_arrays(*idx)]
             return table.to(like.dtype)[tuple(idx)]
         if isinstance(x, N.Unary):
