@@ -167,3 +167,117 @@ def document_causal_mask(doc: np.ndarray) -> np.ndarray:
     """Packed documents: same document id and j <= i."""
     n = len(doc)
     return np.array([[doc[i] == doc[j] and j <= i for j in range(n)] for i in range(n)], dtype=bool)
+
+
+def scale_dit_mask(H: int, W: int, radius: int = 8) -> np.ndarray:
+    """Scale-DiT: keys are the H x W grid (plain radius, clipped at borders) then the
+    (H/4) x (W/4) grid, all visible."""
+    hi = np.zeros((H * W, H * W), dtype=bool)
+    for a in range(H * W):
+        for b in range(H * W):
+            hi[a, b] = abs(a // W - b // W) <= radius and abs(a % W - b % W) <= radius
+    lo = np.ones((H * W, (H // 4) * (W // 4)), dtype=bool)
+    return np.concatenate([hi, lo], axis=1)
+
+
+def modified_attention(q, k, v, mask: np.ndarray, bias=None, softcap=None, sink=None) -> torch.Tensor:
+    """Softmax attention, row by row, with an additive logit bias [heads, Nq, Nk], Gemma-2's
+    soft-cap and gpt-oss's sink (an extra logit per head whose value vector is zero)."""
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64)
+    m = torch.from_numpy(mask)
+    for row in range(q.shape[2]):
+        keys = m[row].nonzero().flatten()
+        s = torch.einsum("bhd,bhnd->bhn", q[:, :, row], k[:, :, keys]) / q.shape[-1] ** 0.5
+        if bias is not None:
+            s = s + bias[:, row, keys].double()[None]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if sink is not None:
+            s = torch.cat([s, sink.double()[None, :, None].expand(s.shape[0], -1, 1)], dim=-1)
+        if s.shape[-1] == 0:
+            continue
+        w = torch.softmax(s, -1)
+        if sink is not None:
+            w = w[..., :-1]
+        out[:, :, row] = torch.einsum("bhn,bhnd->bhd", w, v[:, :, keys])
+    return out
+
+
+def swin_window_attention(q, k, v, H: int, W: int, M: int, shift: int, table) -> torch.Tensor:
+    """Swin's shifted-window attention as its code does it: roll by -shift, cut M x M windows,
+    add the relative position bias B[relative_position_index] and the region mask, attend, roll
+    back. table: [heads, 2M - 1, 2M - 1] (Swin's [(2M-1)^2, heads] table, reshaped)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hh, N, D = q.shape
+
+    def windows(x):  # [B, H, N, C] -> [B, H, nW, M*M, C] after the cyclic shift
+        x = x.reshape(B, Hh, H, W, -1).roll((-shift, -shift), dims=(2, 3))
+        x = x.reshape(B, Hh, H // M, M, W // M, M, -1).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(B, Hh, (H // M) * (W // M), M * M, -1)
+
+    coords = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (M - 1)
+    index = rel[..., 0] * (2 * M - 1) + rel[..., 1]  # relative_position_index
+    bias = table.double().reshape(Hh, -1)[:, index]  # [heads, M*M, M*M]
+    img = torch.zeros(H, W)
+    cnt = 0
+    for hs in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+        for ws in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+            img[hs, ws] = cnt
+            cnt += 1
+    regions = img.reshape(H // M, M, W // M, M).permute(0, 2, 1, 3).reshape(-1, M * M)
+    same = regions[:, :, None] == regions[:, None, :]  # [nW, M*M, M*M]
+    s = windows(q) @ windows(k).transpose(-1, -2) / D ** 0.5 + bias[None, :, None]
+    s = s.masked_fill(~same[None, None], float("-inf"))
+    o = torch.softmax(s, -1) @ windows(v)
+    o = o.reshape(B, Hh, H // M, W // M, M, M, -1).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, Hh, H, W, -1)
+    return o.roll((shift, shift), dims=(2, 3)).reshape(B, Hh, N, -1)
+
+
+def biformer_attention(q, k, v, H: int, W: int, R: int, topk: int) -> torch.Tensor:
+    """BiFormer's bi-level routing attention per head: mean-pool q and k over R x R regions,
+    route each region to its top-k regions by the pooled affinity (torch.topk), gather their
+    tokens and attend. H and W multiples of R."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hh, N, D = q.shape
+    S = (H // R) * (W // R)
+
+    def regions(x):  # [B, H, N, C] -> [B, H, S, R*R, C]
+        x = x.reshape(B, Hh, H // R, R, W // R, R, -1).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(B, Hh, S, R * R, -1)
+
+    qr, kr, vr = regions(q), regions(k), regions(v)
+    affinity = qr.mean(3) @ kr.mean(3).transpose(-1, -2)  # [B, H, S, S]
+    idx = torch.topk(affinity, topk, dim=-1).indices  # [B, H, S, topk]
+    out = torch.zeros(B, Hh, S, R * R, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hh):
+            for r in range(S):
+                keys = kr[b, h, idx[b, h, r]].reshape(-1, D)
+                vals = vr[b, h, idx[b, h, r]].reshape(-1, v.shape[-1])
+                out[b, h, r] = torch.softmax(qr[b, h, r] @ keys.T / D ** 0.5, -1) @ vals
+    out = out.reshape(B, Hh, H // R, W // R, R, R, -1).permute(0, 1, 2, 4, 3, 5, 6)
+    return out.reshape(B, Hh, N, -1)
+
+
+def moba_attention(q, k, v, block: int, topk: int) -> torch.Tensor:
+    """MoBA, per query: gate s_b = q . mean(k of block b); future blocks get -inf, the current
+    block +inf (always selected); keep the top-k blocks; causal attention over their keys."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hh, N, D = q.shape
+    n_blocks = -(-N // block)
+    out = torch.zeros(B, Hh, N, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hh):
+            means = torch.stack([k[b, h, j * block:(j + 1) * block].mean(0) for j in range(n_blocks)])
+            for i in range(N):
+                gate = means @ q[b, h, i]
+                cur = i // block
+                gate[cur + 1:] = float("-inf")
+                gate[cur] = float("inf")
+                chosen = torch.topk(gate, min(topk, cur + 1)).indices.tolist()
+                keys = [j for c in chosen for j in range(c * block, min((c + 1) * block, i + 1))]
+                s = k[b, h, keys] @ q[b, h, i] / D ** 0.5
+                out[b, h, i] = torch.softmax(s, -1) @ v[b, h, keys]
+    return out

@@ -39,7 +39,11 @@ CASES = [
     ("sigmoid_causal", dict(N=90), lambda p: oracles.causal_mask(p["N"], p["N"])),
     ("softplus", dict(N=64), lambda p: np.ones((p["N"], p["N"]), dtype=bool)),
     ("softplus", dict(N=45), lambda p: np.ones((p["N"], p["N"]), dtype=bool)),
+    ("scale_dit", dict(H=12, W=8), lambda p: oracles.scale_dit_mask(p["H"], p["W"])),
+    ("scale_dit", dict(H=20, W=16), lambda p: oracles.scale_dit_mask(p["H"], p["W"])),
 ]
+# Specs checked in tests/test_language.py: runtime tensors, score modifiers, routing.
+ELSEWHERE = {"document_causal", "swin_bias", "alibi_causal", "softcap_sink", "biformer", "moba"}
 # The attention each spec computes, from its paper's formula (softmax unless listed).
 FORMULAS = {
     "sigmoid_causal": lambda q, k, v, mask, p: oracles.sigmoid_attention(q, k, v, mask, -np.log(p["N"])),
@@ -58,7 +62,7 @@ def _qkv(nq, nk, heads=2, hkv=None, d=32, dv=None, dtype=torch.float32, device="
 
 
 def test_every_spec_file_is_covered():
-    assert {p.stem for p in SPECS.glob("*.attn")} <= {name for name, _, _ in CASES} | {"document_causal"}
+    assert {p.stem for p in SPECS.glob("*.attn")} <= {name for name, _, _ in CASES} | ELSEWHERE
 
 
 @pytest.mark.parametrize("name,params,oracle", CASES, ids=IDS)

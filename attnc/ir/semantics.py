@@ -606,7 +606,7 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None):
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[:, None]
+    scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[..., None]
                    for x in row_scores(bound, d, dense.sum(axis=-1)))
     s = (q @ k.transpose(-1, -2)) * scale
     extra = logit_bias(bound, hq, tensors, d, q)
