@@ -76,9 +76,33 @@ def cmd_explain(args, extra) -> int:
     from .explain import explain
     from .pipeline import build
 
-    compiled = build(args.file, _param_values(extra), "triton", _tiles(args.tiles), _Progress("analysing tiles"))
+    from .pipeline import parse
+
+    spec = parse(args.file)
+    # Routing has no kernel yet: explain shows the spec and IR from the reference pipeline.
+    backend = "reference" if spec.ir.route is not None else "triton"
+    compiled = build(spec, _param_values(extra), backend, _tiles(args.tiles), _Progress("analysing tiles"))
     print(explain(compiled, sections=args.section))
     return 0
+
+
+def random_tensors(fn, heads: int, gen, device) -> dict:
+    """Plausible runtime tensors for `attnc run`: sorted small ids for integer tensors (document
+    ids), N(0, 0.5^2) tables for score modifiers, of the smallest shape the spec accepts."""
+    import torch
+
+    from .ir import nodes as N
+
+    out = {}
+    extents = fn._extents(heads)
+    for decl in fn.ir.tensors:
+        shape = extents.get(decl.name, (1,) * decl.rank)
+        if decl.dtype == N.FLOAT:
+            out[decl.name] = (torch.randn(shape, generator=gen) * 0.5).to(device)
+        else:
+            ids = torch.randint(0, 4, shape, generator=gen)
+            out[decl.name] = (ids.sort(dim=-1).values if decl.rank == 1 else ids).to(device)
+    return out
 
 
 def cmd_run(args, extra) -> int:
@@ -90,7 +114,7 @@ def cmd_run(args, extra) -> int:
 
     params = _param_values(extra)
     t0 = time.perf_counter()
-    compiled = build(args.file, params, "triton", _tiles(args.tiles), _Progress("analysing tiles"))
+    compiled = build(args.file, params, args.backend, _tiles(args.tiles), _Progress("analysing tiles"))
     fn = AttentionFn(compiled)
     t_compile = time.perf_counter() - t0
     b = compiled.bound
@@ -102,29 +126,35 @@ def cmd_run(args, extra) -> int:
     q = torch.randn(shape_q, generator=gen).to(device, dtype)
     k = torch.randn(shape_k, generator=gen).to(device, dtype)
     v = torch.randn(shape_k, generator=gen).to(device, dtype)
-    stats = compiled.schedule.stats()
+    tensors = random_tensors(fn, args.heads, gen, device)
     print(f"spec      {args.file}: attention {compiled.spec.name}({b.describe()})")
-    print(f"tokens    {b.nq} queries x {b.nk} keys; visible pairs {stats['pairs_visible']} "
-          f"(density {stats['density']:.2%})")
-    print(f"tiles     {compiled.schedule.block_m}x{compiled.schedule.block_n}: {stats['tiles_full']} full, "
-          f"{stats['tiles_partial']} partial, {stats['tiles_empty']} empty of {stats['tiles']} "
-          f"(tile density {stats['tile_density']:.2%})")
-    print(f"kernel    {compiled.kernel_path}")
+    if tensors:
+        print("tensors   " + ", ".join(f"{n}{list(t.shape)} (random)" for n, t in tensors.items()))
+    if compiled.schedule is not None:
+        stats = compiled.schedule.stats()
+        print(f"tokens    {b.nq} queries x {b.nk} keys; visible pairs {stats['pairs_visible']} "
+              f"(density {stats['density']:.2%})")
+        print(f"tiles     {compiled.schedule.block_m}x{compiled.schedule.block_n}: {stats['tiles_full']} full, "
+              f"{stats['tiles_partial']} partial, {stats['tiles_empty']} empty of {stats['tiles']} "
+              f"(tile density {stats['tile_density']:.2%})")
+        print(f"kernel    {compiled.kernel_path}")
     print(f"compile   {t_compile * 1e3:.1f} ms (parse, analyse, generate or load from cache)")
     t1 = time.perf_counter()
     with torch.no_grad():
-        out = fn(q, k, v)
+        out = fn(q, k, v, **tensors)
     if device != "cpu":
         torch.cuda.synchronize()
     t_run = time.perf_counter() - t1
-    mode = "Triton interpreter" if device == "cpu" else f"native on {torch.cuda.get_device_name()}"
+    mode = "reference" if args.backend == "reference" else \
+        "Triton interpreter" if device == "cpu" else f"native on {torch.cuda.get_device_name()}"
     print(f"run       q{list(q.shape)} k{list(k.shape)} {args.dtype} on {device} ({mode}): "
           f"{t_run * 1e3:.1f} ms incl. first-call compilation")
-    ref = AttentionFn(build(compiled.spec, params, "reference"))(q.double().cpu(), k.double().cpu(),
-                                                                v.double().cpu())
+    ref = AttentionFn(build(compiled.spec, params, "reference"))(
+        q.double().cpu(), k.double().cpu(), v.double().cpu(),
+        **{n: (t.double() if t.is_floating_point() else t).cpu() for n, t in tensors.items()})
     err = (out.double().cpu() - ref).abs().max().item()
     print(f"check     max |out - float64 reference| = {err:.3e}")
-    if args.picture:
+    if args.picture and compiled.schedule is not None:
         print(tile_picture(compiled.schedule))
     return 0
 
@@ -152,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--picture", action="store_true", help="print the tile map")
+    p.add_argument("--backend", choices=["triton", "reference"], default="triton",
+                   help="reference: the dense evaluator (routing specs have no kernel yet)")
     args, extra = parser.parse_known_args(argv)
     try:
         if args.cmd == "check":

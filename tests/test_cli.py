@@ -38,3 +38,22 @@ def test_bad_parameters_on_the_command_line(capsys):
     assert "needs a value for parameter N" in capsys.readouterr().err
     assert main(["explain", "specs/causal.attn", "--N", "64", "--tiles", "12x16"]) == 1
     assert "powers of two" in capsys.readouterr().err
+
+
+def test_run_makes_up_runtime_tensors(capsys):
+    # document ids and a bias table of the shapes the spec needs, then the usual self-check.
+    for argv in (["specs/document_causal.attn", "--N", "40"], ["specs/swin_bias.attn", "--H", "7", "--W", "14"]):
+        assert main(["run", *argv, "--tiles", "16x16", "--head-dim", "16"]) == 0
+        out = capsys.readouterr().out
+        assert "(random)" in out
+        assert float(re.search(r"reference\| = (\S+)", out).group(1)) < 1e-4
+
+
+def test_routing_specs_run_and_explain_on_the_reference(capsys):
+    assert main(["run", "specs/moba.attn", "--N", "40", "--B", "8"]) == 1
+    assert "--backend reference" in capsys.readouterr().err
+    assert main(["run", "specs/moba.attn", "--N", "40", "--B", "8", "--backend", "reference"]) == 0
+    assert "(reference)" in capsys.readouterr().out
+    assert main(["explain", "specs/biformer.attn", "--H", "14", "--W", "14"]) == 0
+    out = capsys.readouterr().out
+    assert "route = top(K) of regions(R, R) by mean(q) @ mean(k)" in out and "generated kernel" not in out

@@ -594,9 +594,9 @@ def mutate(tokens: list[str], ops: list[tuple[int, int, int, str]]) -> str:
 def check_input(text: str, rng: random.Random | None = None) -> str:
     """Parse, compile and evaluate `text`; only AttncError may escape. Returns how far it got.
 
-    Parameters without a default get 14 (which meets every spec file's preconditions: Swin's
-    multiples of 7, MaxViT's grid divisibility, window sizes); with `rng`, any parameter may get
-    another small value.
+    Parameters without a default get 28 (which meets every spec file's preconditions: Swin's
+    multiples of 7, Scale-DiT's multiples of 4, MaxViT's grid divisibility, window sizes); with
+    `rng`, any parameter may get another small value.
     """
     if "\n" not in text:
         text += "\n"  # keep it source text: a string without braces or newlines is a path
@@ -610,7 +610,7 @@ def check_input(text: str, rng: random.Random | None = None) -> str:
             assert 1 <= err.line <= text.count("\n") + 1 and err.col >= 1, str(err)
             assert "^" in str(err), str(err)
         return "parse"
-    params = {p.name: 14 for p in parsed.params if p.default is None}
+    params = {p.name: 28 for p in parsed.params if p.default is None}
     if rng is not None:
         for p in parsed.params:
             if rng.random() < 0.3:
@@ -620,8 +620,11 @@ def check_input(text: str, rng: random.Random | None = None) -> str:
         bound = fn.compiled.bound
         if bound.nq * bound.nk <= 1 << 16:
             # Runtime tensors (document ids...) of the smallest valid shape, all zeros.
-            fn.mask(**{name: torch.zeros(shape, dtype=torch.long)
-                       for name, shape in fn.compiled.tensor_extents.items()})
+            tensors = {name: torch.zeros(shape, dtype=torch.long) for name, shape in fn.compiled.tensor_extents.items()}
+            if parsed.ir.route is not None:
+                fn.routed_mask(torch.randn(1, 1, bound.nq, 4), torch.randn(1, 1, bound.nk, 4), **tensors)
+            else:
+                fn.mask(**tensors)
     except AttncError as err:
         assert_clean(err)
         return "bind"

@@ -89,4 +89,5 @@ def routed_mask(bound: Bound, q, k, tensors=None):
 def check_routable(ir: N.Attention) -> None:
     if ir.route is not None:
         raise AttncError(f"'{ir.name}' routes keys by data (top-k); the generated kernels do not route yet",
-                         hint="use backend='reference' (routing semantics are defined and tested there)")
+                         hint="use backend='reference' (on the command line: --backend reference); routing semantics are "
+                              "defined and tested there")

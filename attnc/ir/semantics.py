@@ -334,6 +334,9 @@ def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[in
         if lo < 0:
             raise AttncError(f"index `{_show(lk.indices[d])}` into '{lk.tensor}' can be negative ({lo}) for "
                              f"{bound.describe()}")
+        if hi >= MAX_TOKENS:
+            raise AttncError(f"index `{_show(lk.indices[d])}` into '{lk.tensor}' can reach {hi} for "
+                             f"{bound.describe()}; runtime tensors are indexed in int32")
         dims = need.setdefault(lk.tensor, [0] * len(lk.indices))
         dims[d] = max(dims[d], hi + 1)
 
