@@ -72,6 +72,7 @@ class AttentionFn:
         """Visibility of a routed spec: bool [B, Hq, Nq, Nk] (the mask and the top-k selection)."""
         if self.ir.route is None:
             raise AttncError(f"'{self.ir.name}' has no route; use fn.mask()")
+        self._check(q, k, k)
         checked = self._check_tensors(tensors, heads=None)
         return routed_mask(self.compiled.bound, q, k, self._host_tensors(checked))
 
@@ -137,8 +138,9 @@ class AttentionFn:
                 raise AttncError(f"runtime tensor '{name}' is on {t.device} but q is on {device}")
             if not floating and t.numel() and (t.min() < -(2**31) or t.max() >= 2**31):
                 raise AttncError(f"runtime tensor '{name}' has values outside int32")
-            if floating and t.numel() and torch.isnan(t).any():
-                raise AttncError(f"runtime tensor '{name}' contains NaN")
+            if floating and t.numel() and (torch.isnan(t).any() or (t == float("inf")).any()):
+                raise AttncError(f"runtime tensor '{name}' contains NaN or +inf",
+                                 hint="-inf is allowed: it hides a pair (or silences a sink)")
             out[name] = t
         return out
 
@@ -252,6 +254,8 @@ class AttentionFn:
                 rt_args.append(t.stride(0) if per_head else 0)
         f32 = torch.empty(0, dtype=torch.float32, device=q.device)
         sink = sink_logits(c.bound, Hq, tensors, D, f32)
+        if sink is not None and ((sink > 1e30) | (sink < -1e30) & ~torch.isinf(sink)).any():
+            raise AttncError(f"sink logits must lie within ±1e30 (or be -inf), got {sink.tolist()}")
         sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
         cap = softcap_value(c.bound, D) or 0.0
         params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]

@@ -279,3 +279,10 @@ def test_routing_ties_go_to_the_lower_group():
     k = torch.ones(1, 1, 32, 4, dtype=torch.float64)
     seen = fn.routed_mask(q, k)[0, 0]
     assert seen[31, :8].all() and not seen[31, 8:24].any() and seen[31, 24:].all()  # block 0 + own block 3
+
+
+def test_triton_refuses_a_table_that_wants_gradients():
+    fn = attnc.compile(SPECS / "swin_bias.attn", H=7, W=7)
+    q = k = v = torch.zeros(1, 2, 49, 16)
+    with pytest.raises(AttncError, match="no backward kernel"):
+        fn(q, k, v, rel_bias=torch.zeros(13, 13, requires_grad=True))

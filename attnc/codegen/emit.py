@@ -33,7 +33,7 @@ def tensor_args(ir: N.Attention) -> list[str]:
 
 def pair_args(ir: N.Attention) -> list[str]:
     """Arguments of the generated per-pair functions (visible, logit_bias) after q_i and k_i."""
-    return ["h"] + int_params(ir) + ["head_dim"] + tensor_args(ir)
+    return ["h"] + int_params(ir) + ["head_dim"] + tensor_args(ir) + ["INT64"]
 
 
 class _Emitter:
@@ -46,6 +46,7 @@ class _Emitter:
         self.lines: list[str] = []
         self.memo: dict[N.Expr, str] = {}
         self.count = count
+        self.uses_tile0 = False  # needs `tile0`, a zero of the tile's shape
 
     def temp(self, code: str) -> str:
         name = f"t{self.count}"
@@ -71,7 +72,12 @@ class _Emitter:
             return "h"
         if isinstance(e, N.Lookup):
             n = [t.name for t in self.ir.tensors].index(e.tensor)
-            idx = [self.emit(i) for i in e.indices]
+            # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
+            # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
+            # scalar and tile conditions.
+            idx = [self.emit(i) if _varies_per_pair(i) else self.temp(f"{self.emit(i)} + tile0")
+                   for i in e.indices]
+            self.uses_tile0 = self.uses_tile0 or not all(_varies_per_pair(i) for i in e.indices)
             offset = " + ".join(f"{i} * rt{n}_s{d}" for d, i in enumerate(idx))
             if self.ir.tensors[n].per_head:
                 offset += f" + h * rt{n}_hs"
@@ -106,6 +112,10 @@ class _Emitter:
         if isinstance(e, N.Call):
             return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
         return self.emit(e)
+
+
+def _varies_per_pair(e: N.Expr) -> bool:
+    return any(isinstance(x, (N.Coord, N.Window)) for x in N.walk(e))
 
 
 def _nonneg(e: N.Expr) -> bool:
@@ -156,12 +166,14 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
     decoded coordinates and its specialised expression, selected by the key's flat index."""
     head = [
         "@triton.jit",
-        f"def {name}({', '.join(['q_i', 'k_i'] + pair_args(ir))}):",
+        f"def {name}({', '.join(['q_i', 'k_i'] + pair_args(ir)[:-1] + ['INT64: tl.constexpr'])}):",
         f'    """{doc} = {format_expr(expr)}',
         "",
         f"    spec line {ir.line_of({'visible': 'mask', 'logit_bias': 'bias'}[name]) or '-'}; "
         f"q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
         '    """',
+        "    if INT64:  # widen every integer input, so that no intermediate can wrap",
+        *(f"        {a} = tl.cast({a}, tl.int64)" for a in ["h"] + int_params(ir) + ["head_dim"]),
     ]
     is_bool = expr.type == N.BOOL
     if isinstance(expr, N.Const) and is_bool:
@@ -175,6 +187,7 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
         bounds = [(top.emit(o), top.emit(sp.size())) for o, (_, sp) in zip(ir.kv.offsets(), parts)]
     results = []
     count = top.count
+    uses_tile0 = False
     for j, (seg, space) in enumerate(parts):
         sub = N.specialise(expr, seg)
         key = "k" if seg is None else f"k{j}"
@@ -189,7 +202,8 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
         results.append((j, em.emit(sub)))
         body += em.lines
         count = em.count
-    sizes = top.lines
+        uses_tile0 = uses_tile0 or em.uses_tile0
+    sizes = top.lines + (["    tile0 = (q_i + k_i) * 0  # broadcasts tile-invariant indices"] if uses_tile0 else [])
     if len(parts) == 1:
         result = results[0][1]
     elif is_bool:

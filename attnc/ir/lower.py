@@ -21,7 +21,8 @@ FLOAT_FUNCS = ("sqrt", "log", "exp")
 MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
 BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
 ROUTE_FUNCS = ("top", "regions", "blocks", "mean")
-BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES + ROUTE_FUNCS
+# ROUTE_FUNCS are not reserved: they have a meaning only inside a `route = ...` rule.
+BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
 # Locals are inlined, so short lines can still build an IR far deeper or larger than any line of
 # the spec (`a1 = a0 + 1` repeated nests, `b1 = b0 and b0` doubles); every later pass recurses
 # over the IR as a tree, so both are bounded here.
@@ -112,6 +113,10 @@ class _Lowering:
             score = N.Softmax(_default_scale())
         if logit_bias is not None:
             score = dataclasses.replace(score, logit_bias=logit_bias)
+        # Folding may drop a lookup (`false and t[q.i] == 1`): a tensor nothing reads is not asked for.
+        read = {x.tensor for e in (mask, score.logit_bias, score.sink) if e is not None
+                for x in N.walk(e, expand_windows=True) if isinstance(x, N.Lookup)}
+        self.tensors = {name: t for name, t in self.tensors.items() if name in read}
         return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv_space, mask, score,
                            tuple(self.requires), tuple(self.tensors.values()), route,
                            lines=tuple(sorted(lines.items())))
@@ -421,6 +426,8 @@ class _Lowering:
             self.require(N.fold(N.Binary(">=", rhs, N.Const(1))), "a size must be divided by a positive number", e)
             self.require((lhs % rhs).eq(N.Const(0)), "a size divided with / must divide exactly", e)
             return N.Binary("//", lhs, rhs)
+        if e.op in ("/", "//", "%") and isinstance(N.fold(rhs), N.Const) and N.fold(rhs).value == 0:
+            raise AttncError("division by zero", e.rhs.span)
         if e.op in ("//", "%"):
             for side, val in ((e.lhs, lhs), (e.rhs, rhs)):
                 if val.type != N.INT:

@@ -174,10 +174,12 @@ _FLOAT_FUNCS = {"sqrt": np.sqrt, "log": np.log, "exp": np.exp}
 
 
 def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple[str, str], np.ndarray],
-             head_dim: int | None = None, tensors: Mapping[str, np.ndarray] | None = None):
+             head_dim: int | None = None, tensors: Mapping[str, np.ndarray] | None = None, strict: bool = True):
     """Evaluate an expression; coordinates are int64 arrays that broadcast against each other.
 
-    `tensors` holds the runtime tensors (int64 numpy arrays) that Lookup nodes read.
+    `tensors` holds the runtime tensors (int64 numpy arrays) that Lookup nodes read. With
+    strict=False a true division by zero gives inf or nan instead of an error: score modifiers
+    are evaluated at every pair, and only the values at visible pairs are checked (by the caller).
     """
     tensors = tensors or {}
 
@@ -223,6 +225,9 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
             a = rec(e.lhs)
             b = rec(e.rhs)
             if e.op in ("//", "%", "/"):
+                if e.op == "/" and not strict:
+                    with np.errstate(all="ignore"):
+                        return np.true_divide(np.asarray(a, dtype=np.float64), b)
                 if np.any(np.asarray(b) == 0):
                     raise AttncError(f"division by zero in `{_show(e)}`")
                 if e.op == "/":
@@ -345,9 +350,15 @@ def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[in
         for lk in lookups(part_expr(bound.ir.mask, part.name)):
             for d, idx in enumerate(lk.indices):
                 widen(lk, d, *int_range(idx, bound.env, ranges))
-    if heads is not None and modifier_exprs(bound.ir):
+    if heads is not None and bound.ir.score.logit_bias is not None:
         for lk, d, lo, hi in _visible_index_ranges(bound, heads):
             widen(lk, d, lo, hi)
+    if heads is not None and bound.ir.score.sink is not None:
+        # The sink is read once per head, whatever the mask.
+        for lk in lookups(bound.ir.score.sink):
+            for d, idx in enumerate(lk.indices):
+                val = np.broadcast_to(evaluate(idx, bound.env, {("q", "head"): np.arange(heads)}), (heads,))
+                widen(lk, d, int(val.min()), int(val.max()))
     return {k: tuple(v) for k, v in need.items()}
 
 
@@ -365,7 +376,7 @@ def _visible_index_ranges(bound: Bound, heads: int):
             if not seen.any():
                 continue
             coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
-            for e in modifier_exprs(bound.ir):
+            for e in [bound.ir.score.logit_bias]:
                 for lk in lookups(part_expr(e, part.name)):
                     for d, idx in enumerate(lk.indices):
                         val = np.broadcast_to(np.asarray(evaluate(idx, bound.env, coords)),
@@ -516,8 +527,9 @@ def softcap_value(bound: Bound, head_dim: int) -> float | None:
     if cap is None:
         return None
     value = float(evaluate_uniform(cap, bound.env, head_dim))
-    if not (math.isfinite(value) and value > 0):
-        raise AttncError(f"the softcap `{_show(cap)}` is {value} for {bound.describe()}; it must be positive")
+    if not (0 < value < 1e30):  # kernels hold it in float32
+        raise AttncError(f"the softcap `{_show(cap)}` is {value} for {bound.describe()}; it must be positive "
+                         "and below 1e30")
     return value
 
 
@@ -533,11 +545,13 @@ def evaluate_torch(e: N.Expr, bound: Bound, coords, tensors, head_dim: int, like
 
     def rec(x: N.Expr):
         if not _reads_float_tensor(x):
-            v = np.asarray(evaluate(x, bound.env, coords, head_dim), dtype=np.float64)
+            v = np.asarray(evaluate(x, bound.env, coords, head_dim, strict=False), dtype=np.float64)
             return torch.as_tensor(v, dtype=like.dtype, device=like.device)
         if isinstance(x, N.Lookup):
             table = tensors[x.tensor]
             idx = [np.asarray(evaluate(i, bound.env, coords, head_dim)) for i in x.indices]
+            if table.numel() == 0:  # only possible when no visible pair reads it
+                return torch.zeros(np.broadcast_shapes(*(i.shape for i in idx)), dtype=like.dtype, device=like.device)
             if table.dim() == len(idx) + 1:  # a per-head table: its leading dimension is the head
                 idx = [np.asarray(coords[("q", "head")])] + idx
             # Pairs the mask hides may index outside the table (only visible pairs are checked);
@@ -588,6 +602,18 @@ def sink_logits(bound: Bound, heads: int, tensors, head_dim: int, like):
     return evaluate_torch(e, bound, coords, tensors, head_dim, like).expand(heads)
 
 
+def _check_visible_bias(bound: Bound, bias, mask) -> None:
+    """A bias that is nan or +inf where a query sees a key is an error (-inf hides the pair).
+    bias: [heads, Nq, Nk]; mask: [Nq, Nk], or [B, heads, Nq, Nk] under routing."""
+    import torch
+
+    bad = (torch.isnan(bias) | (bias == float("inf"))) & mask
+    if bad.any():
+        h, i, j = (int(x) for x in bad.nonzero()[0][-3:])
+        raise AttncError(f"the bias `{_show(bound.ir.score.logit_bias)}` is {bias[h, i, j].item()} at head {h}, "
+                         f"query {i}, key {j}, which the query sees")
+
+
 # -- the dense reference attention ---------------------------------------------------------------
 def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None):
     """The spec's attention, densely, in the inputs' dtype (use float64 for an oracle).
@@ -614,15 +640,18 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None):
     s = (q @ k.transpose(-1, -2)) * scale
     extra = logit_bias(bound, hq, tensors, d, q)
     if extra is not None:
+        _check_visible_bias(bound, extra, mask)
         s = s + extra
     cap = softcap_value(bound, d)
     if cap is not None:
         s = cap * torch.tanh(s / cap)
     kind = bound.ir.score.kind
+    # torch.where, not a product: values at hidden pairs (inf, nan from a bias) must not leak.
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
     if kind == "sigmoid":
-        return (torch.sigmoid(s + bias) * mask) @ v
+        return torch.where(mask, torch.sigmoid(s + bias), zero) @ v
     if kind == "softplus":
-        p = torch.nn.functional.softplus(s) * mask
+        p = torch.where(mask, torch.nn.functional.softplus(s), zero)
         denom = p.sum(dim=-1, keepdim=True)
     else:
         s = s.masked_fill(~mask, float("-inf"))
@@ -632,7 +661,7 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None):
             sink = sink[None, :, None, None]
             m = torch.maximum(m, sink)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
-        p = torch.exp(s - m) * mask
+        p = torch.where(mask, torch.exp(s - m), zero)
         denom = p.sum(dim=-1, keepdim=True)
         if sink is not None:
             denom = denom + torch.exp(sink - m)
