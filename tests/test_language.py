@@ -286,3 +286,68 @@ def test_triton_refuses_a_table_that_wants_gradients():
     q = k = v = torch.zeros(1, 2, 49, 16)
     with pytest.raises(AttncError, match="no backward kernel"):
         fn(q, k, v, rel_bias=torch.zeros(13, 13, requires_grad=True))
+
+
+# -- regressions found in review ---------------------------------------------------------------------
+def _both(spec, params, tensors, heads=2, n=None):
+    fn = attnc.compile(spec, tiles=(16, 16), **params)
+    ref = attnc.compile(spec, backend="reference", **params)
+    b = fn.compiled.bound
+    q, k, v = _qkv(b.nq, b.nk, heads=heads, d=16, seed=1)
+    with torch.no_grad():
+        out = fn(q, k, v, **tensors).double()
+    expect = ref(q.double(), k.double(), v.double(), **{n: t.double() for n, t in tensors.items()})
+    return out, expect
+
+
+@pytest.mark.parametrize("index", ["head, q.i - k.i", "P, k.i", "k.i, P"])
+def test_table_index_that_is_the_same_across_the_tile(index):
+    spec = f"""attention s(N, P = 1) {{ q, kv = seq(N)  mask = causal and q.i - k.i < 4
+               bias = tab[{index}] }}"""
+    shape = {"head, q.i - k.i": (2, 4), "P, k.i": (2, 30), "k.i, P": (30, 2)}[index]
+    out, expect = _both(spec, dict(N=30), {"tab": torch.randn(shape)})
+    assert (out - expect).abs().max().item() < 1e-4
+
+
+def test_int64_kernels_widen_head_and_parameters():
+    spec = """attention s(N, BIG = 1000000000) { q, kv = seq(N)  mask = causal
+              bias = tab[(head * BIG + k.i) % 7] }"""
+    assert attnc.compile(spec, N=20).compiled.int64
+    out, expect = _both(spec, dict(N=20), {"tab": torch.randn(7)}, heads=4)
+    assert (out - expect).abs().max().item() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the hidden nan
+@pytest.mark.parametrize("score", ["sigmoid", "softplus", "softmax"])
+def test_bias_undefined_only_at_hidden_pairs(score):
+    # sqrt of a negative number and 1 / 0 happen only above the causal diagonal.
+    spec = f"""attention s(N) {{ q, kv = seq(N)  mask = causal
+               bias = -sqrt(q.i - k.i) + 1.0 / (q.i - k.i + 1)  score = {score} }}"""
+    out, expect = _both(spec, dict(N=20), {})
+    assert torch.isfinite(expect).all() and (out - expect).abs().max().item() < 1e-4
+
+
+def test_bias_undefined_at_a_visible_pair_is_an_error():
+    spec = "attention s(N) { q, kv = seq(N)  bias = sqrt(q.i - k.i) }"
+    ref = attnc.compile(spec, backend="reference", N=8)
+    q = torch.zeros(1, 1, 8, 4, dtype=torch.float64)
+    with pytest.raises(AttncError, match=r"is nan at head 0, query 0, key 1"):
+        ref(q, q, q)
+
+
+def test_sink_table_is_checked_for_every_head_even_when_nothing_is_visible():
+    spec = "attention s(N) { q, kv = seq(N)  mask = false  score = softmax(sink = sinks[head]) }"
+    for backend in ("triton", "reference"):
+        fn = attnc.compile(spec, backend=backend, N=20)
+        q = torch.zeros(1, 2, 20, 16)
+        with pytest.raises(AttncError, match=r"up to shape \[2\]"):
+            fn(q, q, q, sinks=torch.zeros(1))
+
+
+def test_routed_mask_checks_its_inputs():
+    fn = attnc.compile(SPECS / "moba.attn", backend="reference", N=20, B=4, K=2)
+    q = torch.randn(1, 2, 20, 8)
+    with pytest.raises(AttncError, match="19 tokens"):
+        fn.routed_mask(q[:, :, :19], q)
+    with pytest.raises(AttncError, match="expected"):
+        fn.routed_mask(q, torch.randn(2, 2, 20, 8))
