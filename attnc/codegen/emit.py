@@ -289,7 +289,14 @@ def _tile_step(masked: bool, score: N.Score) -> str:
     if kind == "sigmoid":
         lines.append("        p = tl.sigmoid(s + row_bias[:, None])")
     else:
-        lines.append("        p = tl.maximum(s, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(s)))  # softplus, overflow-free")
+        lines += [
+            "        # softplus(s) = max(s, 0) + log1p(exp(-|s|)), log1p written out (Goldberg) so that",
+            "        # very negative logits keep their relative precision: the weights are normalised.",
+            "        e = tl.exp(-tl.abs(s))",
+            "        u = 1.0 + e",
+            "        tiny = u == 1.0",
+            "        p = tl.maximum(s, 0.0) + tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))",
+        ]
     if masked:
         lines.append("        p = tl.where(keep, p, 0.0)")
     lines += [

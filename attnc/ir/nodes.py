@@ -16,9 +16,17 @@ INT, FLOAT, BOOL = "int", "float", "bool"
 _NOCMP = dict(compare=False, repr=False, hash=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Const:
     value: int | float | bool
+
+    # Typed equality: Python's 2 == 2.0 == True would let memos and caches (which key on IR
+    # nodes) hand out `2.0` where the integer 2 belongs, or `0` for `false`.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Const) and type(self.value) is type(other.value) and self.value == other.value
+
+    def __hash__(self) -> int:
+        return hash((Const, type(self.value).__name__, self.value))
 
     @property
     def type(self) -> str:
