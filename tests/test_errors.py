@@ -704,7 +704,7 @@ def test_builtin_preconditions_name_the_parameter(spec_file, params, phrase):
 
 
 @pytest.mark.parametrize("source, phrase", [
-    ("attention a(N) { q, kv = seq(N) mask = k.i < n_visible }", "only defined in score expressions"),
+    ("attention a(N) { q, kv = seq(N) mask = k.i < n_visible }", "only defined in a score's scale and bias"),
     ("attention a(N) { q, kv = seq(N) score = softmax(bias = 1.0) }", "softmax has no argument 'bias'"),
     ("attention a(N) { q, kv = seq(N) score = softplus(2.0) }", "takes only keyword arguments"),
     ("attention a(N) { q, kv = seq(N) score = sigmoid(scale = q.i) }", "cannot depend on token coordinates"),

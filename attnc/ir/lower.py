@@ -384,7 +384,8 @@ class _Lowering:
             return N.Head()
         if e.id == "n_visible":
             if not self.in_score:
-                raise AttncError("n_visible (keys a query sees) is only defined in score expressions", e.span)
+                raise AttncError("n_visible (keys a query sees) is only defined in a score's scale and bias",
+                                 e.span)
             return N.NVisible()
         if e.id in ("q", "k"):
             raise AttncError(f"'{e.id}' is a token; use one of its coordinates, e.g. {e.id}.i", e.span)

@@ -204,7 +204,7 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
             return head_dim
         if isinstance(e, N.NVisible):
             if ("q", "n_visible") not in coords:
-                raise AttncError("n_visible is only defined in score expressions")
+                raise AttncError("n_visible is only defined in a score's scale and bias")
             return coords[("q", "n_visible")]
         if isinstance(e, N.Coord):
             return coords[(e.side, e.axis)]
