@@ -43,9 +43,8 @@ class _Lowering:
         self.used: set[str] = set()
         self.measured: dict[int, tuple[N.Expr, int, int]] = {}  # id -> (node, depth, tree size)
         self.q: N.Space | None = None
-        self.kv: N.Space | None = None
+        self.kv: N.Space | N.Segments | None = None
         self.requires: list[N.Require] = []
-        self.kv_space: N.Space | N.Segments | None = None
         self.in_score = False  # n_visible exists only in score expressions
         self.in_mask = False  # integer runtime tensors are read by the mask
         self.in_modifier = False  # bias and sink: float tensors, `head`, float arithmetic on coordinates
@@ -117,7 +116,7 @@ class _Lowering:
         read = {x.tensor for e in (mask, score.logit_bias, score.sink) if e is not None
                 for x in N.walk(e, expand_windows=True) if isinstance(x, N.Lookup)}
         self.tensors = {name: t for name, t in self.tensors.items() if name in read}
-        return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv_space, mask, score,
+        return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv, mask, score,
                            tuple(self.requires), tuple(self.tensors.values()), route,
                            lines=tuple(sorted(lines.items())))
 
@@ -145,8 +144,7 @@ class _Lowering:
             if ids != ("kv",):
                 raise AttncError("only the key space may be made of segments: write `q = ...` and "
                                  "`kv = name: ..., name: ...` separately", stmt.value.span)
-            self.kv_space = self.segments(stmt.value)
-            self.kv = self.kv_space  # type: ignore[assignment]
+            self.kv = self.segments(stmt.value)
             return
         if isinstance(stmt.value, A.Route):
             raise AttncError("expected a token space, not a routing rule", stmt.value.span)
@@ -154,7 +152,7 @@ class _Lowering:
         if "q" in ids:
             self.q = space
         if "kv" in ids:
-            self.kv = self.kv_space = space
+            self.kv = space
 
     def segments(self, e: A.Segments) -> N.Segments:
         seen: dict[str, A.Name] = {}
@@ -345,10 +343,10 @@ class _Lowering:
         if side == "q":
             raise AttncError("the query space has no segments; `in` applies to keys (`k in NAME`)", e.value.span)
         self.spaces(e)
-        if not isinstance(self.kv_space, N.Segments):
+        if not isinstance(self.kv, N.Segments):
             raise AttncError("the key space has no segments to test", e.span,
                              hint="name them: `kv = hi: grid(H, W), lo: grid(H / 4, W / 4)`")
-        names = [n for n, _ in self.kv_space.parts]
+        names = [n for n, _ in self.kv.parts]
         if e.segment.id not in names:
             raise AttncError(f"the key space has no segment '{e.segment.id}'; its segments are {', '.join(names)}",
                              e.segment.span, hint=suggest(e.segment.id, names))
@@ -357,9 +355,9 @@ class _Lowering:
     def check_segment_axes(self, out: N.Expr, e: A.Expr) -> None:
         """Each segment must give a value to every key coordinate its branch of the expression reads:
         `k.y` is fine on a grid segment, and on a seq segment only where `k in grid_part` guards it."""
-        if not isinstance(self.kv_space, N.Segments):
+        if not isinstance(self.kv, N.Segments):
             return
-        for seg, space in self.kv_space.parts:
+        for seg, space in self.kv.parts:
             axes = set(space.axes) | {"i"}
             for x in N.walk(N.specialise(out, seg), expand_windows=True):
                 if isinstance(x, N.Coord) and x.side == "k" and x.axis not in axes:
@@ -424,10 +422,10 @@ class _Lowering:
         lhs, rhs = self.number(e.lhs, e.op), self.number(e.rhs, e.op)
         if e.op == "/" and self.in_size and lhs.type == rhs.type == N.INT:
             # Sizes are integers: `H / 4` is exact division, and H must be a multiple of 4.
-            self.require(N.fold(N.Binary(">=", rhs, N.Const(1))), "a size must be divided by a positive number", e)
+            self.require(rhs.ge(N.Const(1)), "a size must be divided by a positive number", e)
             self.require((lhs % rhs).eq(N.Const(0)), "a size divided with / must divide exactly", e)
             return N.Binary("//", lhs, rhs)
-        if e.op in ("/", "//", "%") and isinstance(N.fold(rhs), N.Const) and N.fold(rhs).value == 0:
+        if e.op in ("/", "//", "%") and isinstance(rhs, N.Const) and rhs.value == 0:
             raise AttncError("division by zero", e.rhs.span)
         if e.op in ("//", "%"):
             for side, val in ((e.lhs, lhs), (e.rhs, rhs)):
@@ -494,7 +492,7 @@ class _Lowering:
             if not isinstance(kw.value, A.Bool):
                 raise AttncError("own must be true or false", kw.value.span)
             own = kw.value.value
-        self.require(N.fold(N.Binary(">=", k, N.Const(1))), "top(K): K must be at least 1", top)
+        self.require(k.ge(N.Const(1)), "top(K): K must be at least 1", top)
         groups = e.groups
         if not (isinstance(groups, A.Call) and groups.func.id in ("regions", "blocks")):
             raise AttncError("route over regions(...) of a grid or blocks(B) of a sequence", groups.span,
@@ -512,7 +510,7 @@ class _Lowering:
             raise AttncError(f"blocks() takes one block size, got {len(groups.args)}", groups.span)
         sizes = tuple(self.per_axis(groups.args, len(q.dims), groups, "region sizes"))
         for size in sizes:
-            self.require(N.fold(N.Binary(">=", size, N.Const(1))), f"{kind}: sizes must be at least 1", groups)
+            self.require(size.ge(N.Const(1)), f"{kind}: sizes must be at least 1", groups)
         query = self.pooled(e.query, "q")
         if self.pooled(e.key, "k") != "mean":
             raise AttncError("keys are pooled per group: write `@ mean(k)`", e.key.span)
@@ -559,22 +557,15 @@ class _Lowering:
             else:
                 raise AttncError(f"window has no argument '{kw.name}'", kw.span,
                                  hint=suggest(kw.name, ["dilation", "stride", "causal"]))
-        out: N.Expr | None = None
-        for a, axis in enumerate(space.axes):
-            w = N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal[a],
-                         span=e.span)
-            out = w if out is None else out.and_(w)
-        return out
+        return _all(N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal[a],
+                             span=e.span) for a, axis in enumerate(space.axes))
 
     def same_block(self, e: A.Call) -> N.Expr:
         self.no_kwargs(e)
         space = self.same_space(e)
         sizes = self.per_axis(e.args, len(space.dims), e, "block sizes")
-        out: N.Expr | None = None
-        for a, axis in enumerate(space.axes):
-            term = (N.Coord("q", axis) // sizes[a]).eq(N.Coord("k", axis) // sizes[a])
-            out = term if out is None else out.and_(term)
-        return out
+        return _all((N.Coord("q", axis) // sizes[a]).eq(N.Coord("k", axis) // sizes[a])
+                    for a, axis in enumerate(space.axes))
 
     def same_window(self, e: A.Call) -> N.Expr:
         """Swin (shifted) windows of size M: same floor((c + M - shift) / M) on every axis, which
@@ -588,33 +579,31 @@ class _Lowering:
                 raise AttncError(f"same_window has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["shift"]))
             items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
             shifts = self.per_axis(items, ndim, kw.value, "shift values")
-        out: N.Expr | None = None
+        terms = []
         for a, axis in enumerate(space.axes):
             m, s, n = sizes[a], shifts[a], space.dims[a]
-            self.require(N.fold(N.Binary(">=", m, N.Const(1))), f"same_window: the window along axis {axis} must be "
+            self.require(m.ge(N.Const(1)), f"same_window: the window along axis {axis} must be "
                          "at least 1", e)
             self.require((n % m).eq(N.Const(0)), f"same_window: axis {axis} length must be a multiple of the window", e)
-            self.require(N.fold(N.Binary("<=", N.Const(0), s)).and_(s.lt(m)),
+            self.require(N.Const(0).le(s).and_(s.lt(m)),
                          f"same_window: the shift along axis {axis} must be in [0, window)", e)
-            term = ((N.Coord("q", axis) + m - s) // m).eq((N.Coord("k", axis) + m - s) // m)
-            out = term if out is None else out.and_(term)
-        return out
+            terms.append(((N.Coord("q", axis) + m - s) // m).eq((N.Coord("k", axis) + m - s) // m))
+        return _all(terms)
 
     def same_grid(self, e: A.Call) -> N.Expr:
         """MaxViT grid attention over a G x G grid: same y mod (H / G) and x mod (W / G)."""
         self.no_kwargs(e)
         space = self.same_space(e)
         grids = self.per_axis(e.args, len(space.dims), e, "grid sizes")
-        out: N.Expr | None = None
+        terms = []
         for a, axis in enumerate(space.axes):
             g, n = grids[a], space.dims[a]
-            self.require(N.fold(N.Binary(">=", g, N.Const(1))), f"same_grid: the grid size along axis {axis} must be "
+            self.require(g.ge(N.Const(1)), f"same_grid: the grid size along axis {axis} must be "
                          "at least 1", e)
             self.require((n % g).eq(N.Const(0)), f"same_grid: axis {axis} length must be a multiple of the grid size", e)
             cell = n // g
-            term = (N.Coord("q", axis) % cell).eq(N.Coord("k", axis) % cell)
-            out = term if out is None else out.and_(term)
-        return out
+            terms.append((N.Coord("q", axis) % cell).eq(N.Coord("k", axis) % cell))
+        return _all(terms)
 
     def require(self, cond: N.Expr, message: str, e: A.Expr) -> None:
         cond = N.fold(cond)
@@ -676,6 +665,15 @@ class _Lowering:
     def no_kwargs(e: A.Call) -> None:
         if e.kwargs:
             raise AttncError(f"{e.func.id}() takes no keyword arguments", e.kwargs[0].span)
+
+
+def _all(terms) -> N.Expr:
+    """The conjunction of per-axis terms, in axis order."""
+    terms = list(terms)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out.and_(t)
+    return out
 
 
 def _default_scale() -> N.Expr:

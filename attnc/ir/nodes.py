@@ -226,6 +226,7 @@ for _cls in (Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary
     _cls.eq = _binop("==")
     _cls.lt = _binop("<")
     _cls.le = _binop("<=")
+    _cls.ge = _binop(">=")
     _cls.and_ = _binop("and")
 
 
