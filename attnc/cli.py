@@ -74,9 +74,7 @@ def cmd_check(args) -> int:
 
 def cmd_explain(args, extra) -> int:
     from .explain import explain
-    from .pipeline import build
-
-    from .pipeline import parse
+    from .pipeline import build, parse
 
     spec = parse(args.file)
     # Routing has no kernel yet: explain shows the spec and IR from the reference pipeline.

@@ -254,8 +254,6 @@ class AttentionFn:
                 rt_args.append(t.stride(0) if per_head else 0)
         f32 = torch.empty(0, dtype=torch.float32, device=q.device)
         sink = sink_logits(c.bound, Hq, tensors, D, f32)
-        if sink is not None and ((sink > 1e30) | (sink < -1e30) & ~torch.isinf(sink)).any():
-            raise AttncError(f"sink logits must lie within ±1e30 (or be -inf), got {sink.tolist()}")
         sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
         cap = softcap_value(c.bound, D) or 0.0
         params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]

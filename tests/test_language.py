@@ -1,5 +1,6 @@
 """Key segments, float runtime tables, score modifiers and routing: each against an independent
 oracle (tests/oracles.py) and, where kernels exist, generated kernels against the reference."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,14 @@ def test_routed_mask_checks_its_inputs():
         fn.routed_mask(q[:, :, :19], q)
     with pytest.raises(AttncError, match="expected"):
         fn.routed_mask(q, torch.randn(2, 2, 20, 8))
+
+
+@pytest.mark.parametrize("sink,phrase", [("sinks[head] * 1.0e35", "e+35 for head 0; it must lie within"),
+                                         ("sinks[head] + sqrt(-1.0)", "is nan for head 0")])
+def test_sink_logits_out_of_range_are_errors_on_both_backends(sink, phrase):
+    spec = f"attention s(N) {{ q, kv = seq(N)  mask = causal  score = softmax(sink = {sink}) }}"
+    q = torch.zeros(1, 2, 8, 16)
+    for backend in ("triton", "reference"):
+        fn = attnc.compile(spec, backend=backend, N=8)
+        with pytest.raises(AttncError, match=re.escape(phrase)):
+            fn(q, q, q, sinks=torch.tensor([1.0, float("-inf")]))

@@ -27,7 +27,8 @@ def _leaves(axes):
     return st.one_of(st.sampled_from(coords), consts, param)
 
 
-def int_exprs(axes):
+def int_exprs(axes, leaves=None, max_leaves=6, negation=True):
+    """Integer expressions over `leaves` (default: q and k coordinates on `axes`, constants, P)."""
     def extend(children):
         binop = st.tuples(st.sampled_from(sorted(_INT_BINOPS)), children, children).map(
             lambda t: (f"({t[1][0]} {t[0]} {t[2][0]})", lambda env, t=t: _INT_BINOPS[t[0]](t[1][1](env), t[2][1](env))))
@@ -40,8 +41,8 @@ def int_exprs(axes):
                        lambda env, t=t: (np.minimum if t[0] == "min" else np.maximum)(t[1][1](env), t[2][1](env))))
         ab = children.map(lambda c: (f"abs({c[0]})", lambda env, c=c: np.abs(c[1](env))))
         neg = children.map(lambda c: (f"-{c[0]}", lambda env, c=c: np.negative(c[1](env))))
-        return st.one_of(binop, div, fn, ab, neg)
-    return st.recursive(_leaves(axes), extend, max_leaves=6)
+        return st.one_of(binop, div, fn, ab, *([neg] if negation else []))
+    return st.recursive(_leaves(axes) if leaves is None else leaves, extend, max_leaves=max_leaves)
 
 
 def bool_exprs(axes):

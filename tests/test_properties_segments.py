@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 import attnc
 from attnc import AttncError
 from attnc.ir.analysis import EMPTY, FULL, PARTIAL
-from tests.test_properties import _CMP, _INT_BINOPS, bool_exprs
+from tests.test_properties import _CMP, bool_exprs, int_exprs
 from tests.test_specs import _qkv
 
 SEGMENT_NAMES = ("a", "b", "c")
@@ -71,18 +70,7 @@ def _grid_leaves():
 
 
 def _grid_ints():
-    def extend(children):
-        binop = st.tuples(st.sampled_from(sorted(_INT_BINOPS)), children, children).map(
-            lambda t: (f"({t[1][0]} {t[0]} {t[2][0]})", lambda env, t=t: _INT_BINOPS[t[0]](t[1][1](env), t[2][1](env))))
-        div = st.tuples(st.sampled_from(["//", "%"]), children, st.integers(-5, 7).filter(bool)).map(
-            lambda t: (f"({t[1][0]} {t[0]} {t[2] if t[2] > 0 else f'({t[2]})'})",
-                       lambda env, t=t: (np.floor_divide if t[0] == "//" else np.remainder)(t[1][1](env), t[2])))
-        mm = st.tuples(st.sampled_from(["min", "max"]), children, children).map(
-            lambda t: (f"{t[0]}({t[1][0]}, {t[2][0]})",
-                       lambda env, t=t: (np.minimum if t[0] == "min" else np.maximum)(t[1][1](env), t[2][1](env))))
-        ab = children.map(lambda c: (f"abs({c[0]})", lambda env, c=c: np.abs(c[1](env))))
-        return st.one_of(binop, div, mm, ab)
-    return st.recursive(_grid_leaves(), extend, max_leaves=5)
+    return int_exprs((), leaves=_grid_leaves(), max_leaves=5, negation=False)
 
 
 def grid_preds():

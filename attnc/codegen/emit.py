@@ -75,9 +75,13 @@ class _Emitter:
             # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
             # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
             # scalar and tile conditions.
-            idx = [self.emit(i) if _varies_per_pair(i) else self.temp(f"{self.emit(i)} + tile0")
-                   for i in e.indices]
-            self.uses_tile0 = self.uses_tile0 or not all(_varies_per_pair(i) for i in e.indices)
+            idx = []
+            for i in e.indices:
+                if _varies_per_pair(i):
+                    idx.append(self.emit(i))
+                else:
+                    idx.append(self.temp(f"{self.emit(i)} + tile0"))
+                    self.uses_tile0 = True
             offset = " + ".join(f"{i} * rt{n}_s{d}" for d, i in enumerate(idx))
             if self.ir.tensors[n].per_head:
                 offset += f" + h * rt{n}_hs"

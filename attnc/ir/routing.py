@@ -20,24 +20,18 @@ import numpy as np
 
 from ..errors import AttncError
 from . import nodes as N
-from .semantics import Bound, dense_mask, evaluate_uniform
+from .semantics import Bound, decode, dense_mask, evaluate_uniform
 
 
-def group_of(bound: Bound, flat: np.ndarray) -> tuple[np.ndarray, int]:
-    """Group index of each flat token index, and the number of groups."""
+def group_of(bound: Bound) -> tuple[np.ndarray, int]:
+    """Group index of every token (q and kv share one space), and the number of groups."""
     route = bound.ir.route
-    dims = bound.q_dims
     sizes = [int(evaluate_uniform(s, bound.env)) for s in route.sizes]
-    counts = [math.ceil(d / s) for d, s in zip(dims, sizes)]
-    group = np.zeros_like(flat)
-    rest = flat.copy()
-    coords = []
-    for d in reversed(dims):
-        coords.append(rest % d)
-        rest = rest // d
-    coords.reverse()
-    for c, s, n in zip(coords, sizes, counts):
-        group = group * n + c // s
+    counts = [math.ceil(d / s) for d, s in zip(bound.q_dims, sizes)]
+    coords = decode(bound.q_dims, bound.ir.q.axes, np.arange(bound.nq))
+    group = np.zeros(bound.nq, dtype=np.int64)
+    for axis, s, n in zip(bound.ir.q.axes, sizes, counts):
+        group = group * n + coords[axis] // s
     return group, math.prod(counts)
 
 
@@ -50,25 +44,24 @@ def routed_mask(bound: Bound, q, k, tensors=None):
         raise AttncError(f"'{bound.ir.name}' has no route")
     mask = torch.from_numpy(dense_mask(bound, tensors)).to(q.device)
     top = int(evaluate_uniform(route.top, bound.env))
-    B, Hq = q.shape[:2]
-    hkv = k.shape[1]
+    Hq, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(Hq // hkv, dim=1) if Hq != hkv else k
-    gk_np, n_groups = group_of(bound, np.arange(bound.nk))
-    gk = torch.from_numpy(gk_np).to(q.device)
-    onehot_k = torch.nn.functional.one_hot(gk, n_groups).to(torch.float64)  # [Nk, G]
-    k_mean = (onehot_k.T @ kk.to(torch.float64)) / onehot_k.sum(0)[:, None]  # [B, H, G, D]
+    group_np, n_groups = group_of(bound)
+    group = torch.from_numpy(group_np).to(q.device)  # of keys, and of queries (one space)
+
+    def mean_over(onehot, x):  # [N, U] one-hot membership, x [B, H, N, D] -> [B, H, U, D]
+        return (onehot.T @ x.to(torch.float64)) / onehot.sum(0)[:, None]
+
+    onehot_k = torch.nn.functional.one_hot(group, n_groups).to(torch.float64)  # [Nk, G]
+    k_mean = mean_over(onehot_k, kk)
     if route.query == "mean":
-        unit_np = group_of(bound, np.arange(bound.nq))[0]
-        n_units = n_groups
-        onehot_q = torch.nn.functional.one_hot(torch.from_numpy(unit_np).to(q.device), n_units).to(torch.float64)
-        q_unit = (onehot_q.T @ q.to(torch.float64)) / onehot_q.sum(0)[:, None]  # [B, H, U, D]
+        unit, n_units = group, n_groups
+        q_unit = mean_over(onehot_k, q)
         own = torch.arange(n_units, device=q.device)
     else:
-        unit_np = np.arange(bound.nq)
-        n_units = bound.nq
+        unit, n_units = torch.arange(bound.nq, device=q.device), bound.nq
         q_unit = q.to(torch.float64)
-        own = torch.from_numpy(group_of(bound, unit_np)[0]).to(q.device)  # q and kv share one space
-    unit = torch.from_numpy(unit_np).to(q.device)
+        own = group
     scores = q_unit @ k_mean.transpose(-1, -2)  # [B, H, U, G]
     # Candidates: the mask lets some query of the unit see some key of the group.
     seen = torch.zeros((n_units, n_groups), dtype=torch.float64, device=q.device)
@@ -82,7 +75,7 @@ def routed_mask(bound: Bound, q, k, tensors=None):
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(n_groups, device=q.device).expand_as(order))
     chosen = (rank < top) & cand  # [B, H, U, G]
-    visible = chosen[:, :, unit][..., gk]  # [B, H, Nq, Nk]
+    visible = chosen[:, :, unit][..., group]  # [B, H, Nq, Nk]
     return visible & mask
 
 

@@ -54,7 +54,11 @@ class Bound:
         return sum(p.size for p in self.kv_parts)
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values)
+        return _describe(self.values)
+
+
+def _describe(values) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values)
 
 
 def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
@@ -74,11 +78,10 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
             missing = [d.name for d in ir.params if d.name not in params and d.default is None]
             raise AttncError(f"attention '{ir.name}' needs a value for parameter{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(missing)}", hint=f"pass them to attnc.compile, e.g. {missing[0]}=64")
-    described = ", ".join(f"{k}={v}" for k, v in values.items())
     # Preconditions first: they explain a size like H / 4 before the size itself is computed.
     for r in ir.requires:
         if not evaluate_uniform(r.cond, values):
-            raise AttncError(f"{r.message}: {_show(r.cond)} is false for {described}", r.span)
+            raise AttncError(f"{r.message}: {_show(r.cond)} is false for {_describe(values.items())}", r.span)
     q_dims = _dims(ir.q, values, "q")
     kv_parts, offset = [], 0
     for name, space in N.parts(ir.kv):
@@ -376,15 +379,14 @@ def _visible_index_ranges(bound: Bound, heads: int):
             if not seen.any():
                 continue
             coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
-            for e in [bound.ir.score.logit_bias]:
-                for lk in lookups(part_expr(e, part.name)):
-                    for d, idx in enumerate(lk.indices):
-                        val = np.broadcast_to(np.asarray(evaluate(idx, bound.env, coords)),
-                                              np.broadcast_shapes(seen.shape, (heads, 1, 1)))
-                        val = val[np.broadcast_to(seen, val.shape)]
-                        if val.size:
-                            r = found.setdefault((lk, d), [int(val.min()), int(val.max())])
-                            r[0], r[1] = min(r[0], int(val.min())), max(r[1], int(val.max()))
+            for lk in lookups(part_expr(bound.ir.score.logit_bias, part.name)):
+                for d, idx in enumerate(lk.indices):
+                    val = np.broadcast_to(np.asarray(evaluate(idx, bound.env, coords)),
+                                          np.broadcast_shapes(seen.shape, (heads, 1, 1)))
+                    val = val[np.broadcast_to(seen, val.shape)]
+                    if val.size:
+                        r = found.setdefault((lk, d), [int(val.min()), int(val.max())])
+                        r[0], r[1] = min(r[0], int(val.min())), max(r[1], int(val.max()))
     for (lk, d), (lo, hi) in found.items():
         yield lk, d, lo, hi
 
@@ -595,11 +597,19 @@ def logit_bias(bound: Bound, heads: int, tensors, head_dim: int, like):
 
 def sink_logits(bound: Bound, heads: int, tensors, head_dim: int, like):
     """Per-head sink logits [heads] (None when the score has no sink)."""
+    import torch
+
     e = bound.ir.score.sink
     if e is None:
         return None
     coords = {("q", "head"): np.arange(heads)}
-    return evaluate_torch(e, bound, coords, tensors, head_dim, like).expand(heads)
+    sink = evaluate_torch(e, bound, coords, tensors, head_dim, like).expand(heads)
+    # Kernels hold sink * log2(e) in float32; -inf (no sink) is fine, nan never is.
+    bad = torch.isnan(sink) | ((sink.abs() > 1e30) & (sink != float("-inf")))
+    if bad.any():
+        raise AttncError(f"the sink logit `{_show(e)}` is {sink[bad][0].item()} for head "
+                         f"{int(bad.nonzero()[0])}; it must lie within ±1e30 (or be -inf)")
+    return sink
 
 
 def _check_visible_bias(bound: Bound, bias, mask) -> None:
