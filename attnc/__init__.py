@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 from .errors import AttncError  # noqa: E402
-from .pipeline import Spec, compile, parse  # noqa: E402
-from .runtime import AttentionFn  # noqa: E402
+from .pipeline import Spec, parse  # noqa: E402
+from .runtime import AttentionFn, compile  # noqa: E402
 
 __all__ = ["AttncError", "AttentionFn", "Spec", "compile", "parse", "__version__"]

@@ -79,7 +79,7 @@ def cmd_explain(args, extra) -> int:
     spec = parse(args.file)
     # Routing has no kernel yet: explain shows the spec and IR from the reference pipeline.
     backend = "reference" if spec.ir.route is not None else "triton"
-    compiled = build(spec, _param_values(extra), backend, _tiles(args.tiles), _Progress("analysing tiles"))
+    compiled = build(spec, _param_values(extra), backend, _tiles(args.tiles), progress=_Progress("analysing tiles"))
     print(explain(compiled, sections=args.section))
     return 0
 
@@ -106,13 +106,13 @@ def random_tensors(fn, heads: int, gen, device) -> dict:
 def cmd_run(args, extra) -> int:
     import torch
 
-    from .ir.analysis import tile_picture
+    from .analysis.tiles import tile_picture
     from .pipeline import build
     from .runtime import AttentionFn
 
     params = _param_values(extra)
     t0 = time.perf_counter()
-    compiled = build(args.file, params, args.backend, _tiles(args.tiles), _Progress("analysing tiles"))
+    compiled = build(args.file, params, args.backend, _tiles(args.tiles), progress=_Progress("analysing tiles"))
     fn = AttentionFn(compiled)
     t_compile = time.perf_counter() - t0
     b = compiled.bound

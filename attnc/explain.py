@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .frontend import format_spec
-from .ir.analysis import tile_picture
+from .analysis.tiles import tile_picture
+from .ir.printer import digest, format_ir
 from .pipeline import Compiled
 
 SECTIONS = ("spec", "ir", "tiles", "kernel")
@@ -14,7 +15,7 @@ def explain(c: Compiled, sections=None) -> str:
     if "spec" in sections:
         out += [_rule("parsed spec"), format_spec(c.spec.ast).rstrip()]
     if "ir" in sections:
-        out += [_rule(f"IR (sha256 {c.spec.ir.digest()[:16]})"), c.spec.ir.canonical(),
+        out += [_rule(f"IR (sha256 {digest(c.spec.ir)[:16]})"), format_ir(c.spec.ir),
                 f"bound: {c.bound.describe()}; {c.bound.nq} queries x {c.bound.nk} keys"]
     if "tiles" in sections and c.schedule is not None:
         s = c.schedule

@@ -1,6 +1,7 @@
 """The whole compiler in one place: each stage a function of the last, each artifact kept.
 
-    text --parse--> AST --lower--> IR --bind--> Bound --analyse--> Schedule --emit--> Triton source
+    text --parse--> AST --lower--> IR --bind--> Bound --layout--> Layout --analyse--> Schedule
+         --emit--> Triton source (cached) --import--> module
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any, Callable
 from .errors import AttncError
 from .frontend import decode, parse as parse_text
 from .frontend import syntax as A
+from .analysis.extents import tensor_extents
+from .analysis.layout import AUTO, Layout, choose
+from .analysis.tiles import Schedule, analyse
 from .ir import nodes as N
-from .ir.analysis import Schedule, analyse
+from .ir.bind import Bound, bind
+from .ir.intervals import needs_int64
 from .ir.lower import lower
-from .ir.routing import check_routable
-from .ir.semantics import Bound, bind, needs_int64, tensor_extents
 
 BACKENDS = ("triton", "reference")
 DEFAULT_TILES = (64, 64)
@@ -48,6 +51,7 @@ class Compiled:
     bound: Bound
     backend: str
     schedule: Schedule | None = None
+    layout: Layout | None = None
     int64: bool = False
     tensor_extents: dict = field(default_factory=dict)  # runtime tensor -> smallest valid shape
     kernel_path: Path | None = None
@@ -93,7 +97,7 @@ def _read(path: Path) -> str:
 
 
 def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[int, int] = DEFAULT_TILES,
-          progress: Callable[[int, int], None] | None = None) -> Compiled:
+          layout: "str | Layout" = AUTO, progress: Callable[[int, int], None] | None = None) -> Compiled:
     """Run the pipeline for one binding of the parameters."""
     parsed = parse(spec)
     if backend not in BACKENDS:
@@ -102,17 +106,25 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
     try:
         bound = bind(parsed.ir, params)
         extents = tensor_extents(bound)
-        if backend == "reference":
-            return Compiled(parsed, bound, backend, tensor_extents=extents)
-        check_routable(parsed.ir)
-        schedule = analyse(bound, *tiles, progress=progress)
+        order = choose(bound, layout)
+        if backend == "reference":  # the oracle computes densely in row-major order, whatever the layout
+            return Compiled(parsed, bound, backend, layout=order, tensor_extents=extents)
+        _check_routable(parsed.ir)
+        schedule = analyse(bound, *tiles, order, progress=progress)
     except AttncError as err:
         raise err.with_source(parsed.text, parsed.filename) from None
     from .codegen.cache import load_module
     from .settings import settings
 
     module, path, source = load_module(parsed.ir, settings().cache_dir)
-    return Compiled(parsed, bound, backend, schedule, needs_int64(bound), extents, path, source, module)
+    return Compiled(parsed, bound, backend, schedule, order, needs_int64(bound), extents, path, source, module)
+
+
+def _check_routable(ir: N.Attention) -> None:
+    if ir.route is not None:
+        raise AttncError(f"'{ir.name}' routes keys by data (top-k); the generated kernels do not route yet",
+                         hint="use backend='reference' (on the command line: --backend reference); routing "
+                              "semantics are defined and tested there")
 
 
 def _check_tiles(tiles) -> tuple[int, int]:
@@ -122,14 +134,3 @@ def _check_tiles(tiles) -> tuple[int, int]:
         raise AttncError(f"tiles must be a pair of integers (BLOCK_M, BLOCK_N), got {tiles!r}") from None
     return bm, bn
 
-
-def compile(spec, backend: str = "triton", tiles: tuple[int, int] = DEFAULT_TILES, **params):
-    """Compile a spec into a PyTorch callable `fn(q, k, v)`.
-
-    spec: a path to a .attn file, .attn source text, or a Spec from `attnc.parse`.
-    backend: "triton" (generated kernels; Triton's interpreter for CPU tensors) or "reference"
-    (dense float evaluation, the oracle). tiles: (BLOCK_M, BLOCK_N). params: the spec's parameters.
-    """
-    from .runtime import AttentionFn
-
-    return AttentionFn(build(spec, params, backend, tiles))

@@ -1,21 +1,35 @@
-"""The callable users get: input validation, kernel launch, the dense mask."""
+"""The callable users get: input validation, dispatch to a backend, the dense mask."""
 from __future__ import annotations
 
-import math
+import os
 
 import numpy as np
 import torch
 
+from .analysis.extents import tensor_extents
+from .analysis.layout import AUTO, Layout
+from .backends.triton.host import HostState, host_ints
+from .backends.triton.launch import forward
 from .errors import AttncError, suggest
 from .ir import nodes as N
-from .ir.routing import routed_mask
-from .ir.semantics import (dense_mask, reference_attention, row_scores, score_reads_n_visible, sink_logits,
-                           softcap_value, tensor_extents)
-from .pipeline import Compiled
+from .ir.evaluate import mask_block
+from .pipeline import DEFAULT_TILES, Compiled, build
 
-LOG2E = 1.4426950408889634
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+
+
+def compile(spec: "str | os.PathLike", backend: str = "triton", tiles: tuple[int, int] = DEFAULT_TILES,
+            layout: "str | Layout" = AUTO, **params) -> "AttentionFn":
+    """Compile a spec into a PyTorch callable `fn(q, k, v)`.
+
+    spec: a path to a .attn file, .attn source text, or a Spec from `attnc.parse`.
+    backend: "triton" (generated kernels; Triton's interpreter for CPU tensors) or "reference"
+    (dense float evaluation, the oracle). tiles: (BLOCK_M, BLOCK_N). layout: the token order
+    the kernels work in ("auto" or "row_major"); results are row-major whatever it is.
+    params: the spec's parameters.
+    """
+    return AttentionFn(build(spec, params, backend, tiles, layout))
 
 
 class AttentionFn:
@@ -27,8 +41,7 @@ class AttentionFn:
 
     def __init__(self, compiled: Compiled):
         self.compiled = compiled
-        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._scores: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host = HostState(compiled) if compiled.backend == "triton" else None
         self._extent_cache: dict[int, dict[str, tuple[int, ...]]] = {}
 
     @property
@@ -55,6 +68,19 @@ class AttentionFn:
     def kernel_source(self) -> str | None:
         return self.compiled.kernel_source
 
+    @property
+    def layout(self) -> Layout:
+        """The token order the kernels work in: `.name`, `.q_order`, `.kv_order`."""
+        return self.compiled.layout
+
+    def tile_map(self, **tensors: torch.Tensor) -> torch.Tensor:
+        """int8 [q tiles, kv tiles] in kernel order: 0 EMPTY, 1 PARTIAL, 2 FULL, exactly the
+        classes the kernel uses (tiles that depend on runtime data are PARTIAL for now)."""
+        if self.compiled.schedule is None:
+            raise AttncError("the reference backend has no tiles; compile with backend='triton'")
+        self._check_tensors(tensors, heads=None)
+        return torch.from_numpy(self.compiled.schedule.classes.copy())
+
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
 
@@ -66,30 +92,33 @@ class AttentionFn:
         if self.ir.route is not None:
             raise AttncError("a routed spec's visibility depends on q and k; use fn.routed_mask(q, k)")
         checked = self._check_tensors(tensors, heads=None)
-        return torch.from_numpy(dense_mask(self.compiled.bound, self._host_tensors(checked)))
+        bound = self.compiled.bound
+        return torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), host_ints(checked)))
 
     def routed_mask(self, q: torch.Tensor, k: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
         """Visibility of a routed spec: bool [B, Hq, Nq, Nk] (the mask and the top-k selection)."""
         if self.ir.route is None:
             raise AttncError(f"'{self.ir.name}' has no route; use fn.mask()")
+        from .backends.reference import routed_mask  # routing has no kernels yet: its one definition
+
         self._check(q, k, k)
         checked = self._check_tensors(tensors, heads=None)
-        return routed_mask(self.compiled.bound, q, k, self._host_tensors(checked))
+        return routed_mask(self.compiled.bound, q, k, host_ints(checked))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  **tensors: torch.Tensor):
         self._check(q, k, v)
         tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device)
+        if return_lse and self.ir.score.kind != "softmax":
+            raise AttncError(f"return_lse needs softmax scoring; this spec scores with {self.ir.score.kind}")
         if self.backend == "reference":
-            if return_lse:
-                raise AttncError("return_lse is only available with backend='triton'")
-            return reference_attention(self.compiled.bound, q, k, v, tensors=tensors)
+            from .backends.reference import reference_attention
+
+            return reference_attention(self.compiled.bound, q, k, v, tensors=tensors, return_lse=return_lse)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tensors.values())):
             raise AttncError("the triton backend has no backward kernel yet",
                              hint="run under torch.no_grad(), or use backend='reference' for gradients")
-        if return_lse and self.ir.score.kind != "softmax":
-            raise AttncError(f"return_lse needs softmax scoring; this spec scores with {self.ir.score.kind}")
-        out, lse = self._forward(q, k, v, tensors)
+        out, lse = forward(self.compiled, self._host, q, k, v, tensors)
         return (out, lse) if return_lse else out
 
     # -- runtime tensors ------------------------------------------------------------------------
@@ -122,8 +151,8 @@ class AttentionFn:
             if floating and not t.dtype.is_floating_point:
                 raise AttncError(f"runtime tensor '{name}' is read by a score modifier and must be floating "
                                  f"point, got {t.dtype}")
-            if not floating and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-                raise AttncError(f"runtime tensor '{name}' must have an integer dtype, got {t.dtype}")
+            if not floating and (t.dtype.is_floating_point or t.dtype.is_complex):
+                raise AttncError(f"runtime tensor '{name}' must have an integer dtype (or bool), got {t.dtype}")
             shape = list(t.shape)
             if floating and decl.per_head and t.dim() == decl.rank + 1:
                 if shape[0] != heads:
@@ -136,8 +165,13 @@ class AttentionFn:
                                  f"shape {list(need)}{per_head} for {self._sizes()}")
             if device is not None and t.device != device:
                 raise AttncError(f"runtime tensor '{name}' is on {t.device} but q is on {device}")
-            if not floating and t.numel() and (t.min() < -(2**31) or t.max() >= 2**31):
-                raise AttncError(f"runtime tensor '{name}' has values outside int32")
+            # Host syncs: the value checks below (int range, nan / +inf) are the only ones in a call,
+            # with the per-call row counts of host.visible_counts when a score needs them.
+            if not floating and t.numel() and not _fits_int32(t.dtype):
+                lo, hi = int(t.min()), int(t.max())  # as Python ints: no overflow in t's own dtype
+                if lo < -(2**31) or hi >= 2**31:
+                    raise AttncError(f"runtime tensor '{name}' has values in [{lo}, {hi}], outside int32",
+                                     hint="kernels read integer tensors as int32")
             if floating and t.numel() and (torch.isnan(t).any() or (t == float("inf")).any()):
                 raise AttncError(f"runtime tensor '{name}' contains NaN or +inf",
                                  hint="-inf is allowed: it hides a pair (or silences a sink)")
@@ -148,11 +182,6 @@ class AttentionFn:
         if heads not in self._extent_cache:
             self._extent_cache[heads] = tensor_extents(self.compiled.bound, heads)
         return self._extent_cache[heads]
-
-    @staticmethod
-    def _host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        return {name: t.cpu().numpy().astype(np.int64) for name, t in tensors.items()
-                if not t.dtype.is_floating_point}
 
     # -- validation -----------------------------------------------------------------------------
     def _check(self, q, k, v) -> None:
@@ -206,68 +235,9 @@ class AttentionFn:
     def _sizes(self) -> str:
         return f"'{self.ir.name}' with {self.compiled.bound.describe()}"
 
-    # -- launch ---------------------------------------------------------------------------------
-    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        tables = self._tables.get(device)
-        if tables is None:
-            s = self.compiled.schedule
-            tables = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
-                           for a in (s.full_ptr, s.full_idx, s.part_ptr, s.part_idx))
-            # Empty index arrays still need a valid pointer.
-            tables = tuple(t if t.numel() else torch.zeros(1, dtype=torch.int32, device=device) for t in tables)
-            self._tables[device] = tables
-        return tables
 
-    def _row_scores(self, head_dim: int, device: torch.device, tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (head_dim, device)
-        # Only a score that reads n_visible under a mask that reads runtime data needs this call's
-        # counts; every other score depends on head_dim alone (rows that see nothing output 0
-        # whatever their scale), so it is computed once.
-        per_call = not self.compiled.schedule.exact and score_reads_n_visible(self.ir.score)
-        if key not in self._scores or per_call:
-            counts = self.compiled.schedule.row_counts
-            if per_call:
-                counts = dense_mask(self.compiled.bound, self._host_tensors(tensors)).sum(axis=1)  # O(Nq * Nk)
-            scale, bias = row_scores(self.compiled.bound, head_dim, counts)
-            if self.ir.score.kind == "softmax" and not self.ir.score.modified:
-                scale = scale * LOG2E  # the kernel's online softmax works in base 2
-            self._scores[key] = tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
-        return self._scores[key]
-
-    def _forward(self, q, k, v, tensors):
-        c = self.compiled
-        s = c.schedule
-        B, Hq, Nq, D = q.shape
-        Hkv, Dv = k.shape[1], v.shape[3]
-        out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        scale, bias = self._row_scores(D, q.device, tensors)
-        rt_args = []
-        for decl in self.ir.tensors:
-            t = tensors[decl.name]
-            t = (t.to(torch.float32) if decl.dtype == N.FLOAT else t.to(torch.int32)).contiguous()
-            per_head = t.dim() == decl.rank + 1
-            dims = t.shape[1:] if per_head else t.shape
-            strides = t.stride()[1:] if per_head else t.stride()
-            rt_args += [t, *dims, *strides]
-            if decl.per_head:
-                rt_args.append(t.stride(0) if per_head else 0)
-        f32 = torch.empty(0, dtype=torch.float32, device=q.device)
-        sink = sink_logits(c.bound, Hq, tensors, D, f32)
-        sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
-        cap = softcap_value(c.bound, D) or 0.0
-        params = [int(c.bound.env[p.name]) for p in self.ir.params if p.type == N.INT]
-        grid = (s.q_tiles, B * Hq)
-        c.module.attnc_fwd[grid](
-            q, k, v, out, lse, scale, bias, sink, cap, *self._device_tables(q.device),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            Hq, Hq // Hkv, Nq, s.nk, D, *params, *rt_args,
-            HEAD_DIM=D, HEAD_DIM_V=Dv,
-            BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
-            BLOCK_M=s.block_m, BLOCK_N=s.block_n, INT64=c.int64,
-        )
-        return out, lse
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(n)))
+def _fits_int32(dtype: torch.dtype) -> bool:
+    if dtype == torch.bool:
+        return True
+    info = torch.iinfo(dtype)
+    return info.min >= -(2**31) and info.max < 2**31

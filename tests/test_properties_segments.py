@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc import AttncError
-from attnc.ir.analysis import EMPTY, FULL, PARTIAL
+from attnc.analysis.tiles import EMPTY, FULL, PARTIAL
 from tests.test_properties import _CMP, bool_exprs, int_exprs
 from tests.test_specs import _qkv
 

@@ -255,7 +255,9 @@ def _tile_step(masked: bool, score: N.Score) -> str:
     ]
     if masked or score.logit_bias is not None:
         lines += [
-            "        k_i = offs_n[None, :]",
+            "        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there",
+            "        if KV_PERMUTED:",
+            "            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]",
             "        if INT64:",
             "            k_i = k_i.to(tl.int64)",
         ]
@@ -270,7 +272,7 @@ def _tile_step(masked: bool, score: N.Score) -> str:
     if kind == "softmax" and score.modified:
         lines.append("        s = s * 1.4426950408889634  # to base 2 after the modifiers")
     if masked:
-        lines.append("        keep = (k_i < Nk) & visible(q_i, k_i, PAIR_ARGS)")
+        lines.append("        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, PAIR_ARGS)")
     if kind == "softmax":
         if masked:
             lines.append("        s = tl.where(keep, s, float(\"-inf\"))")
@@ -331,7 +333,7 @@ _KERNEL = '''\
 @triton.jit
 def attnc_fwd(
     Q, K, V, Out, Stat, ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -340,9 +342,13 @@ def attnc_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
+
+    Tokens are in kernel order: Q, K, V, Out, Stat and the row vectors are indexed by kernel
+    position; the mask and bias read the row-major token at a position through Q_ORDER and
+    KV_ORDER when the layout permutes that side.
 
     Score: SCORE_TEXT.
     Per-row scale and bias come from the host (without modifiers, softmax's scale includes log2(e)).
@@ -362,6 +368,8 @@ def attnc_fwd(
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
     q_i = offs_m[:, None]
+    if Q_PERMUTED:
+        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)

@@ -1,1 +1,2 @@
-"""attnc IR: nodes, lowering from the AST, semantics (the reference), and tile analysis."""
+"""attnc IR: nodes and their printer, lowering from the AST, binding, expression evaluation and
+integer ranges. Nothing here depends on analysis, codegen or the backends."""

@@ -6,7 +6,6 @@ passed to kernels as runtime arguments.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -428,15 +427,6 @@ class Attention:
     route: Route | None = None
     # Source line of each part, for comments in generated code; not part of identity.
     lines: tuple[tuple[str, int], ...] = field(default=(), **_NOCMP)
-
-    def canonical(self) -> str:
-        from .printer import format_ir
-
-        return format_ir(self)
-
-    def digest(self) -> str:
-        """Stable content hash of the IR (spans and comments excluded)."""
-        return hashlib.sha256(self.canonical().encode()).hexdigest()
 
     def line_of(self, part: str) -> int | None:
         return dict(self.lines).get(part)

@@ -1,6 +1,8 @@
 """Canonical text of the IR: deterministic, so it doubles as the hash input."""
 from __future__ import annotations
 
+import hashlib
+
 from ..frontend.printer import ATOM as _ATOM
 from ..frontend.printer import PRECEDENCE as _PREC
 from ..frontend.printer import infix, unary
@@ -23,6 +25,11 @@ def format_ir(ir: N.Attention) -> str:
         f"  score = {format_score(ir.score)}",
         *([f"  route = {format_route(ir.route)}"] if ir.route is not None else []),
     ])
+
+
+def digest(ir: N.Attention) -> str:
+    """Stable content hash of the IR's canonical text (spans and source lines excluded)."""
+    return hashlib.sha256(format_ir(ir).encode()).hexdigest()
 
 
 def format_route(r: N.Route) -> str:

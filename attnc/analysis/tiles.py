@@ -1,5 +1,6 @@
 """Tile analysis: classify each BLOCK_M x BLOCK_N tile of the score matrix as EMPTY, FULL or
-PARTIAL, and list per query tile the key tiles a kernel must visit.
+PARTIAL, and list per query tile the key tiles a kernel must visit. Tiles are cut in kernel
+positions, so a layout (a token order) decides which tokens share a tile.
 
 Version 1 evaluates the predicate over each tile (vectorised, one row of tiles at a time, so
 memory stays O(BLOCK_M * Nk)). It is exact by construction. The interface (`analyse`) is what
@@ -14,7 +15,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import AttncError
-from .semantics import Bound, mask_bounds, reads_tensors
+from ..ir import nodes as N
+from ..ir.bind import Bound
+from ..ir.evaluate import evaluate, pair_coords, part_expr, reads_tensors
+from .layout import Layout, row_major
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -33,7 +37,7 @@ class Schedule:
     nq: int
     nk: int
     classes: np.ndarray = field(repr=False)  # int8 [q tiles, kv tiles]
-    row_counts: np.ndarray = field(repr=False)  # int64 [nq]: keys each query sees (n_visible)
+    row_counts: np.ndarray = field(repr=False)  # int64 [nq]: keys the query at each position sees
     full_ptr: np.ndarray = field(repr=False)
     full_idx: np.ndarray = field(repr=False)
     part_ptr: np.ndarray = field(repr=False)
@@ -41,6 +45,7 @@ class Schedule:
     # False when the mask reads runtime tensors: row_counts then counts the keys a query can
     # possibly see, and the true counts are known only at call time.
     exact: bool = True
+    layout: Layout | None = field(default=None, repr=False)  # the token order tiles are cut in
 
     @property
     def q_tiles(self) -> int:
@@ -68,8 +73,40 @@ class Schedule:
         }
 
 
-def analyse(bound: Bound, block_m: int, block_n: int,
+def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(certainly visible, possibly visible) without runtime data: three-valued evaluation in
+    which every comparison that reads a runtime tensor is unknown."""
+    shape = (len(q_idx), len(k_idx))
+    lo_out, hi_out = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    for part, sel, coords in pair_coords(bound, q_idx, k_idx):
+
+        def rec(e: N.Expr):
+            if not reads_tensors(e):
+                v = np.asarray(evaluate(e, bound.env, coords), dtype=bool)
+                return v, v
+            if isinstance(e, N.Unary) and e.op == "not":
+                lo, hi = rec(e.operand)
+                return ~hi, ~lo
+            if isinstance(e, N.Binary) and e.op in ("and", "or"):
+                (alo, ahi), (blo, bhi) = rec(e.lhs), rec(e.rhs)
+                if e.op == "and":
+                    return alo & blo, ahi & bhi
+                return alo | blo, ahi | bhi
+            return np.zeros((), dtype=bool), np.ones((), dtype=bool)
+
+        lo, hi = rec(part_expr(bound.ir.mask, part.name))
+        part_shape = (len(q_idx), int(sel.sum()))
+        lo_out[:, sel] = np.broadcast_to(lo, part_shape)
+        hi_out[:, sel] = np.broadcast_to(hi, part_shape)
+    return lo_out, hi_out
+
+
+
+
+def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = None,
             progress: Callable[[int, int], None] | None = None) -> Schedule:
+    """The schedule of `bound` under `layout` (row-major when None); every array of the result
+    is indexed by kernel position."""
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
             raise AttncError(f"{name} = {b}: tile sizes must be powers of two, at least 16")
@@ -77,12 +114,13 @@ def analyse(bound: Bound, block_m: int, block_n: int,
     n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
     classes = np.zeros((n_qt, n_kt), dtype=np.int8)
     row_counts = np.zeros(nq, dtype=np.int64)
-    keys = np.arange(nk)
+    layout = layout or row_major(nq, nk)
+    keys = layout.kv_perm
     pad = n_kt * block_n - nk
     for t in range(n_qt):
         rows = np.arange(t * block_m, min(nq, (t + 1) * block_m))
         # Certainly / possibly visible: equal unless the mask reads runtime tensors (unknown here).
-        certain, possible = mask_bounds(bound, rows, keys)
+        certain, possible = mask_bounds(bound, layout.q_perm[rows], keys)
         row_counts[rows] = possible.sum(axis=1)
         # Padding keys count as hidden, so a ragged kv tile (which needs bounds checks) is never FULL.
         any_ = np.pad(possible, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n).any(axis=(0, 2))
@@ -93,7 +131,7 @@ def analyse(bound: Bound, block_m: int, block_n: int,
     full_ptr, full_idx = _csr(classes == FULL)
     part_ptr, part_idx = _csr(classes == PARTIAL)
     return Schedule(block_m, block_n, nq, nk, classes, row_counts, full_ptr, full_idx, part_ptr, part_idx,
-                    exact=not reads_tensors(bound.ir.mask))
+                    exact=not reads_tensors(bound.ir.mask), layout=layout)
 
 
 def _csr(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

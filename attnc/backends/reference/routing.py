@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 
-from ..errors import AttncError
-from . import nodes as N
-from .semantics import Bound, decode, dense_mask, evaluate_uniform
+from ...errors import AttncError
+from ...ir.bind import Bound
+from ...ir.evaluate import decode, evaluate_uniform, mask_block
 
 
 def group_of(bound: Bound) -> tuple[np.ndarray, int]:
@@ -42,7 +42,7 @@ def routed_mask(bound: Bound, q, k, tensors=None):
     route = bound.ir.route
     if route is None:
         raise AttncError(f"'{bound.ir.name}' has no route")
-    mask = torch.from_numpy(dense_mask(bound, tensors)).to(q.device)
+    mask = torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors)).to(q.device)
     top = int(evaluate_uniform(route.top, bound.env))
     Hq, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(Hq // hkv, dim=1) if Hq != hkv else k
@@ -78,9 +78,3 @@ def routed_mask(bound: Bound, q, k, tensors=None):
     visible = chosen[:, :, unit][..., group]  # [B, H, Nq, Nk]
     return visible & mask
 
-
-def check_routable(ir: N.Attention) -> None:
-    if ir.route is not None:
-        raise AttncError(f"'{ir.name}' routes keys by data (top-k); the generated kernels do not route yet",
-                         hint="use backend='reference' (on the command line: --backend reference); routing semantics are "
-                              "defined and tested there")

@@ -1,0 +1,1 @@
+"""Analysis of a bound spec: token layouts, tile classes and schedules, runtime tensor extents."""

@@ -1,0 +1,112 @@
+"""The reference backend: the spec's attention computed densely, in float64 when asked, and
+differentiable through torch autograd. This is the oracle every kernel is tested against; only
+tests and `backend="reference"` import it, never analysis, codegen or the Triton runtime.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import AttncError
+from ...ir.bind import Bound
+from ...ir.evaluate import mask_block, pair_coords, part_expr, show
+from ...ir.scores import evaluate_torch, row_scores, sink_logits, softcap_value
+from .routing import routed_mask
+
+
+def dense_mask(bound: Bound, tensors=None) -> np.ndarray:
+    """bool [Nq, Nk]: the mask at every pair, row-major tokens."""
+    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors)
+
+
+def logit_bias(bound: Bound, heads: int, tensors, head_dim: int, like):
+    """The logit bias as a torch tensor broadcastable to [heads, Nq, Nk] (None when absent)."""
+    import torch
+
+    e = bound.ir.score.logit_bias
+    if e is None:
+        return None
+    head = np.arange(heads)[:, None, None]
+    out = torch.zeros((heads, bound.nq, bound.nk), dtype=like.dtype, device=like.device)
+    cols = []
+    for part, sel, coords in pair_coords(bound, np.arange(bound.nq), np.arange(bound.nk)):
+        coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
+        val = evaluate_torch(part_expr(e, part.name), bound, coords, tensors, head_dim, like)
+        cols.append((torch.from_numpy(np.nonzero(sel)[0]).to(like.device), val))
+    for idx, val in cols:
+        out = out.index_copy(2, idx, val.expand(heads, bound.nq, len(idx)).contiguous())
+    return out
+
+
+
+def _check_visible_bias(bound: Bound, bias, mask) -> None:
+    """A bias that is nan or +inf where a query sees a key is an error (-inf hides the pair).
+    bias: [heads, Nq, Nk]; mask: [Nq, Nk], or [B, heads, Nq, Nk] under routing."""
+    import torch
+
+    bad = (torch.isnan(bias) | (bias == float("inf"))) & mask
+    if bad.any():
+        h, i, j = (int(x) for x in bad.nonzero()[0][-3:])
+        raise AttncError(f"the bias `{show(bound.ir.score.logit_bias)}` is {bias[h, i, j].item()} at head {h}, "
+                         f"query {i}, key {j}, which the query sees")
+
+
+# -- the dense reference attention ---------------------------------------------------------------
+def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_lse: bool = False):
+    """The spec's attention, densely, in the inputs' dtype (use float64 for an oracle).
+
+    `tensors` maps runtime tensor names to torch tensors. Rows that see no key output exactly 0.
+    Differentiable through torch autograd, including the float runtime tensors (bias tables).
+    With return_lse (softmax only), also the logsumexp per row [B, Hq, Nq] over the visible
+    logits and the sink: -inf for a row that sees nothing and has no sink.
+    """
+    import torch
+
+    if return_lse and bound.ir.score.kind != "softmax":
+        raise AttncError(f"return_lse needs softmax scoring; this spec scores with {bound.ir.score.kind}")
+    tensors = tensors or {}
+    host = {n: t.detach().to(torch.int64).cpu().numpy() for n, t in tensors.items() if not t.dtype.is_floating_point}
+    if mask is None and bound.ir.route is not None:
+        mask = routed_mask(bound, q, k, host)  # [B, Hq, Nq, Nk]: routing depends on the data
+    dense = dense_mask(bound, host) if mask is None else mask.cpu().numpy()
+    mask = torch.from_numpy(dense).to(q.device)
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[..., None]
+                   for x in row_scores(bound, d, dense.sum(axis=-1)))
+    s = (q @ k.transpose(-1, -2)) * scale
+    extra = logit_bias(bound, hq, tensors, d, q)
+    if extra is not None:
+        _check_visible_bias(bound, extra, mask)
+        s = s + extra
+    cap = softcap_value(bound, d)
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    kind = bound.ir.score.kind
+    # torch.where, not a product: values at hidden pairs (inf, nan from a bias) must not leak.
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if kind == "sigmoid":
+        return torch.where(mask, torch.sigmoid(s + bias), zero) @ v
+    if kind == "softplus":
+        p = torch.where(mask, torch.nn.functional.softplus(s), zero)
+        denom = p.sum(dim=-1, keepdim=True)
+    else:
+        s = s.masked_fill(~mask, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        sink = sink_logits(bound, hq, tensors, d, q)
+        if sink is not None:
+            sink = sink[None, :, None, None]
+            m = torch.maximum(m, sink)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+        p = torch.where(mask, torch.exp(s - m), zero)
+        denom = p.sum(dim=-1, keepdim=True)
+        if sink is not None:
+            denom = denom + torch.exp(sink - m)
+    out = (p @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if not return_lse:
+        return out
+    safe = torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = torch.where(denom == 0, torch.full_like(denom, float("-inf")), m + torch.log(safe))
+    return out, lse.squeeze(-1)
+

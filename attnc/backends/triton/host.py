@@ -1,0 +1,103 @@
+"""Host-side preparation for the generated kernels, built from the IR and the schedule: device
+copies of the schedule and the layout, per-row score scale and bias, runtime tensor arguments,
+sink logits, and the per-call row counts a score needs when the mask reads runtime data.
+
+Everything here is indexed by kernel position (see analysis/layout.py).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from ...ir import nodes as N
+from ...ir.evaluate import mask_block
+from ...ir.scores import row_scores, score_reads_n_visible
+from ...pipeline import Compiled
+
+LOG2E = 1.4426950408889634
+_COUNT_CHUNK = 1 << 22  # pairs evaluated at once when counting visible keys per call
+
+
+def host_ints(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The integer runtime tensors as int64 numpy arrays (any integer dtype or bool)."""
+    return {name: t.detach().to(torch.int64).cpu().numpy() for name, t in tensors.items()
+            if not t.dtype.is_floating_point}
+
+
+def visible_counts(compiled: Compiled, ints: dict[str, np.ndarray]) -> np.ndarray:
+    """Keys each query sees under this call's runtime data, per kernel position. O(Nq * Nk)
+    work in bounded memory; symbolic per-tile summaries replace it later."""
+    bound, order = compiled.bound, compiled.layout
+    counts = np.zeros(bound.nq, dtype=np.int64)
+    keys = np.arange(bound.nk)
+    step = max(1, _COUNT_CHUNK // max(1, bound.nk))
+    for start in range(0, bound.nq, step):
+        rows = np.arange(start, min(bound.nq, start + step))
+        counts[rows] = mask_block(bound, order.q_perm[rows], keys, ints).sum(axis=1)
+    return counts
+
+
+class HostState:
+    """Per-callable host state, cached per device (and head dim). Safe to share across threads:
+    every cache entry is computed fully before it is published under the lock."""
+
+    def __init__(self, compiled: Compiled):
+        self.c = compiled
+        self._lock = threading.Lock()
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._scores: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _cached(self, cache: dict, key, make):
+        with self._lock:
+            hit = cache.get(key)
+        if hit is None:
+            hit = make()
+            with self._lock:
+                hit = cache.setdefault(key, hit)
+        return hit
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The schedule's CSR lists and the layout's orders on `device` (int32)."""
+        def make():
+            s, lay = self.c.schedule, self.c.layout
+            arrays = (s.full_ptr, s.full_idx, s.part_ptr, s.part_idx, lay.q_perm, lay.kv_perm)
+            out = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device) for a in arrays)
+            # Empty index arrays still need a valid pointer.
+            return tuple(t if t.numel() else torch.zeros(1, dtype=torch.int32, device=device) for t in out)
+
+        return self._cached(self._tables, device, make)
+
+    def row_scores(self, head_dim: int, device: torch.device, ints) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 per-position score scale and bias (softmax's scale in base 2 when unmodified)."""
+        ir = self.c.spec.ir
+
+        def make(counts):
+            scale, bias = row_scores(self.c.bound, head_dim, counts)
+            if ir.score.kind == "softmax" and not ir.score.modified:
+                scale = scale * LOG2E  # the kernel's online softmax works in base 2
+            return tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
+
+        # Only a score that reads n_visible under a mask that reads runtime data needs this call's
+        # counts; every other score depends on head_dim alone (rows that see nothing output 0
+        # whatever their scale), so it is computed once.
+        if not self.c.schedule.exact and score_reads_n_visible(ir.score):
+            return make(visible_counts(self.c, ints))
+        return self._cached(self._scores, (head_dim, device), lambda: make(self.c.schedule.row_counts))
+
+
+def tensor_args(ir: N.Attention, tensors: dict[str, torch.Tensor]) -> list:
+    """Kernel arguments for the runtime tensors: pointer, sizes, strides, and for tables that may
+    be per head the head stride (0 when shared), in the order the emitter declares them."""
+    out = []
+    for decl in ir.tensors:
+        t = tensors[decl.name]
+        t = (t.to(torch.float32) if decl.dtype == N.FLOAT else t.to(torch.int32)).contiguous()
+        per_head = t.dim() == decl.rank + 1
+        dims = t.shape[1:] if per_head else t.shape
+        strides = t.stride()[1:] if per_head else t.stride()
+        out += [t, *dims, *strides]
+        if decl.per_head:
+            out.append(t.stride(0) if per_head else 0)
+    return out
