@@ -217,3 +217,19 @@ def test_sigmoid_weights_are_not_normalised(device):
         out = fn(q, k, v).cpu()
     expect = torch.arange(1, 31, dtype=torch.float32) / (1 + math.exp(-1.5))
     assert torch.allclose(out[0, 0, :, 0], expect, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,params", [("specs/natten2d.attn", dict(H=13, W=17, kernel=5, dilation=2)),
+                                         ("specs/causal.attn", dict(N=300))])
+def test_bfloat16_error_within_eager_error_on_gpu(spec, params):
+    """bfloat16 exists only natively (Triton's interpreter has none): FlexAttention's criterion."""
+    fn = attnc.compile(spec, **params)
+    ref = attnc.compile(spec, backend="reference", **params)
+    n = fn.compiled.bound.nq
+    q, k, v = _qkv(n, n, heads=4, d=64, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        out = fn(q, k, v).cpu().double()
+    gold = ref(q.cpu().double(), k.cpu().double(), v.cpu().double())
+    eager = ref(q.cpu().float(), k.cpu().float(), v.cpu().float()).bfloat16().double()
+    assert (out - gold).abs().max() <= 3 * (eager - gold).abs().max() + 1e-2

@@ -10,6 +10,7 @@ import torch
 import attnc
 from attnc import AttncError
 from tests import oracles
+from tests.conftest import DEVICE
 from tests.test_specs import ELSEWHERE, SPECS, _qkv
 
 HERE = Path(__file__).read_text()
@@ -20,7 +21,7 @@ def test_specs_listed_as_elsewhere_are_tested_here():
         assert f'"{name}.attn"' in HERE, name
 
 
-def _run(path, params, tensors, heads=2, tiles=(16, 32), device="cpu", seed=0):
+def _run(path, params, tensors, heads=2, tiles=(16, 32), device=DEVICE, seed=0):
     """(triton output, float64 reference output, q, k, v) for one spec and binding."""
     fn = attnc.compile(SPECS / path, tiles=tiles, **params)
     ref = attnc.compile(SPECS / path, backend="reference", **params)
@@ -76,7 +77,7 @@ def test_segment_coordinates_are_local_and_lookups_work():
     np.testing.assert_array_equal(fn.mask(tag=tag).numpy(), expect)
     q, k, v = _qkv(20, 29, seed=2)
     with torch.no_grad():
-        out = fn(q, k, v, tag=tag).double()
+        out = fn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), tag=tag.to(DEVICE)).cpu().double()
     assert (out - oracles.attention(q, k, v, expect)).abs().max().item() < 1e-4
 
 
@@ -296,7 +297,8 @@ def _both(spec, params, tensors, heads=2, n=None):
     b = fn.compiled.bound
     q, k, v = _qkv(b.nq, b.nk, heads=heads, d=16, seed=1)
     with torch.no_grad():
-        out = fn(q, k, v, **tensors).double()
+        out = fn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), **{n: t.to(DEVICE) for n, t in tensors.items()})
+    out = out.cpu().double()
     expect = ref(q.double(), k.double(), v.double(), **{n: t.double() for n, t in tensors.items()})
     return out, expect
 
@@ -358,8 +360,8 @@ def test_routed_mask_checks_its_inputs():
                                          ("sinks[head] + sqrt(-1.0)", "is nan for head 0")])
 def test_sink_logits_out_of_range_are_errors_on_both_backends(sink, phrase):
     spec = f"attention s(N) {{ q, kv = seq(N)  mask = causal  score = softmax(sink = {sink}) }}"
-    q = torch.zeros(1, 2, 8, 16)
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE)
     for backend in ("triton", "reference"):
         fn = attnc.compile(spec, backend=backend, N=8)
         with pytest.raises(AttncError, match=re.escape(phrase)):
-            fn(q, q, q, sinks=torch.tensor([1.0, float("-inf")]))
+            fn(q, q, q, sinks=torch.tensor([1.0, float("-inf")], device=DEVICE))

@@ -22,6 +22,7 @@ import attnc
 from attnc import AttncError
 from attnc.analysis.tiles import EMPTY, FULL, PARTIAL
 from tests.test_properties import _CMP, bool_exprs, int_exprs
+from tests.conftest import DEVICE
 from tests.test_specs import _qkv
 
 SEGMENT_NAMES = ("a", "b", "c")
@@ -221,7 +222,7 @@ def test_segmented_tile_classes_are_exact(case, tile):
 def _outputs(fn, ref, q, k, v, tables=None):
     tables = tables or {}
     with torch.no_grad():
-        out = fn(q, k, v, **tables).cpu().double()
+        out = fn(*(x.to(DEVICE) for x in (q, k, v)), **{n: t.to(DEVICE) for n, t in tables.items()}).cpu().double()
     expect = ref(q.double(), k.double(), v.double(), **{n: t.double() for n, t in tables.items()})
     return out, expect
 
@@ -426,6 +427,6 @@ def test_visible_is_boolean_when_a_segment_is_never_visible():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         with torch.no_grad():
-            out = fn(q, k, v)
+            out = fn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)).cpu()
     ref = attnc.compile(source, backend="reference", N=4, M=3)(q.double(), k.double(), v.double())
     assert (out.double() - ref).abs().max().item() < 1e-4

@@ -1,12 +1,24 @@
-"""Generated kernel sources on disk, keyed by IR hash, attnc version, codegen version and triton
-version. Files carry a checksum line; a corrupted or truncated entry is regenerated, and writes
-go to a temporary name first and are then renamed (atomic on POSIX).
+"""Generated kernel sources on disk.
+
+Key: a hash of the rendered source itself plus the attnc, codegen and Triton versions, so it covers
+everything the file depends on (the IR, and the spec lines the kernel cites in comments). Rendering
+is cheap; the file exists so that users, tracebacks and Triton (through inspect) can read the kernel.
+
+Trust: attnc only executes text it rendered in this process. An entry is reused only if its bytes
+equal that text; anything else at the entry's path (corrupt or planted text, a FIFO, a directory, a
+symlink) is replaced. The module is compiled from the verified text, never imported (so no bytecode
+is read or written), and the text is put in linecache so inspect, which Triton reads kernels with,
+sees exactly what ran. Directories are created 0o700 and files 0o600, and a directory on the way
+that other users may write to and that is not the user's is refused.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import linecache
 import os
+import re
+import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -14,19 +26,17 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from .. import __version__
+from ..version import __version__
 from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.printer import digest
 from .emit import emit_forward
 
-# Bump when the emitted code changes shape; the IR and codegen sources are hashed into the key
-# too, so a development change can never reuse a stale file.
+# Bump when the emitted code changes shape (the key covers the source anyway).
 CODEGEN_VERSION = "1"
-_PKG = Path(__file__).resolve().parent.parent
-_EMITTER_HASH = hashlib.sha256(b"".join(
-    p.read_bytes() for d in ("ir", "codegen") for p in sorted((_PKG / d).glob("*.py")))).hexdigest()[:16]
 _CHECK = "# attnc-checksum: "
+_NAME_CHARS = 40  # of the spec name kept in file names (NAME_MAX is 255 bytes; the key follows)
+_HINT = "set ATTNC_CACHE_DIR to a writable directory of your own"
 _modules: dict[str, ModuleType] = {}
 _lock = threading.Lock()
 
@@ -37,9 +47,8 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def cache_key(ir: N.Attention) -> str:
-    text = "\n".join([digest(ir), __version__, CODEGEN_VERSION, _EMITTER_HASH, _triton_version()])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def render(ir: N.Attention) -> str:
@@ -51,57 +60,170 @@ def render(ir: N.Attention) -> str:
     return emit_forward(ir, header)
 
 
-def _with_checksum(source: str) -> str:
-    return f"{_CHECK}{hashlib.sha256(source.encode()).hexdigest()}\n{source}"
+def cache_key(source: str) -> str:
+    """Names the entry holding `source`; the versions keep entries apart across installs."""
+    return _sha("\0".join([source, __version__, CODEGEN_VERSION, _triton_version()]))[:24]
 
 
-def _verified(text: str) -> str | None:
-    first, _, rest = text.partition("\n")
-    if not first.startswith(_CHECK):
+def _file_text(source: str) -> str:
+    """What the entry holds: a checksum line (spots truncation when read by hand) and the source."""
+    return f"{_CHECK}{_sha(source)}\n{source}"
+
+
+def entry_path(ir_name: str, source: str, cache_dir: Path) -> Path:
+    key = cache_key(source)
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", ir_name)[:_NAME_CHARS]
+    return Path(os.path.abspath(cache_dir)) / "kernels" / key[:2] / f"{stem}_{key}.py"
+
+
+# -- directories ------------------------------------------------------------------------------
+def _refuse(path: Path, why: str) -> AttncError:
+    return AttncError(f"refusing the kernel cache directory {path}: {why}", hint=_HINT)
+
+
+def _check_dir(path: Path) -> None:
+    """Others must not be able to plant files where attnc writes (symlinks are followed)."""
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise _refuse(path, "it is not a directory")
+    if st.st_mode & 0o022 and hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise _refuse(path, f"it is writable by other users and owned by uid {st.st_uid}")
+
+
+def _ensure_dir(path: Path, root: bool) -> None:
+    try:
+        if not root and not path.is_dir():
+            _remove(path)  # a file, FIFO or dangling symlink where attnc's own directory belongs
+        try:
+            path.mkdir(mode=0o700, parents=root)
+        except FileExistsError:
+            pass
+        _check_dir(path)
+    except OSError as exc:
+        raise AttncError(f"cannot use the kernel cache at {path}: {exc.strerror or exc}",
+                         hint=_HINT) from None
+
+
+def _private_dirs(path: Path, cache_dir: Path) -> None:
+    """Create (0o700) and check the cache root and every directory under it down to `path`."""
+    root = Path(os.path.abspath(cache_dir))
+    _ensure_dir(root, root=True)
+    for part in path.relative_to(root).parts:
+        root = root / part
+        _ensure_dir(root, root=False)
+
+
+# -- entries ----------------------------------------------------------------------------------
+def _remove(path: Path) -> None:
+    """Remove whatever is at `path`; a real directory goes with its content, a symlink alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _holds(path: Path, expected: bytes) -> bool | None:
+    """True if `path` is a regular file holding exactly `expected`, None if nothing is there.
+
+    Never follows a symlink, never blocks on a FIFO, never reads more than it needs."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return None
-    return rest if hashlib.sha256(rest.encode()).hexdigest() == first[len(_CHECK):].strip() else None
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != len(expected):
+        return False
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as fh:  # the path may have been swapped since lstat
+        return stat.S_ISREG(os.fstat(fd).st_mode) and fh.read(len(expected) + 1) == expected
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic: a temporary file (0o600, private) renamed over the path (which replaces a symlink
+    or FIFO itself, never its target)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if os.path.isdir(path) and not os.path.islink(path):
+            _remove(path)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def kernel_file(ir: N.Attention, cache_dir: Path) -> tuple[Path, str, bool]:
-    """Path and source of the kernel module for `ir`, writing it if absent or corrupt.
+    """Path and source of the kernel module for `ir`, writing it if absent or damaged.
 
     Returns (path, source, hit) where hit tells whether a valid cache entry was reused.
     """
-    key = cache_key(ir)
-    path = cache_dir / "kernels" / key[:2] / f"{ir.name}_{key}.py"
-    if path.exists():
-        try:
-            source = _verified(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError):
-            source = None
-        if source is not None:
-            return path, source, True
-        warnings.warn(f"attnc: cache entry {path} is corrupted; regenerating it", stacklevel=3)
     source = render(ir)
+    path = entry_path(ir.name, source, cache_dir)
+    _private_dirs(path.parent, cache_dir)
+    expected = _file_text(source).encode("utf-8")
+    found = _holds(path, expected)
+    if found:
+        return path, source, True
+    if found is not None:
+        warnings.warn(f"attnc: cache entry {path} is corrupted or not a regular file; regenerating it",
+                      stacklevel=3)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_with_checksum(source))
-        os.replace(tmp, path)
+        _write(path, expected)
     except OSError as exc:
         raise AttncError(f"cannot write the kernel cache at {path.parent}: {exc.strerror or exc}",
-                         hint="set ATTNC_CACHE_DIR to a writable directory") from None
+                         hint=_HINT) from None
     return path, source, False
 
 
+# -- modules ----------------------------------------------------------------------------------
+class _Loader:
+    """Serves the verified text to linecache should its entry be dropped while the file is gone."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def get_source(self, name: str) -> str:
+        return self.text
+
+
+def _exec_verified(name: str, path: Path, text: str) -> ModuleType:
+    """A module run from `text`, which the caller has checked; the file on disk is not read."""
+    filename = str(path)
+    # triton.jit and its interpreter read kernel source through inspect, i.e. linecache: make them
+    # see the text that runs, whatever happens to the file. mtime None: checkcache keeps it.
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    mod = ModuleType(name)
+    mod.__file__ = filename
+    mod.__loader__ = _Loader(text)
+    code = compile(text, filename, "exec", dont_inherit=True)
+    sys.modules[name] = mod  # inspect finds a function's module through sys.modules
+    try:
+        exec(code, mod.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
 def load_module(ir: N.Attention, cache_dir: Path) -> tuple[ModuleType, Path, str]:
-    """Import the generated module (once per process per cache key)."""
+    """The generated module (built once per process per entry path)."""
     path, source, _ = kernel_file(ir, cache_dir)
-    key = cache_key(ir)
     with _lock:
-        mod = _modules.get(key)
+        mod = _modules.get(str(path))
         if mod is None:
-            name = f"attnc_generated_{key}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            # triton.jit reads the function source through inspect, which needs the module registered.
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            _modules[key] = mod
+            name = f"attnc_generated_{_sha(str(path))[:24]}"
+            mod = _modules[str(path)] = _exec_verified(name, path, _file_text(source))
     return mod, path, source
