@@ -4,7 +4,11 @@
     >>> fn = attnc.compile("specs/causal.attn", N=64)        # doctest: +SKIP
     >>> out = fn(q, k, v)                                      # doctest: +SKIP
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
+
+from .settings import decide_interpret  # noqa: E402
+
+decide_interpret()  # before anything of attnc imports Triton, so that Triton agrees with it
 
 from .errors import AttncError  # noqa: E402
 from .pipeline import Spec, parse  # noqa: E402

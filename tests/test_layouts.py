@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attnc
@@ -67,10 +67,11 @@ def test_permuted_layouts_leave_results_unchanged(name, params, make, which, dev
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(H=st.integers(3, 12), W=st.integers(3, 12), kernel=st.sampled_from([2, 3]), seed=st.integers(0, 1000),
+@given(H=st.integers(3, 12), W=st.integers(3, 12), kernel=st.sampled_from([3, 5]), seed=st.integers(0, 1000),
        bm=st.sampled_from([16, 32]), bn=st.sampled_from([16, 32]))
 def test_tile_classes_are_exact_in_kernel_positions(H, W, kernel, seed, bm, bn):
     """Never EMPTY when a pair is visible, never FULL when one is hidden, in permuted positions."""
+    assume(kernel <= min(H, W))  # the NATTEN oracle is written for odd kernels that fit
     layout = _random_layout(H * W, H * W, seed, "both")
     fn = attnc.compile(SPECS / "natten2d.attn", layout=layout, tiles=(bm, bn), H=H, W=W, kernel=kernel, dilation=1)
     dense = oracles.natten2d_mask(H, W, kernel, 1)[layout.q_perm][:, layout.kv_perm]

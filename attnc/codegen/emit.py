@@ -3,37 +3,26 @@
 The source depends only on the IR (parameters stay symbolic and arrive as runtime arguments),
 so one generated file serves every size. Tile sizes, head dims and integer width are constexprs.
 Names in the source come from the IR's validated identifiers, never from raw spec text.
+
+The kernel's arguments are described once, in `abi.py`; the text is assembled from functions that
+return lists of lines, in the order they appear in the kernel (no template, no placeholders, so
+nothing a spec names can rewrite the kernel).
 """
 from __future__ import annotations
 
 from ..ir import nodes as N
 from ..ir.printer import format_expr, format_score, format_space
+from . import abi
 
 _OPS = {"+": "+", "-": "-", "*": "*", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
         "and": "&", "or": "|"}
+LOG2E = "1.4426950408889634"
+LN2 = "0.6931471805599453"
 
 
 def int_params(ir: N.Attention) -> list[str]:
     """Kernel argument names carrying the integer parameters, in declaration order."""
-    return [f"p_{p.name}" for p in ir.params if p.type == N.INT]
-
-
-def tensor_args(ir: N.Attention) -> list[str]:
-    """Kernel argument names for runtime tensors: pointer, sizes, strides, and for tables that
-    may be per head the head stride (0 when shared). Names are numbered (rt0, rt1, ...) rather
-    than derived from spec names, so they can never collide."""
-    out = []
-    for n, t in enumerate(ir.tensors):
-        out.append(f"rt{n}_ptr")
-        out += [f"rt{n}_n{d}" for d in range(t.rank)] + [f"rt{n}_s{d}" for d in range(t.rank)]
-        if t.per_head:
-            out.append(f"rt{n}_hs")
-    return out
-
-
-def pair_args(ir: N.Attention) -> list[str]:
-    """Arguments of the generated per-pair functions (visible, logit_bias) after q_i and k_i."""
-    return ["h"] + int_params(ir) + ["head_dim"] + tensor_args(ir) + ["INT64"]
+    return [abi.param_name(p.name) for p in ir.params if p.type == N.INT]
 
 
 class _Emitter:
@@ -65,7 +54,7 @@ class _Emitter:
         if isinstance(e, N.Const):
             return repr(e.value)
         if isinstance(e, N.Param):
-            return f"p_{e.name}"
+            return abi.param_name(e.name)
         if isinstance(e, N.HeadDim):
             return "head_dim"
         if isinstance(e, N.Head):
@@ -82,13 +71,15 @@ class _Emitter:
                 else:
                     idx.append(self.temp(f"{self.emit(i)} + tile0"))
                     self.uses_tile0 = True
-            offset = " + ".join(f"{i} * rt{n}_s{d}" for d, i in enumerate(idx))
+            size, stride = (lambda d: abi.table_name(n, f"n{d}")), (lambda d: abi.table_name(n, f"s{d}"))
+            offset = " + ".join(f"{i} * {stride(d)}" for d, i in enumerate(idx))
             if self.ir.tensors[n].per_head:
-                offset += f" + h * rt{n}_hs"
-            inside = " & ".join(f"({i} >= 0) & ({i} < rt{n}_n{d})" for d, i in enumerate(idx))
+                offset += f" + h * {abi.table_name(n, 'hs')}"
+            inside = " & ".join(f"({i} >= 0) & ({i} < {size(d)})" for d, i in enumerate(idx))
             other = "0.0" if e.type == N.FLOAT else "0"
             # Padding rows and columns of a tile may index past the tensor: those loads are masked.
-            return self.temp(f"tl.load(rt{n}_ptr + {offset}, mask={inside}, other={other})  # {e.tensor}[...]")
+            # Offsets are int64 when INT64 is set (the launcher sets it for tables of 2**31 elements).
+            return self.temp(f"tl.load({abi.table_name(n, 'ptr')} + {offset}, mask={inside}, other={other})  # {e.tensor}[...]")
         if isinstance(e, N.Coord):
             return f"{self.key if e.side == 'k' else 'q'}_{e.axis}"
         if isinstance(e, N.Window):
@@ -164,13 +155,13 @@ def _coords_used(e: N.Expr) -> set[tuple[str, str]]:
     return {(x.side, x.axis) for x in N.walk(e, expand_windows=True) if isinstance(x, N.Coord)}
 
 
-def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> str:
+def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> list[str]:
     """A @triton.jit function of one (query, key) tile pair ([M, 1] and [1, N] flat indices):
     the mask (`visible`) or the logit bias. On a segmented key space each segment gets its own
     decoded coordinates and its specialised expression, selected by the key's flat index."""
     head = [
         "@triton.jit",
-        f"def {name}({', '.join(['q_i', 'k_i'] + pair_args(ir)[:-1] + ['INT64: tl.constexpr'])}):",
+        f"def {name}({', '.join(['q_i', 'k_i'] + abi.pair_params(ir))}):",
         f'    """{doc} = {format_expr(expr)}',
         "",
         f"    spec line {ir.line_of({'visible': 'mask', 'logit_bias': 'bias'}[name]) or '-'}; "
@@ -182,7 +173,7 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
     is_bool = expr.type == N.BOOL
     if isinstance(expr, N.Const) and is_bool:
         # Constant masks still return a tile so callers can combine it with bounds checks.
-        return "\n".join(head + [f"    return k_i {'>=' if expr.value else '<'} 0", ""])
+        return head + [f"    return k_i {'>=' if expr.value else '<'} 0"]
     top = _Emitter(ir)
     q_used = {a for s, a in _coords_used(expr) if s == "q"}
     body = _decode(ir.q, "q", q_used, top)
@@ -217,42 +208,162 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> st
         result = "0.0"
         for j, r in reversed(results):
             result = f"tl.where(in{j}, {r}, {result})"
-    return "\n".join(head + sizes + body + [f"    return {result}", ""])
+    return head + sizes + body + [f"    return {result}"]
 
 
-def emit_visible(ir: N.Attention) -> str:
+def emit_visible(ir: N.Attention) -> list[str]:
     """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
     return emit_pair_function(ir, "visible", ir.mask, "mask")
 
 
-_PRELUDE = '''\
-@triton.jit
-def _floordiv(a, b):
-    # Triton integer division truncates toward zero; the spec language floors.
-    q = a // b
-    return q - (((a % b) != 0) & ((a < 0) != (b < 0))).to(q.dtype)
-
-
-@triton.jit
-def _floormod(a, b):
-    r = a % b
-    return r + (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype) * b)
-'''
-
-
-def _tile_step(masked: bool, score: N.Score) -> str:
-    """One kv tile: FlashAttention-2 online softmax (log2 domain), or the sigmoid / softplus
-    accumulation, which needs no running max."""
-    kind = score.kind
-    bounds = "(offs_n[:, None] < Nk) & " if masked else ""
+# -- helpers ----------------------------------------------------------------------------------
+def _prelude(score: N.Score) -> list[str]:
     lines = [
+        "@triton.jit",
+        "def _floordiv(a, b):",
+        "    # Triton integer division truncates toward zero; the spec language floors.",
+        "    q = a // b",
+        "    return q - (((a % b) != 0) & ((a < 0) != (b < 0))).to(q.dtype)",
+        "",
+        "",
+        "@triton.jit",
+        "def _floormod(a, b):",
+        "    r = a % b",
+        "    return r + (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype) * b)",
+    ]
+    if score.softcap is not None:
+        lines += ["", "", *_SOFTCAP]
+    return lines
+
+
+# tanh(x) / x = 1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835 - 1382x^10/155925 + ...: for |x| < 1/4
+# the next term is below 1e-9 relative to the sum.
+_SOFTCAP = [
+    "@triton.jit",
+    "def _softcap(s, cap):",
+    '    """cap * tanh(s / cap) without cancellation, so that a huge cap returns s itself."""',
+    "    ax = tl.abs(s / cap)",
+    "    # |x| < 1/4: s * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped",
+    "    # |x|, so that the branch not taken cannot overflow).",
+    "    a = tl.minimum(ax, 0.25)",
+    "    y = a * a",
+    "    series = 1.0 + y * (-0.3333333333333333 + y * (0.13333333333333333 + y * (-0.05396825396825397",
+    "             + y * (0.021869488536155203 + y * -0.008863235529902197))))",
+    "    # otherwise tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) <= exp(-1/2): no cancellation, no overflow.",
+    "    e = tl.exp(-2.0 * ax)",
+    "    big = cap * ((1.0 - e) / (1.0 + e))",
+    "    return tl.where(ax < 0.25, s * series, tl.where(s < 0.0, -big, big))",
+]
+
+
+# -- the kernel -------------------------------------------------------------------------------
+_STAT = {
+    "softmax": ["    Stat receives the row's logsumexp (natural log, the sink included), -inf for a row that",
+                "    sees no key."],
+    "softplus": ["    Stat receives log(sum over visible keys of softplus(s)), the log of the row's normaliser",
+                 "    (natural log; -inf for a row that sees no key): finite even where softplus underflows."],
+    "sigmoid": ["    Stat receives the row sum of the (unnormalised) sigmoid weights."],
+}
+
+
+def _docstring(score: N.Score) -> list[str]:
+    return [
+        '    """Forward attention for one (query tile, batch * head).',
+        "",
+        "    Tokens are in kernel order: Q, K, V, Out, Stat and the row vectors are indexed by kernel",
+        "    position; the mask and bias read the row-major token at a position through Q_ORDER and",
+        "    KV_ORDER when the layout permutes that side.",
+        "",
+        f"    Score: {format_score(score)}.",
+        "    Per-row scale and bias come from the host (without modifiers, softmax's scale includes log2(e)).",
+        *_STAT[score.kind],
+        '    """',
+    ]
+
+
+def _setup(score: N.Score) -> list[str]:
+    """Program ids, base pointers, offsets, the q tile, its tokens and row scores."""
+    return [
+        "    q_tile = tl.program_id(0)",
+        "    bh = tl.program_id(1)",
+        "    b = bh // n_heads",
+        "    h = bh % n_heads",
+        "    h_kv = h // kv_group  # grouped-query attention: query head h reads kv head h // (Hq / Hkv)",
+        "    # Each (batch, head) slice starts at an int64 offset: B * H * N * D may exceed 2**31. Offsets",
+        "    # inside a slice stay int32 unless the launcher sees a slice that needs more (ADDR64).",
+        "    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)",
+        "    Q_base = Q + b64 * stride_qb + h64 * stride_qh",
+        "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
+        "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
+        "    O_base = Out + b64 * stride_ob + h64 * stride_oh",
+        "    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "    offs_n0 = tl.arange(0, BLOCK_N)",
+        "    offs_d = tl.arange(0, BLOCK_D)",
+        "    offs_dv = tl.arange(0, BLOCK_DV)",
+        "    if ADDR64:",
+        "        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)",
+        "        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)",
+        "    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        "                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)",
+        "    q_i = offs_m[:, None]",
+        "    if Q_PERMUTED:",
+        "        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]",
+        "    if INT64:",
+        "        q_i = q_i.to(tl.int64)",
+        "    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)",
+        "    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)",
+    ]
+
+
+def _init_state(score: N.Score) -> list[str]:
+    if score.sink is not None:
+        # The sink is a virtual key with logit SINK[h] and value 0: it starts the running max and sum.
+        state = [
+            f"    m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINK + h64) * {LOG2E})",
+            "    l_i = tl.full([BLOCK_M], 1.0, tl.float32)",
+        ]
+    else:
+        state = [
+            '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
+            "    l_i = tl.zeros([BLOCK_M], tl.float32)",
+        ]
+    return state + ["    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)"]
+
+
+def _tile_loop(ir: N.Attention, masked: bool) -> list[str]:
+    """The loop over the FULL or the PARTIAL kv tiles the schedule lists for this q tile."""
+    ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
+    what = ("    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited." if masked else
+            "    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.")
+    return [
+        what,
+        f"    lo = tl.load({ptr} + q_tile)",
+        f"    hi = tl.load({ptr} + q_tile + 1)",
+        "    for t in range(lo, hi):",
+        f"        kv_tile = tl.load({idx} + t)",
+        *_load_kv(masked),
+        *_logits(ir, masked),
+        *_accumulate(ir, masked),
+    ]
+
+
+def _load_kv(masked: bool) -> list[str]:
+    bounds = "(offs_n[:, None] < Nk) & " if masked else ""
+    return [
         "        offs_n = kv_tile * BLOCK_N + offs_n0",
         "        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
         f"                    mask={bounds}(offs_d[None, :] < HEAD_DIM), other=0.0)",
         "        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
         f"                    mask={bounds}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
-        "        s = tl.dot(q, tl.trans(k), input_precision=\"ieee\") * row_scale[:, None]",
     ]
+
+
+def _logits(ir: N.Attention, masked: bool) -> list[str]:
+    """s: the tile's logits after the logit bias and the soft-cap (natural units, or base 2 for an
+    unmodified softmax, whose host scale includes log2(e))."""
+    score = ir.score
+    call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
+    lines = ['        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]']
     if masked or score.logit_bias is not None:
         lines += [
             "        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there",
@@ -262,162 +373,110 @@ def _tile_step(masked: bool, score: N.Score) -> str:
             "            k_i = k_i.to(tl.int64)",
         ]
     if score.logit_bias is not None:
-        lines.append("        s += logit_bias(q_i, k_i, PAIR_ARGS)")
+        lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
-        lines += [
-            "        # soft-cap: softcap * tanh(s / softcap), with tanh from one exp (no overflow)",
-            "        e2 = tl.exp(-2.0 * tl.abs(s) / softcap)",
-            "        s = softcap * tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)",
-        ]
-    if kind == "softmax" and score.modified:
-        lines.append("        s = s * 1.4426950408889634  # to base 2 after the modifiers")
-    if masked:
-        lines.append("        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, PAIR_ARGS)")
-    if kind == "softmax":
-        if masked:
-            lines.append("        s = tl.where(keep, s, float(\"-inf\"))")
-        lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1))")
-        if masked or score.modified:
-            lines += [
-                "        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.",
-                "        m_use = tl.where(m_new == float(\"-inf\"), 0.0, m_new)",
-            ]
-        else:
-            lines.append("        m_use = m_new")
-        lines += [
-            "        alpha = tl.math.exp2(m_i - m_use)",
-            "        p = tl.math.exp2(s - m_use[:, None])",
-            "        l_i = l_i * alpha + tl.sum(p, 1)",
-            "        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=\"ieee\")",
-            "        m_i = m_new",
-        ]
-        return "\n".join(lines)
-    if kind == "sigmoid":
+        lines.append("        s = _softcap(s, softcap)")
+    return lines
+
+
+def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
+    """Fold the tile into the running state (`keep`: the mask, on PARTIAL tiles). Softmax and
+    softplus share FlashAttention-2's online normalisation (log2 domain): softplus runs it on
+    log softplus(s), so its weights are normalised in log space. Sigmoid weights are not
+    normalised and need no running max."""
+    score = ir.score
+    keep = f"        keep = (offs_n[None, :] < Nk) & visible({', '.join(['q_i', 'k_i'] + abi.pair_call_args(ir))})"
+    lines = []
+    if score.kind == "sigmoid":
         lines.append("        p = tl.sigmoid(s + row_bias[:, None])")
-    else:
+        if masked:
+            lines += [keep, "        p = tl.where(keep, p, 0.0)"]
+        return lines + [
+            "        l_i += tl.sum(p, 1)",
+            '        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")',
+        ]
+    if score.kind == "softplus":
         lines += [
-            "        # softplus(s) = max(s, 0) + log1p(exp(-|s|)), log1p written out (Goldberg) so that",
-            "        # very negative logits keep their relative precision: the weights are normalised.",
+            "        # log softplus(s), exact where softplus underflows: with e = exp(-|s|) and",
+            "        # r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0),",
+            "        # softplus(s) = e * r for s < 0 and s + e * r otherwise (|s| there: the branch not",
+            "        # taken never sees the log of a negative).",
             "        e = tl.exp(-tl.abs(s))",
             "        u = 1.0 + e",
             "        tiny = u == 1.0",
-            "        p = tl.maximum(s, 0.0) + tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))",
+            "        r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))",
+            f"        s = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)) * {LOG2E}  # base 2",
         ]
+    elif score.modified:
+        lines.append(f"        s = s * {LOG2E}  # to base 2 after the modifiers")
     if masked:
-        lines.append("        p = tl.where(keep, p, 0.0)")
-    lines += [
-        "        l_i += tl.sum(p, 1)",
-        "        acc += tl.dot(p.to(v.dtype), v, input_precision=\"ieee\")",
+        lines += [keep, '        s = tl.where(keep, s, float("-inf"))']
+    lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1))")
+    if masked or score.modified:
+        lines += [
+            "        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.",
+            '        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+        ]
+    else:
+        lines.append("        m_use = m_new")
+    return lines + [
+        "        alpha = tl.math.exp2(m_i - m_use)",
+        "        p = tl.math.exp2(s - m_use[:, None])",
+        "        l_i = l_i * alpha + tl.sum(p, 1)",
+        '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")',
+        "        m_i = m_new",
     ]
-    return "\n".join(lines)
 
 
-_EPILOGUE = {
-    "softmax": """\
-    # A row that sees no key outputs 0 and has logsumexp -inf (DESIGN.md section 3).
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    stat = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)""",
-    "sigmoid": """\
-    # Sigmoid weights are not normalised; the statistic kept is the row sum of weights.
-    out = acc
-    stat = l_i""",
-    "softplus": """\
-    # l1-normalised softplus weights; a row that sees no key outputs 0.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    stat = l_i""",
-}
+def _epilogue(score: N.Score) -> list[str]:
+    if score.kind == "sigmoid":
+        return [
+            "    # Sigmoid weights are not normalised; the statistic kept is the row sum of weights.",
+            "    out = acc",
+            "    stat = l_i",
+        ]
+    return [
+        "    # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).",
+        "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
+        "    out = acc / l_safe[:, None]",
+        f'    stat = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * {LN2})',
+    ]
 
 
-_KERNEL = '''\
-@triton.jit
-def attnc_fwd(
-    Q, K, V, Out, Stat, ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, kv_group, Nq, Nk, head_dim,PARAMS
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
-):
-    """Forward attention for one (query tile, batch * head).
-
-    Tokens are in kernel order: Q, K, V, Out, Stat and the row vectors are indexed by kernel
-    position; the mask and bias read the row-major token at a position through Q_ORDER and
-    KV_ORDER when the layout permutes that side.
-
-    Score: SCORE_TEXT.
-    Per-row scale and bias come from the host (without modifiers, softmax's scale includes log2(e)).
-    Stat receives the logsumexp (softmax) or the row sum of weights (sigmoid, softplus).
-    """
-    q_tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    h_kv = h // kv_group  # grouped-query attention: query head h reads kv head h // (Hq / Hkv)
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    K_base = K + b * stride_kb + h_kv * stride_kh
-    V_base = V + b * stride_vb + h_kv * stride_vh
-    q_i = offs_m[:, None]
-    if Q_PERMUTED:
-        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        q_i = q_i.to(tl.int64)
-    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
-INIT_STATE
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-
-    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
-    lo = tl.load(FULL_PTR + q_tile)
-    hi = tl.load(FULL_PTR + q_tile + 1)
-    for t in range(lo, hi):
-        kv_tile = tl.load(FULL_IDX + t)
-FULL_STEP
-
-    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
-    lo = tl.load(PART_PTR + q_tile)
-    hi = tl.load(PART_PTR + q_tile + 1)
-    for t in range(lo, hi):
-        kv_tile = tl.load(PART_IDX + t)
-PARTIAL_STEP
-
-EPILOGUE
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Stat + bh * Nq + offs_m, stat, mask=offs_m < Nq)
-'''
+def _store() -> list[str]:
+    return [
+        "    tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,",
+        "             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))",
+        "    tl.store(Stat + bh.to(tl.int64) * Nq + offs_m, stat, mask=offs_m < Nq)",
+    ]
 
 
-_INIT = """\
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)"""
-# The sink is a virtual key with logit SINK[h] and value 0: it starts the running max and sum.
-_INIT_SINK = """\
-    m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINK + h) * 1.4426950408889634)
-    l_i = tl.full([BLOCK_M], 1.0, tl.float32)"""
+def emit_kernel(ir: N.Attention) -> list[str]:
+    """The @triton.jit forward kernel `attnc_fwd`, its signature from the ABI."""
+    return [
+        "@triton.jit",
+        "def attnc_fwd(",
+        *abi.signature(ir),
+        "):",
+        *_docstring(ir.score),
+        *_setup(ir.score),
+        *_init_state(ir.score),
+        "",
+        *_tile_loop(ir, masked=False),
+        "",
+        *_tile_loop(ir, masked=True),
+        "",
+        *_epilogue(ir.score),
+        *_store(),
+    ]
 
 
 def emit_forward(ir: N.Attention, header: str) -> str:
-    """Complete module source: header comment, helpers, the mask predicate and the kernel."""
-    params = int_params(ir)
-    score = ir.score
-    kernel = _KERNEL.replace("FULL_STEP", _tile_step(False, score)).replace("PARTIAL_STEP", _tile_step(True, score))
-    kernel = kernel.replace("EPILOGUE", _EPILOGUE[score.kind]).replace("SCORE_TEXT", format_score(score))
-    kernel = kernel.replace("INIT_STATE", _INIT_SINK if score.sink is not None else _INIT)
-    kernel = kernel.replace("PARAMS", "".join(f"\n    {p}," for p in params + tensor_args(ir)))
-    kernel = kernel.replace("PAIR_ARGS", ", ".join(pair_args(ir)))
-    parts = [header, "import triton\nimport triton.language as tl", _PRELUDE, emit_visible(ir)]
-    if score.logit_bias is not None:
-        parts.append(emit_pair_function(ir, "logit_bias", score.logit_bias, "bias"))
-    parts.append(kernel)
-    return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+    """Complete module source: header comment, helpers, the mask predicate, the logit bias (when
+    the spec has one) and the kernel."""
+    parts = [header.strip("\n").splitlines(), ["import triton", "import triton.language as tl"],
+             _prelude(ir.score), emit_visible(ir)]
+    if ir.score.logit_bias is not None:
+        parts.append(emit_pair_function(ir, "logit_bias", ir.score.logit_bias, "bias"))
+    parts.append(emit_kernel(ir))
+    return "\n\n\n".join("\n".join(p) for p in parts) + "\n"

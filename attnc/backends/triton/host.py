@@ -11,7 +11,6 @@ import threading
 import numpy as np
 import torch
 
-from ...ir import nodes as N
 from ...ir.evaluate import mask_block
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
@@ -86,18 +85,3 @@ class HostState:
             return make(visible_counts(self.c, ints))
         return self._cached(self._scores, (head_dim, device), lambda: make(self.c.schedule.row_counts))
 
-
-def tensor_args(ir: N.Attention, tensors: dict[str, torch.Tensor]) -> list:
-    """Kernel arguments for the runtime tensors: pointer, sizes, strides, and for tables that may
-    be per head the head stride (0 when shared), in the order the emitter declares them."""
-    out = []
-    for decl in ir.tensors:
-        t = tensors[decl.name]
-        t = (t.to(torch.float32) if decl.dtype == N.FLOAT else t.to(torch.int32)).contiguous()
-        per_head = t.dim() == decl.rank + 1
-        dims = t.shape[1:] if per_head else t.shape
-        strides = t.stride()[1:] if per_head else t.stride()
-        out += [t, *dims, *strides]
-        if decl.per_head:
-            out.append(t.stride(0) if per_head else 0)
-    return out

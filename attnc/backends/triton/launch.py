@@ -1,18 +1,30 @@
-"""Launch of the generated forward kernel: permute into kernel order, launch, permute back."""
+"""Launch of the generated forward kernel: permute into kernel order, launch, permute back.
+
+Every kernel argument is passed by name through `codegen.abi.bind`, which checks the values
+against the one description the emitter wrote the signature from.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from ...codegen import abi
 from ...ir import nodes as N
 from ...ir.scores import sink_logits, softcap_value
 from ...pipeline import Compiled
-from .host import HostState, host_ints, tensor_args
+from ...settings import launch_guard
+from .host import HostState, host_ints
+
+# Element offsets at or beyond this need 64-bit address arithmetic in the kernel.
+ADDR_LIMIT = 2**31
 
 
 def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Tensor]):
-    """out [B, Hq, Nq, Dv] and the per-row statistic [B, Hq, Nq] (float32), row-major tokens."""
+    """out [B, Hq, Nq, Dv] and the per-row statistic [B, Hq, Nq] (float32), row-major tokens.
+
+    The statistic (the kernel's Stat) is the logsumexp for softmax, log(sum softplus) for
+    softplus (both -inf for a row that sees no key), and the row sum of weights for sigmoid."""
     s, lay, ir = c.schedule, c.layout, c.spec.ir
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
@@ -23,28 +35,52 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     if not lay.kv_identity:
         k, v = k.index_select(2, kv_order), v.index_select(2, kv_order)
     out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=device)
-    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device)
+    stat = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device)
     scale, bias = state.row_scores(D, device, host_ints(tensors) if not s.exact else {})
     f32 = torch.empty(0, dtype=torch.float32, device=device)
     sink = sink_logits(c.bound, Hq, tensors, D, f32)
     sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
-    cap = softcap_value(c.bound, D) or 0.0
-    params = [int(c.bound.env[p.name]) for p in ir.params if p.type == N.INT]
-    grid = (s.q_tiles, B * Hq)
-    c.module.attnc_fwd[grid](
-        q, k, v, out, lse, scale, bias, sink, cap, full_ptr, full_idx, part_ptr, part_idx, q_order, kv_order,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Nq, s.nk, D, *params, *tensor_args(ir, tensors),
-        HEAD_DIM=D, HEAD_DIM_V=Dv,
-        BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
-        BLOCK_M=s.block_m, BLOCK_N=s.block_n, INT64=c.int64,
-        Q_PERMUTED=not lay.q_identity, KV_PERMUTED=not lay.kv_identity,
-    )
+    tables = {decl.name: _table(decl, tensors[decl.name]) for decl in ir.tensors}
+    values = {
+        "Q": q, "K": k, "V": v, "Out": out, "Stat": stat,
+        "ROW_SCALE": scale, "ROW_BIAS": bias, "SINK": sink, "softcap": softcap_value(c.bound, D) or 0.0,
+        "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx,
+        "Q_ORDER": q_order, "KV_ORDER": kv_order,
+        **abi.stride_values("q", q), **abi.stride_values("k", k), **abi.stride_values("v", v),
+        **abi.stride_values("o", out),
+        "n_heads": Hq, "kv_group": Hq // Hkv, "Nq": Nq, "Nk": int(s.nk), "head_dim": D,
+        **{abi.param_name(p.name): int(c.bound.env[p.name]) for p in ir.params if p.type == N.INT},
+        **abi.table_values(ir, tables),
+        "HEAD_DIM": D, "HEAD_DIM_V": Dv, "BLOCK_D": max(16, _next_pow2(D)), "BLOCK_DV": max(16, _next_pow2(Dv)),
+        "BLOCK_M": int(s.block_m), "BLOCK_N": int(s.block_n),
+        # Integer arithmetic of the mask and bias: int64 when their ranges need it, or when a
+        # runtime table is large enough that its element offsets do.
+        "INT64": bool(c.int64) or any(_extent(t) >= ADDR_LIMIT for t in tables.values()),
+        # The kernel adds each (batch, head) slice's base in int64; offsets inside a slice need
+        # int64 only for huge slices (or strided views spanning a huge storage).
+        "ADDR64": any(_extent(t, dims=(2, 3)) >= ADDR_LIMIT for t in (q, k, v, out)),
+        "Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity,
+    }
+    kwargs = abi.bind(ir, values)
+    with launch_guard():  # the interpreter is not reentrant across threads
+        c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs)
     if not lay.q_identity:  # back to row-major: token order[p] is at position p
         inv = torch.empty_like(q_order)
         inv[q_order.long()] = torch.arange(Nq, dtype=inv.dtype, device=device)
-        out, lse = out.index_select(2, inv), lse.index_select(2, inv)
-    return out, lse
+        out, stat = out.index_select(2, inv), stat.index_select(2, inv)
+    return out, stat
+
+
+def _table(decl: N.TensorDecl, t: torch.Tensor) -> torch.Tensor:
+    """A runtime tensor as the kernel reads it: float tables in float32, integer ones in int32
+    (the runtime has checked that their values fit), contiguous."""
+    return (t.to(torch.float32) if decl.dtype == N.FLOAT else t.to(torch.int32)).contiguous()
+
+
+def _extent(t: torch.Tensor, dims=None) -> int:
+    """The largest element offset `t`'s indices reach along `dims` (all by default)."""
+    dims = range(t.dim()) if dims is None else dims
+    return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
 
 
 def _next_pow2(n: int) -> int:

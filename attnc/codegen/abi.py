@@ -1,0 +1,178 @@
+"""The forward kernel's arguments, described once.
+
+The emitter writes the kernel signature (and the per-pair functions' signatures) from
+`forward_args`; the launcher passes every value by name through `bind`, which checks the dict
+against the same list. Adding, removing or reordering an argument is therefore one edit here,
+and a launcher that forgets a value fails with a message naming it instead of shifting every
+later positional argument.
+
+Each argument has a kind (a tensor pointer, a runtime int or float, or a constexpr, which Triton
+specialises the kernel on) and says where the launcher takes its value from. Names cannot
+collide: integer parameters are `p_{name}`, runtime tensors are numbered (rt0, rt1, ...) rather
+than named after the spec, and no fixed name starts with `p_` or `rt`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import nodes as N
+
+PTR, INT, FLOAT, CONSTEXPR = "pointer", "int", "float", "constexpr"
+
+
+class AbiError(RuntimeError):
+    """An internal error: the launcher and the kernel disagree (a bug in attnc, not bad input)."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str  # PTR | INT | FLOAT | CONSTEXPR
+    source: str  # where the launcher takes the value from
+    group: str  # arguments of one group share a line of the emitted signature
+    pair: bool = False  # also passed on to the per-pair functions (mask and logit bias)
+
+
+# Stride arguments: stride_{side}{dim} for q, k, v and out, in their dimension order.
+_STRIDES = {"q": ("q", "bhmd"), "k": ("k", "bhnd"), "v": ("v", "bhnd"), "o": ("out", "bhmd")}
+
+
+def param_name(name: str) -> str:
+    """The kernel argument carrying integer parameter `name`."""
+    return f"p_{name}"
+
+
+def table_name(n: int, what: str) -> str:
+    """Arguments of runtime tensor number n: `ptr`, sizes `n{d}`, strides `s{d}`, head stride `hs`."""
+    return f"rt{n}_{what}"
+
+
+def _strides(side: str) -> list[Arg]:
+    tensor, dims = _STRIDES[side]
+    return [Arg(f"stride_{side}{d}", INT, f"{tensor}.stride({n})", f"strides of {tensor}")
+            for n, d in enumerate(dims)]
+
+
+def stride_values(side: str, t) -> dict[str, int]:
+    """The stride arguments of q, k, v or out ('o') from the tensor passed for it."""
+    return {f"stride_{side}{d}": int(s) for d, s in zip(_STRIDES[side][1], t.stride(), strict=True)}
+
+
+def table_values(ir: N.Attention, tensors: dict) -> dict:
+    """The arguments of every runtime tensor from the (converted, contiguous) tensors by name: a
+    per-head table ([heads, ...]) passes its head stride, a shared one 0."""
+    out = {}
+    for n, decl in enumerate(ir.tensors):
+        t = tensors[decl.name]
+        per_head = t.dim() == decl.rank + 1
+        dims = t.shape[1:] if per_head else t.shape
+        strides = t.stride()[1:] if per_head else t.stride()
+        out[table_name(n, "ptr")] = t
+        out.update({table_name(n, f"n{d}"): int(x) for d, x in enumerate(dims)})
+        out.update({table_name(n, f"s{d}"): int(x) for d, x in enumerate(strides)})
+        if decl.per_head:
+            out[table_name(n, "hs")] = int(t.stride(0)) if per_head else 0
+    return out
+
+
+def forward_args(ir: N.Attention) -> tuple[Arg, ...]:
+    """Every argument of `attnc_fwd`, in signature order."""
+    args = [
+        Arg("Q", PTR, "q in kernel order [B, Hq, Nq, D]", "data"),
+        Arg("K", PTR, "k in kernel order [B, Hkv, Nk, D]", "data"),
+        Arg("V", PTR, "v in kernel order [B, Hkv, Nk, Dv]", "data"),
+        Arg("Out", PTR, "output [B, Hq, Nq, Dv], q's dtype", "data"),
+        Arg("Stat", PTR, "row statistic [B, Hq, Nq] float32, contiguous", "data"),
+        Arg("ROW_SCALE", PTR, "float32 [Nq] score scale per kernel position", "rows"),
+        Arg("ROW_BIAS", PTR, "float32 [Nq] score bias per kernel position", "rows"),
+        Arg("SINK", PTR, "float32 [Hq] sink logits (a dummy without a sink)", "rows"),
+        Arg("softcap", FLOAT, "the soft-cap value (0.0 without one)", "rows"),
+        Arg("FULL_PTR", PTR, "schedule.full_ptr, int32", "schedule"),
+        Arg("FULL_IDX", PTR, "schedule.full_idx, int32", "schedule"),
+        Arg("PART_PTR", PTR, "schedule.part_ptr, int32", "schedule"),
+        Arg("PART_IDX", PTR, "schedule.part_idx, int32", "schedule"),
+        Arg("Q_ORDER", PTR, "layout.q_perm, int32: kernel position -> row-major token", "schedule"),
+        Arg("KV_ORDER", PTR, "layout.kv_perm, int32", "schedule"),
+        *_strides("q"), *_strides("k"), *_strides("v"), *_strides("o"),
+        Arg("n_heads", INT, "Hq", "sizes"),
+        Arg("kv_group", INT, "Hq // Hkv", "sizes"),
+        Arg("Nq", INT, "queries (bound.nq)", "sizes"),
+        Arg("Nk", INT, "keys (bound.nk)", "sizes"),
+        Arg("head_dim", INT, "D, the spec's `head_dim`", "sizes", pair=True),
+    ]
+    args += [Arg(param_name(p.name), INT, f"parameter {p.name}", "params", pair=True)
+             for p in ir.params if p.type == N.INT]
+    for n, t in enumerate(ir.tensors):
+        what = f"runtime tensor '{t.name}'"
+        group = f"tensor {n}"
+        args.append(Arg(table_name(n, "ptr"), PTR, f"{what}, {'float32' if t.dtype == N.FLOAT else 'int32'}, contiguous",
+                        group, pair=True))
+        args += [Arg(table_name(n, f"n{d}"), INT, f"{what}: size of index {d}", group, pair=True) for d in range(t.rank)]
+        args += [Arg(table_name(n, f"s{d}"), INT, f"{what}: stride of index {d}", group, pair=True) for d in range(t.rank)]
+        if t.per_head:
+            args.append(Arg(table_name(n, "hs"), INT, f"{what}: head stride (0 when shared by all heads)", group, pair=True))
+    args += [
+        Arg("HEAD_DIM", CONSTEXPR, "D", "dims"),
+        Arg("HEAD_DIM_V", CONSTEXPR, "Dv", "dims"),
+        Arg("BLOCK_D", CONSTEXPR, "D padded to a power of two (>= 16)", "blocks"),
+        Arg("BLOCK_DV", CONSTEXPR, "Dv padded to a power of two (>= 16)", "blocks"),
+        Arg("BLOCK_M", CONSTEXPR, "schedule.block_m", "blocks"),
+        Arg("BLOCK_N", CONSTEXPR, "schedule.block_n", "blocks"),
+        Arg("INT64", CONSTEXPR, "mask and bias integers in int64 (their ranges, or a runtime table's "
+            "addresses, need it)", "flags", pair=True),
+        Arg("ADDR64", CONSTEXPR, "offsets inside one (batch, head) slice of q, k, v or out reach 2**31", "flags"),
+        Arg("Q_PERMUTED", CONSTEXPR, "the layout reorders queries", "flags"),
+        Arg("KV_PERMUTED", CONSTEXPR, "the layout reorders keys", "flags"),
+    ]
+    names = [a.name for a in args]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise AbiError(f"kernel arguments named twice: {sorted(dup)}")
+    return tuple(args)
+
+
+def signature(ir: N.Attention, indent: str = "    ") -> list[str]:
+    """Lines of the kernel's parameter list: one line per group, constexprs annotated."""
+    lines: list[list[str]] = []
+    group = None
+    for a in forward_args(ir):
+        if a.group != group:
+            lines.append([])
+            group = a.group
+        lines[-1].append(f"{a.name}: tl.constexpr" if a.kind == CONSTEXPR else a.name)
+    return [f"{indent}{', '.join(names)}," for names in lines]
+
+
+def pair_params(ir: N.Attention) -> list[str]:
+    """Parameters of the per-pair functions after q_i and k_i: the head, then the kernel
+    arguments they read, in ABI order (constexprs annotated)."""
+    return ["h"] + [f"{a.name}: tl.constexpr" if a.kind == CONSTEXPR else a.name
+                    for a in forward_args(ir) if a.pair]
+
+
+def pair_call_args(ir: N.Attention) -> list[str]:
+    """What the kernel passes to a per-pair function after q_i and k_i."""
+    return ["h"] + [a.name for a in forward_args(ir) if a.pair]
+
+
+def bind(ir: N.Attention, values: dict) -> dict:
+    """The launch's keyword arguments, checked against the ABI: every argument present, nothing
+    else, ints for ints and constexprs never None."""
+    args = forward_args(ir)
+    missing = [a for a in args if a.name not in values]
+    if missing:
+        raise AbiError("the launcher gives no value for kernel argument(s) " +
+                       ", ".join(f"{a.name} ({a.kind}: {a.source})" for a in missing))
+    known = {a.name for a in args}
+    extra = sorted(set(values) - known)
+    if extra:
+        raise AbiError(f"the launcher passes argument(s) the kernel does not take: {', '.join(extra)}")
+    for a in args:
+        v = values[a.name]
+        if a.kind == INT and not isinstance(v, int):
+            raise AbiError(f"kernel argument {a.name} ({a.source}) must be an int, got {type(v).__name__}")
+        if a.kind == FLOAT and not isinstance(v, float):
+            raise AbiError(f"kernel argument {a.name} ({a.source}) must be a float, got {type(v).__name__}")
+        if a.kind == PTR and not hasattr(v, "data_ptr"):
+            raise AbiError(f"kernel argument {a.name} ({a.source}) must be a tensor, got {type(v).__name__}")
+    return {a.name: values[a.name] for a in args}

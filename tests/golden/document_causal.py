@@ -1,0 +1,151 @@
+# Golden forward kernel of specs/document_causal.attn (tests/test_golden.py).
+# Refresh on purpose: ATTNC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _floordiv(a, b):
+    # Triton integer division truncates toward zero; the spec language floors.
+    q = a // b
+    return q - (((a % b) != 0) & ((a < 0) != (b < 0))).to(q.dtype)
+
+
+@triton.jit
+def _floormod(a, b):
+    r = a % b
+    return r + (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype) * b)
+
+
+@triton.jit
+def visible(q_i, k_i, h, head_dim, p_N, rt0_ptr, rt0_n0, rt0_s0, INT64: tl.constexpr):
+    """mask = k.i <= q.i and doc[q.i] == doc[k.i]
+
+    spec line 5; q = seq(N), kv = seq(N).
+    """
+    if INT64:  # widen every integer input, so that no intermediate can wrap
+        h = tl.cast(h, tl.int64)
+        p_N = tl.cast(p_N, tl.int64)
+        head_dim = tl.cast(head_dim, tl.int64)
+    t0 = (k_i <= q_i)
+    t1 = tl.load(rt0_ptr + q_i * rt0_s0, mask=(q_i >= 0) & (q_i < rt0_n0), other=0)  # doc[...]
+    t2 = tl.load(rt0_ptr + k_i * rt0_s0, mask=(k_i >= 0) & (k_i < rt0_n0), other=0)  # doc[...]
+    t3 = (t1 == t2)
+    t4 = (t0 & t3)
+    return t4
+
+
+@triton.jit
+def attnc_fwd(
+    Q, K, V, Out, Stat,
+    ROW_SCALE, ROW_BIAS, SINK, softcap,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, kv_group, Nq, Nk, head_dim,
+    p_N,
+    rt0_ptr, rt0_n0, rt0_s0,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+):
+    """Forward attention for one (query tile, batch * head).
+
+    Tokens are in kernel order: Q, K, V, Out, Stat and the row vectors are indexed by kernel
+    position; the mask and bias read the row-major token at a position through Q_ORDER and
+    KV_ORDER when the layout permutes that side.
+
+    Score: softmax(scale = 1.0 / sqrt(head_dim)).
+    Per-row scale and bias come from the host (without modifiers, softmax's scale includes log2(e)).
+    Stat receives the row's logsumexp (natural log, the sink included), -inf for a row that
+    sees no key.
+    """
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    h_kv = h // kv_group  # grouped-query attention: query head h reads kv head h // (Hq / Hkv)
+    # Each (batch, head) slice starts at an int64 offset: B * H * N * D may exceed 2**31. Offsets
+    # inside a slice stay int32 unless the launcher sees a slice that needs more (ADDR64).
+    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
+    Q_base = Q + b64 * stride_qb + h64 * stride_qh
+    K_base = K + b64 * stride_kb + h_kv64 * stride_kh
+    V_base = V + b64 * stride_vb + h_kv64 * stride_vh
+    O_base = Out + b64 * stride_ob + h64 * stride_oh
+    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if ADDR64:
+        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)
+        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
+    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q_i = offs_m[:, None]
+    if Q_PERMUTED:
+        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        q_i = q_i.to(tl.int64)
+    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
+    lo = tl.load(FULL_PTR + q_tile)
+    hi = tl.load(FULL_PTR + q_tile + 1)
+    for t in range(lo, hi):
+        kv_tile = tl.load(FULL_IDX + t)
+        offs_n = kv_tile * BLOCK_N + offs_n0
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
+    lo = tl.load(PART_PTR + q_tile)
+    hi = tl.load(PART_PTR + q_tile + 1)
+    for t in range(lo, hi):
+        kv_tile = tl.load(PART_IDX + t)
+        offs_n = kv_tile * BLOCK_N + offs_n0
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
+        if KV_PERMUTED:
+            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            k_i = k_i.to(tl.int64)
+        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, rt0_ptr, rt0_n0, rt0_s0, INT64)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    stat = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Stat + bh.to(tl.int64) * Nq + offs_m, stat, mask=offs_m < Nq)
