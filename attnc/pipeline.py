@@ -84,16 +84,9 @@ def parse(spec: "str | os.PathLike | Spec") -> Spec:
 
 
 def _read(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AttncError(f"no such spec file: {path}",
-                         hint="pass a path to a .attn file or the spec's source text") from None
-    except IsADirectoryError:
-        raise AttncError(f"{path} is a directory, not a spec file") from None
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise AttncError(f"cannot read {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
-    return decode(data, str(path))
+    from .frontend.source import read_spec_file  # regular files only, bounded: see there
+
+    return read_spec_file(path)
 
 
 def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[int, int] = DEFAULT_TILES,

@@ -6,13 +6,14 @@ import os
 import numpy as np
 import torch
 
-from .analysis.extents import tensor_extents
+from .analysis.extents import check_divisors, tensor_extents
 from .analysis.layout import AUTO, Layout
 from .backends.triton.host import HostState, host_ints
 from .backends.triton.launch import forward
 from .errors import AttncError, suggest
 from .ir import nodes as N
 from .ir.evaluate import mask_block
+from .limits import MAX_FLOAT
 from .pipeline import DEFAULT_TILES, Compiled, build
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -175,13 +176,21 @@ class AttentionFn:
             if floating and t.numel() and (torch.isnan(t).any() or (t == float("inf")).any()):
                 raise AttncError(f"runtime tensor '{name}' contains NaN or +inf",
                                  hint="-inf is allowed: it hides a pair (or silences a sink)")
+            # finite beyond float32 would be inf (or nan) in kernels
+            if floating and t.numel() and (big := torch.isfinite(t) & (t.abs() > MAX_FLOAT)).any():
+                raise AttncError(f"runtime tensor '{name}' holds {t[big].flatten()[0].item():.4g}; kernels read "
+                                 f"tables in float32 (finite up to 3.4e38), so values must lie within ±{MAX_FLOAT:.0e}",
+                                 hint="-inf is allowed: it hides a pair (or silences a sink)")
             out[name] = t
+        check_divisors(  # a mask divisor read from a tensor: no 0 where read
+            self.compiled.bound, out, self.compiled.spec)
         return out
 
     def _extents(self, heads: int) -> dict[str, tuple[int, ...]]:
-        if heads not in self._extent_cache:
-            self._extent_cache[heads] = tensor_extents(self.compiled.bound, heads)
-        return self._extent_cache[heads]
+        extents = self._extent_cache.get(heads)
+        if extents is None:  # computed before it is published: threads may share this callable
+            extents = self._extent_cache[heads] = tensor_extents(self.compiled.bound, heads)
+        return extents
 
     # -- validation -----------------------------------------------------------------------------
     def _check(self, q, k, v) -> None:

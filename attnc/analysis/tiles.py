@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import limits
 from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.bind import Bound
@@ -80,21 +81,27 @@ def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.
     lo_out, hi_out = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
     for part, sel, coords in pair_coords(bound, q_idx, k_idx):
 
-        def rec(e: N.Expr):
+        def rec(e: N.Expr, live):
+            # live: where e may be evaluated. The right side of `and` / `or` is evaluated only
+            # where the left side may not decide (docs/language.md, guards); an error there
+            # (division by zero) is refused even when only runtime data could rule it out.
             if not reads_tensors(e):
-                v = np.asarray(evaluate(e, bound.env, coords), dtype=bool)
+                v = np.asarray(evaluate(e, bound.env, coords, live=live, span_of=bound.ir.span_of), dtype=bool)
                 return v, v
             if isinstance(e, N.Unary) and e.op == "not":
-                lo, hi = rec(e.operand)
+                lo, hi = rec(e.operand, live)
                 return ~hi, ~lo
             if isinstance(e, N.Binary) and e.op in ("and", "or"):
-                (alo, ahi), (blo, bhi) = rec(e.lhs), rec(e.rhs)
+                alo, ahi = rec(e.lhs, live)
+                inner = ahi if e.op == "and" else ~alo
+                inner = inner if live is None else inner & live
+                blo, bhi = rec(e.rhs, inner) if inner.any() else (np.zeros((), dtype=bool),) * 2
                 if e.op == "and":
                     return alo & blo, ahi & bhi
                 return alo | blo, ahi | bhi
             return np.zeros((), dtype=bool), np.ones((), dtype=bool)
 
-        lo, hi = rec(part_expr(bound.ir.mask, part.name))
+        lo, hi = rec(part_expr(bound.ir.mask, part.name), None)
         part_shape = (len(q_idx), int(sel.sum()))
         lo_out[:, sel] = np.broadcast_to(lo, part_shape)
         hi_out[:, sel] = np.broadcast_to(hi, part_shape)
@@ -112,6 +119,7 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
             raise AttncError(f"{name} = {b}: tile sizes must be powers of two, at least 16")
     nq, nk = bound.nq, bound.nk
     n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
+    check_limits(nq, nk, n_qt, n_kt)
     classes = np.zeros((n_qt, n_kt), dtype=np.int8)
     row_counts = np.zeros(nq, dtype=np.int64)
     layout = layout or row_major(nq, nk)
@@ -132,6 +140,21 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
     part_ptr, part_idx = _csr(classes == PARTIAL)
     return Schedule(block_m, block_n, nq, nk, classes, row_counts, full_ptr, full_idx, part_ptr, part_idx,
                     exact=not reads_tensors(bound.ir.mask), layout=layout)
+
+
+def check_limits(nq: int, nk: int, q_tiles: int, kv_tiles: int) -> None:
+    """Refuse, before any work, a tile analysis that cannot fit in memory or time."""
+    tiles = q_tiles * kv_tiles
+    if tiles > limits.MAX_TILES:
+        raise AttncError(f"the tile map would have {limits.show_count(tiles)} tiles ([{q_tiles}, {kv_tiles}]); "
+                         f"the limit is {limits.show_count(limits.MAX_TILES)} (attnc.limits.MAX_TILES)")
+    # int8 classes, plus int32 CSR indices for every tile in the worst case and two offset arrays.
+    size = tiles * 5 + (q_tiles + 1) * 8
+    if size > limits.MAX_TILE_MAP_BYTES:
+        raise AttncError(f"the tile map and its tile lists would allocate {limits.show_bytes(size)} for "
+                         f"{limits.show_shape((q_tiles, kv_tiles))} tiles; the limit is "
+                         f"{limits.show_bytes(limits.MAX_TILE_MAP_BYTES)} (attnc.limits.MAX_TILE_MAP_BYTES)")
+    limits.check_count("tile analysis", nq * nk, limits.MAX_ANALYSED_PAIRS, "MAX_ANALYSED_PAIRS")
 
 
 def _csr(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

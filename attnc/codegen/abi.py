@@ -38,8 +38,16 @@ _STRIDES = {"q": ("q", "bhmd"), "k": ("k", "bhnd"), "v": ("v", "bhnd"), "o": ("o
 
 
 def param_name(name: str) -> str:
-    """The kernel argument carrying integer parameter `name`."""
+    """The kernel argument carrying parameter `name`."""
     return f"p_{name}"
+
+
+def kernel_params(ir: N.Attention) -> list[N.ParamDecl]:
+    """The parameters the kernel receives: every integer one (sizes and mask constants), and the
+    float ones a logit bias reads (float32 scalars); scale, bias and soft-cap are computed on the host."""
+    read = {x.name for x in N.walk(ir.score.logit_bias, expand_windows=True) if isinstance(x, N.Param)} \
+        if ir.score.logit_bias is not None else set()
+    return [p for p in ir.params if p.type == N.INT or p.name in read]
 
 
 def table_name(n: int, what: str) -> str:
@@ -100,8 +108,8 @@ def forward_args(ir: N.Attention) -> tuple[Arg, ...]:
         Arg("Nk", INT, "keys (bound.nk)", "sizes"),
         Arg("head_dim", INT, "D, the spec's `head_dim`", "sizes", pair=True),
     ]
-    args += [Arg(param_name(p.name), INT, f"parameter {p.name}", "params", pair=True)
-             for p in ir.params if p.type == N.INT]
+    args += [Arg(param_name(p.name), INT if p.type == N.INT else FLOAT, f"parameter {p.name}", "params", pair=True)
+             for p in kernel_params(ir)]
     for n, t in enumerate(ir.tensors):
         what = f"runtime tensor '{t.name}'"
         group = f"tensor {n}"

@@ -311,8 +311,9 @@ def _setup(score: N.Score) -> list[str]:
         "    if INT64:",
         "        q_i = q_i.to(tl.int64)",
         "    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)",
+    ] + ([  # only sigmoid adds a per-row bias after the modifiers
         "    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)",
-    ]
+    ] if score.kind == "sigmoid" else [])
 
 
 def _init_state(score: N.Score) -> list[str]:
@@ -322,6 +323,8 @@ def _init_state(score: N.Score) -> list[str]:
             f"    m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINK + h64) * {LOG2E})",
             "    l_i = tl.full([BLOCK_M], 1.0, tl.float32)",
         ]
+    elif score.kind == "sigmoid":  # weights are not normalised: no running maximum
+        state = ["    l_i = tl.zeros([BLOCK_M], tl.float32)"]
     else:
         state = [
             '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',

@@ -6,13 +6,12 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .. import limits
 from ..errors import AttncError, suggest
+from ..limits import MAX_TOKENS  # kernels decode tokens in int32 (also imported from here)
 from . import nodes as N
 from .evaluate import evaluate_uniform, show, windows
-
-# Kernels decode coordinates in int32; larger spaces are rejected rather than silently wrapped.
-MAX_TOKENS = 2**31 - 1
-MAX_HEADS = 2**16
+from .intervals import check_float_constants, check_int64
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,7 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
         if p.name in params:
             values[p.name] = _check_value(ir, p, params[p.name])
         elif p.default is not None:
+            _check_divisors(ir, p.default, values)
             values[p.name] = evaluate_uniform(p.default, values)
         else:
             missing = [d.name for d in ir.params if d.name not in params and d.default is None]
@@ -77,19 +77,31 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
                              f"{', '.join(missing)}", hint=f"pass them to attnc.compile, e.g. {missing[0]}=64")
     # Preconditions first: they explain a size like H / 4 before the size itself is computed.
     for r in ir.requires:
+        _check_divisors(ir, r.cond, values)
         if not evaluate_uniform(r.cond, values):
             raise AttncError(f"{r.message}: {show(r.cond)} is false for {_describe(values.items())}", r.span)
-    q_dims = _dims(ir.q, values, "q")
+    score = ir.score
+    for e in (*ir.q.dims, *(d for _, sp in N.parts(ir.kv) for d in sp.dims), ir.mask, score.scale, score.bias,
+              score.logit_bias, score.softcap, score.sink, *((ir.route.top, *ir.route.sizes) if ir.route else ())):
+        if e is not None:
+            _check_divisors(ir, e, values)
+    q_dims = _dims(ir, ir.q, values, "q")
     kv_parts, offset = [], 0
     for name, space in N.parts(ir.kv):
-        dims = _dims(space, values, "kv" if name is None else f"kv segment '{name}'")
+        dims = _dims(ir, space, values, "kv" if name is None else f"kv segment '{name}'")
         kv_parts.append(KeyPart(name, space, dims, offset))
         offset += math.prod(dims)
     if offset > MAX_TOKENS:
         raise AttncError(f"kv space has {offset} tokens; at most {MAX_TOKENS} are supported")
+    # Every path allocates int64 arrays indexed by token (layout orders, row counts).
+    for side, n in (("q", math.prod(q_dims)), ("kv", offset)):
+        limits.check_bytes(f"the {side} token arrays (layout order, row counts)", (n,), 8,
+                           limits.MAX_TOKEN_ARRAY_BYTES, "MAX_TOKEN_ARRAY_BYTES")
     bound = Bound(ir, tuple(values.items()), q_dims, tuple(kv_parts))
     for w in windows(ir.mask):
         _check_window(w, values, bound)
+    check_int64(bound)  # integer ranges: nothing the kernels or the evaluator compute may wrap
+    check_float_constants(bound)  # float constants that reach float32 kernels
     return bound
 
 
@@ -114,11 +126,38 @@ def _check_value(ir: N.Attention, p: N.ParamDecl, value: Any) -> int | float:
     return value
 
 
-def _dims(space: N.Space, values, side: str) -> tuple[int, ...]:
+def _check_divisors(ir: N.Attention, e: N.Expr, values) -> None:
+    """Refuse `//` or `%` by a divisor that does not depend on tokens and is 0 for these values,
+    at the divisor in the spec (evaluation would report it without a place), wherever the division
+    is certainly evaluated. Guards are honoured (docs/language.md): in `a and b` / `a or b`, b is
+    checked when a does not depend on tokens and does not decide; under a guard that depends on
+    tokens, whether b is read at all is left to evaluation."""
+    varies = (N.Coord, N.Lookup, N.Window, N.Head, N.NVisible, N.HeadDim, N.Member)
+    uniform: dict[int, bool] = {}
+    for x in reversed(list(N.walk(e))):  # descendants before their ancestors
+        uniform[id(x)] = not isinstance(x, varies) and all(uniform[id(c)] for c in N.children(x))
+
+    def visit(x: N.Expr) -> None:  # recursion is bounded: lowering limits IR depth (MAX_IR_DEPTH)
+        if isinstance(x, N.Binary) and x.op in ("and", "or"):
+            visit(x.lhs)
+            if uniform[id(x.lhs)] and bool(evaluate_uniform(x.lhs, values)) == (x.op == "and"):
+                visit(x.rhs)
+            return
+        for c in N.children(x):
+            visit(c)
+        if isinstance(x, N.Binary) and x.op in ("//", "%") and uniform[id(x.rhs)] \
+                and evaluate_uniform(x.rhs, values) == 0:
+            raise AttncError(f"division by zero: `{show(x.rhs)}` is 0 for {_describe(values.items())}",
+                             ir.span_of(x))
+
+    visit(e)
+
+
+def _dims(ir: N.Attention, space: N.Space, values, side: str) -> tuple[int, ...]:
     dims = tuple(int(evaluate_uniform(d, values)) for d in space.dims)
     for d, expr in zip(dims, space.dims):
         if d < 1:
-            raise AttncError(f"{side} space size {show(expr)} = {d}; sizes must be at least 1")
+            raise AttncError(f"{side} space size {show(expr)} = {d}; sizes must be at least 1", ir.span_of(space))
     if math.prod(dims) > MAX_TOKENS:
         raise AttncError(f"{side} space has {math.prod(dims)} tokens; at most {MAX_TOKENS} are supported")
     return dims

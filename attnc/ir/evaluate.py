@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from .. import limits
 from ..errors import AttncError
 from . import nodes as N
 from .printer import format_expr
@@ -42,25 +43,47 @@ _FLOAT_FUNCS = {"sqrt": np.sqrt, "log": np.log, "exp": np.exp}
 
 
 def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple[str, str], np.ndarray],
-             head_dim: int | None = None, tensors: Mapping[str, np.ndarray] | None = None, strict: bool = True):
+             head_dim: int | None = None, tensors: Mapping[str, np.ndarray] | None = None, strict: bool = True,
+             live=None, span_of=None):
     """Evaluate an expression; coordinates are int64 arrays that broadcast against each other.
 
     `tensors` holds the runtime tensors (int64 numpy arrays) that Lookup nodes read. With
     strict=False a true division by zero gives inf or nan instead of an error: score modifiers
     are evaluated at every pair, and only the values at visible pairs are checked (by the caller).
+
+    Guards (docs/language.md, "Runtime tensors"): in `a and b`, b is evaluated only where a
+    holds; in `a or b`, only where a fails. Evaluation is vectorised, so b is computed at every
+    element, but an out-of-range index or a division by zero is an error only where b is *live*;
+    elsewhere the index is clipped and the divisor replaced, and the value (never used) is
+    arbitrary. `live` (a bool array broadcasting against the coordinates, None for everywhere)
+    says where e itself is evaluated. `span_of` (an IR's Attention.span_of) locates a division by
+    zero in the spec.
     """
     tensors = tensors or {}
 
-    def rec(e: N.Expr):
+    def anywhere(cond, live) -> bool:
+        cond = np.asarray(cond)
+        if live is None:
+            return bool(cond.any())
+        return bool(np.logical_and(cond, live).any())
+
+    def rec(e: N.Expr, live):
         if isinstance(e, N.Lookup):
             if e.tensor not in tensors:
                 raise AttncError(f"the mask reads runtime tensor '{e.tensor}'; pass it, e.g. {e.tensor}=tensor")
             table = tensors[e.tensor]
-            idx = [np.asarray(rec(i)) for i in e.indices]
+            idx = [np.asarray(rec(i, live)) for i in e.indices]
             for d, (i, size) in enumerate(zip(idx, table.shape)):
-                if i.size and (i.min() < 0 or i.max() >= size):
-                    raise AttncError(f"index {int(i.min()) if i.min() < 0 else int(i.max())} is out of range for "
-                                     f"dimension {d} of '{e.tensor}' (size {size}) in `{show(e)}`")
+                bad = (i < 0) | (i >= size)
+                if bad.any():
+                    if anywhere(bad, live):
+                        vals, hit = np.broadcast_arrays(i, bad if live is None else np.logical_and(bad, live))
+                        at = vals[hit]
+                        raise AttncError(f"index {int(at.flat[0])} is out of range for dimension {d} of '{e.tensor}' "
+                                         f"(size {size}) in `{show(e)}`")
+                    if size == 0:  # never read where it is live: any value will do
+                        return np.zeros(np.broadcast_shapes(*(j.shape for j in idx)), dtype=table.dtype)
+                    idx[d] = np.clip(i, 0, size - 1)  # not live there: the value is never used
             return table[tuple(np.broadcast_arrays(*idx))] if len(idx) > 1 else table[idx[0]]
         if isinstance(e, N.Const):
             return e.value
@@ -79,32 +102,46 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
         if isinstance(e, N.Head):
             return coords[("q", "head")]
         if isinstance(e, N.Window):
-            return rec(e.expand())
+            return rec(e.expand(), live)
         if isinstance(e, N.Unary):
-            x = rec(e.operand)
+            x = rec(e.operand, live)
             return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
         if isinstance(e, N.Call):
-            x = np.asarray(rec(e.args[0]), dtype=np.float64)
+            x = np.asarray(rec(e.args[0], live), dtype=np.float64)
             # Out-of-domain values become nan/inf here and are reported by whoever uses them.
             with np.errstate(all="ignore"):
                 out = _FLOAT_FUNCS[e.fn](x)
             return out.item() if out.ndim == 0 else out
         if isinstance(e, N.Binary):
-            a = rec(e.lhs)
-            b = rec(e.rhs)
+            a = rec(e.lhs, live)
+            if e.op in ("and", "or"):
+                # The right side is live where the left side does not decide the result.
+                a = np.asarray(a, dtype=bool)
+                inner = a if e.op == "and" else ~a
+                inner = inner if live is None else np.logical_and(live, inner)
+                if not inner.any():
+                    return a  # the left side decides everywhere: the right side is never read
+                b = rec(e.rhs, inner)
+                return _ARITH[e.op](a, b)
+            b = rec(e.rhs, live)
             if e.op in ("//", "%", "/"):
                 if e.op == "/" and not strict:
                     with np.errstate(all="ignore"):
                         return np.true_divide(np.asarray(a, dtype=np.float64), b)
-                if np.any(np.asarray(b) == 0):
-                    raise AttncError(f"division by zero in `{show(e)}`")
+                zero = np.asarray(b) == 0
+                if zero.any():
+                    if anywhere(zero, live):
+                        raise AttncError(f"division by zero in `{show(e)}`", span_of(e) if span_of else None)
+                    b = np.where(zero, 1, b)  # not live there: the quotient is never used
                 if e.op == "/":
                     return np.true_divide(a, b)
                 return np.floor_divide(a, b) if e.op == "//" else np.remainder(a, b)
             return _ARITH[e.op](a, b)
         raise TypeError(f"not an IR expression: {e!r}")
 
-    return rec(e)
+    # Integer arithmetic where a guard rules a pair out may wrap: that value is never used.
+    with np.errstate(over="ignore"):
+        return rec(e, live)
 
 
 def evaluate_uniform(e: N.Expr, values, head_dim: int | None = None) -> int | float:
@@ -137,12 +174,22 @@ def pair_coords(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray):
         yield part, sel, qc | {("k", a): v for a, v in kc.items()}
 
 
-def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None) -> np.ndarray:
-    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)]."""
-    out = np.zeros((len(q_idx), len(k_idx)), dtype=bool)
-    for part, sel, coords in pair_coords(bound, q_idx, k_idx):
-        m = evaluate(part_expr(bound.ir.mask, part.name), bound.env, coords, tensors=tensors)
-        out[:, sel] = np.broadcast_to(np.asarray(m, dtype=bool), (len(q_idx), int(sel.sum())))
+def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
+               what: str = "fn.mask()") -> np.ndarray:
+    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)].
+
+    The output is refused above limits.MAX_DENSE_MASK_BYTES (`what` names the caller in the
+    message); it is evaluated in chunks of rows, so the int64 intermediates stay small."""
+    shape = (len(q_idx), len(k_idx))
+    limits.check_bytes(what, shape, 1, limits.MAX_DENSE_MASK_BYTES, "MAX_DENSE_MASK_BYTES")
+    out = np.zeros(shape, dtype=bool)
+    step = max(1, limits.EVAL_CHUNK_PAIRS // max(1, len(k_idx)))
+    for start in range(0, len(q_idx), step):
+        rows = q_idx[start:start + step]
+        for part, sel, coords in pair_coords(bound, rows, k_idx):
+            m = evaluate(part_expr(bound.ir.mask, part.name), bound.env, coords, tensors=tensors,
+                         span_of=bound.ir.span_of)
+            out[start:start + len(rows), sel] = np.broadcast_to(np.asarray(m, dtype=bool), (len(rows), int(sel.sum())))
     return out
 
 

@@ -1,45 +1,54 @@
 """AST -> IR: name resolution, typing, desugaring of builtins. All errors are located."""
 from __future__ import annotations
 
-
-
 import dataclasses
 
 from ..errors import AttncError, Span, suggest
 from ..frontend import syntax as A
 from ..frontend.parser import MAX_INT_LITERAL
 from . import nodes as N
+from .lower_builtins import (BUILTINS, COMPILE_OPTIONS, FLOAT_FUNCS, INT_FUNCS, MASK_FUNCS, RESERVED_TARGETS,
+                             ROUTE_FUNCS, SCORE_FUNCS, SPACE_FUNCS, Builtins, _default_scale, _mentions)
+from .verify import verify
 
-RESERVED_TARGETS = ("q", "kv", "mask", "score", "bias", "route")
-# Keyword arguments of attnc.compile itself (`spec` too: it is positional-or-keyword); a spec
-# parameter may not shadow them.
-COMPILE_OPTIONS = ("spec", "backend", "tiles")
-SPACE_FUNCS = ("seq", "grid")
-SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
-INT_FUNCS = ("abs", "min", "max")
-FLOAT_FUNCS = ("sqrt", "log", "exp")
-MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
-BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
-ROUTE_FUNCS = ("top", "regions", "blocks", "mean")
-# ROUTE_FUNCS are not reserved: they have a meaning only inside a `route = ...` rule.
-BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
 # Locals are inlined, so short lines can still build an IR far deeper or larger than any line of
 # the spec (`a1 = a0 + 1` repeated nests, `b1 = b0 and b0` doubles); every later pass recurses
 # over the IR as a tree, so both are bounded here.
 MAX_IR_DEPTH = 200
 MAX_IR_NODES = 20_000
+# Where an expression may stand decides what it may read (tensors, head, n_visible) and how a
+# lookup is typed: (in_mask, in_modifier, in_score). A local is lowered once for each, when it is
+# defined, so a chain of locals never recurses and each use gets the meaning its place gives it.
+_MASK, _MODIFIER, _SCORE = (True, False, False), (False, True, False), (False, False, True)
+_PLAIN = (False, False, False)  # softcap, routing: none of the above
+LOCAL_CONTEXTS = (_MASK, _MODIFIER, _SCORE, _PLAIN)
+_CONTEXT_NAMES = {_MASK: "in the mask", _MODIFIER: "in `bias` or the sink logit",
+                  _SCORE: "in a score's scale or bias", _PLAIN: "here"}
 
 
 def lower(ast: A.Attention) -> N.Attention:
-    return _Lowering(ast).run()
+    ir = _Lowering(ast).run()
+    # The IR's invariants, checked on every IR: well under a millisecond for the specs in specs/
+    # (about as long as lowering itself); a violation is an IRError, a compiler bug.
+    verify(ir)
+    return ir
 
 
-class _Lowering:
+class _Lowering(Builtins):
+    """Statements, expressions and locals; token spaces, builtins and scores are in Builtins."""
+
     def __init__(self, ast: A.Attention):
         self.ast = ast
         self.params: dict[str, N.ParamDecl] = {}
-        self.locals: dict[str, N.Expr] = {}
+        # name -> {context: (IR, effects) or the AttncError lowering raised in that context}
+        self.locals: dict[str, dict[tuple, tuple[N.Expr, list] | AttncError]] = {}
         self.local_spans: dict[str, Span | None] = {}
+        self.priming = 0  # > 0 while a local's definition is being lowered
+        # Side effects of lowering that a local's use must repeat: tensor reads and preconditions.
+        self.effects: list[tuple[str, object]] = []
+        # IR node (division, lookup, token space) -> where the spec writes it, for errors raised
+        # once parameters are bound (attnc/ir/nodes.py, Attention.spans).
+        self.spans: dict[object, Span] = {}
         self.used: set[str] = set()
         self.measured: dict[int, tuple[N.Expr, int, int]] = {}  # id -> (node, depth, tree size)
         self.q: N.Space | None = None
@@ -118,7 +127,8 @@ class _Lowering:
         self.tensors = {name: t for name, t in self.tensors.items() if name in read}
         return N.Attention(self.ast.name, tuple(self.params.values()), self.q, self.kv, mask, score,
                            tuple(self.requires), tuple(self.tensors.values()), route,
-                           lines=tuple(sorted(lines.items())))
+                           lines=tuple(sorted(lines.items())),
+                           spans=tuple((k, v) for k, v in self.spans.items() if v is not None))
 
     def declare(self, p: A.Param) -> None:
         if p.name in self.params:
@@ -136,116 +146,73 @@ class _Lowering:
             type_ = default.type
         self.params[p.name] = N.ParamDecl(p.name, type_, default)
 
-    def space_stmt(self, stmt: A.Stmt, ids: tuple[str, ...]) -> None:
-        if ids not in (("q",), ("kv",), ("q", "kv")):
-            raise AttncError("token spaces are assigned as `q, kv = ...`, `q = ...` or `kv = ...`",
-                             stmt.targets[0].span)
-        if isinstance(stmt.value, A.Segments):
-            if ids != ("kv",):
-                raise AttncError("only the key space may be made of segments: write `q = ...` and "
-                                 "`kv = name: ..., name: ...` separately", stmt.value.span)
-            self.kv = self.segments(stmt.value)
-            return
-        if isinstance(stmt.value, A.Route):
-            raise AttncError("expected a token space, not a routing rule", stmt.value.span)
-        space = self.space(stmt.value)
-        if "q" in ids:
-            self.q = space
-        if "kv" in ids:
-            self.kv = space
-
-    def segments(self, e: A.Segments) -> N.Segments:
-        seen: dict[str, A.Name] = {}
-        out = []
-        for seg in e.items:
-            name = seg.name
-            if name.id in seen:
-                raise AttncError(f"segment '{name.id}' is defined twice", name.span)
-            if name.id in ("q", "k", "kv", "v") or name.id in BUILTINS:
-                raise AttncError(f"segment name '{name.id}' is reserved", name.span)
-            seen[name.id] = name
-            out.append((name.id, self.space(seg.space)))
-        return N.Segments(tuple(out))
-
-    def space(self, e: A.Expr) -> N.Space:
-        if not isinstance(e, A.Call) or e.func.id not in SPACE_FUNCS:
-            raise AttncError("expected a token space: seq(N), grid(H, W) or grid(T, H, W)", e.span,
-                             hint=suggest(e.func.id, SPACE_FUNCS) if isinstance(e, A.Call) else None)
-        self.no_kwargs(e)
-        arity = (1,) if e.func.id == "seq" else (2, 3)
-        if len(e.args) not in arity:
-            want = "one size" if e.func.id == "seq" else "2 or 3 sizes"
-            raise AttncError(f"{e.func.id}() takes {want}, got {len(e.args)}", e.span)
-        self.in_size = True
-        try:
-            dims = tuple(self.uniform_int(a, "a space size") for a in e.args)
-        finally:
-            self.in_size = False
-        return N.Space(e.func.id, dims)
-
-    def score(self, e: A.Expr) -> N.Score:
-        func = e if isinstance(e, A.Name) else e.func if isinstance(e, A.Call) else None
-        if func is None or func.id not in SCORE_FUNCS:
-            name = func.id if func is not None else ""
-            raise AttncError("expected a score function: softmax, sigmoid or softplus",
-                             getattr(func, "span", None) or e.span, hint=suggest(name, SCORE_FUNCS))
-        allowed = ("scale", "bias", "softcap") if func.id == "sigmoid" else \
-            ("scale", "softcap", "sink") if func.id == "softmax" else ("scale", "softcap")
-        args: dict[str, N.Expr | None] = {"scale": _default_scale(), "bias": N.Const(0.0), "softcap": None, "sink": None}
-        if isinstance(e, A.Call):
-            if e.args:
-                raise AttncError(f"{func.id} takes only keyword arguments: "
-                                 f"{func.id}({' = ..., '.join(allowed)} = ...)", e.args[0].span)
-            for kw in e.kwargs:
-                if kw.name not in allowed:
-                    hint = "a sink logit needs softmax normalisation" if kw.name == "sink" else None
-                    raise AttncError(f"{func.id} has no argument '{kw.name}'", kw.span,
-                                     hint=hint or suggest(kw.name, allowed) or f"it takes {', '.join(allowed)}")
-                if kw.name == "sink":
-                    args["sink"] = self.sink(kw.value)
-                    continue
-                self.in_score = kw.name != "softcap"  # n_visible: per-row values only
-                try:
-                    val = self.uniform(kw.value, f"the {func.id} {kw.name}")
-                finally:
-                    self.in_score = False
-                if val.type == N.BOOL:
-                    raise AttncError(f"the {func.id} {kw.name} must be a number", kw.value.span)
-                args[kw.name] = val
-        return N.Score(func.id, args["scale"], args["bias"], softcap=args["softcap"], sink=args["sink"])
-
-    def modifier(self, e: A.Expr, what: str) -> N.Expr:
-        self.in_modifier = True
-        try:
-            out = self.expr(e)
-        finally:
-            self.in_modifier = False
-        if out.type == N.BOOL:
-            raise AttncError(f"{what} must be a number, but this is a condition", e.span,
-                             hint="masks go in `mask = ...`")
-        return out
-
-    def logit_bias(self, e: A.Expr) -> N.Expr:
-        """`bias = rel_bias[q.y - k.y + 6, q.x - k.x + 6]`: added to every logit; may read float
-        runtime tensors, the query head `head` and token coordinates."""
-        out = self.modifier(e, "the bias")
-        self.check_segment_axes(out, e)
-        return out
-
-    def sink(self, e: A.Expr) -> N.Expr:
-        """`sink = sink_logits[head]`: the logit of a virtual key with value 0, one per head."""
-        out = self.modifier(e, "the sink logit")
-        if _mentions(out, (N.Coord, N.Window, N.Member)):
-            raise AttncError("the sink logit is one number per head; it cannot use token coordinates", e.span)
-        return out
-
     def define_local(self, stmt: A.Stmt) -> None:
+        """A local stands for its expression: it is lowered here once per context it could be used
+        in, and each use takes the lowering (and the tensor reads and preconditions) of its own
+        context. An error that every context gives is the definition's and is reported here; one
+        that only some give is reported at a use in such a context."""
         name = stmt.targets[0]
         if name.id in BUILTINS or name.id in self.params or name.id == "k":
             raise AttncError(f"'{name.id}' is a {'parameter' if name.id in self.params else 'builtin'} "
                              "and cannot be redefined", name.span)
-        self.locals[name.id] = self.expr(stmt.value)
+        plain = self.prime(stmt.value, _PLAIN)
+        if not isinstance(plain, AttncError) and _same_everywhere(plain[0]):
+            lowered = dict.fromkeys(LOCAL_CONTEXTS, plain)
+        else:
+            lowered = {ctx: plain if ctx == _PLAIN else self.prime(stmt.value, ctx) for ctx in LOCAL_CONTEXTS}
+        errors = list(lowered.values())
+        if all(isinstance(r, AttncError) for r in errors) and \
+                len({(r.message, r.span, r.hint) for r in errors}) == 1:
+            raise errors[0]
+        self.locals[name.id] = lowered
         self.local_spans[name.id] = name.span
+
+    def context(self) -> tuple[bool, bool, bool]:
+        return (self.in_mask, self.in_modifier, self.in_score)
+
+    def prime(self, e: A.Expr, ctx: tuple[bool, bool, bool]) -> tuple[N.Expr, list] | AttncError:
+        """Lower a local's expression as if it stood in context ctx, capturing its effects."""
+        saved = (self.context(), self.in_size, self.tensors, self.requires, self.effects)
+        self.in_mask, self.in_modifier, self.in_score = ctx
+        self.in_size = False
+        self.tensors, self.requires, self.effects = {}, [], []
+        self.priming += 1
+        try:
+            return self.expr(e), self.effects
+        except AttncError as err:
+            return err
+        finally:
+            self.priming -= 1
+            (self.in_mask, self.in_modifier, self.in_score), self.in_size, self.tensors, self.requires, \
+                self.effects = saved
+
+    def use_local(self, e: A.Name) -> N.Expr:
+        self.used.add(e.id)
+        lowered = self.locals[e.id]
+        ctx = self.context()
+        if ctx not in lowered:  # not reachable with today's contexts; stay correct regardless
+            lowered[ctx] = self.prime(self.local_definition(e.id), ctx)
+        out = lowered[ctx]
+        if isinstance(out, AttncError):
+            if self.priming:  # inside another local: the innermost cause is reported at the use
+                raise out
+            at = out.span
+            where = f"; the cause is in its definition, at line {at.line}, column {at.col}" if at else ""
+            raise AttncError(f"'{e.id}' cannot be used {_CONTEXT_NAMES.get(ctx, 'here')}: {out.message}",
+                             e.span, hint=(out.hint + where) if out.hint else where[2:] or None)
+        expr, effects = out
+        for kind, item in effects:
+            if kind == "tensor":
+                self.read_tensor(*item)
+            else:
+                self.add_require(item)
+        return expr
+
+    def local_definition(self, name: str) -> A.Expr:
+        for stmt in self.ast.body:
+            if stmt.targets[0].id == name:
+                return stmt.value
+        raise AssertionError(name)
 
     # -- expressions --------------------------------------------------------------------------
     def expect(self, e: A.Expr, type_: str, what: str) -> N.Expr:
@@ -263,7 +230,10 @@ class _Lowering:
         return out
 
     def uniform_int(self, e: A.Expr, what: str) -> N.Expr:
+        """Sizes, builtin arguments, routing counts: fixed when parameters are bound."""
         out = self.uniform(e, what)
+        if _mentions(out, (N.HeadDim, N.NVisible)):
+            raise AttncError(f"{what} is fixed at compile time and cannot use head_dim or n_visible", e.span)
         if out.type != N.INT:
             raise AttncError(f"{what} must be an integer, but this is {_article(out.type)}", e.span,
                              hint="use // for integer division" if out.type == N.FLOAT else None)
@@ -318,62 +288,50 @@ class _Lowering:
                              "and the sink logit", e.span)
         rank = len(e.indices)
         dtype = N.FLOAT if self.in_modifier else N.INT
-        seen = self.tensors.get(name)
-        if seen is not None and seen.rank != rank:
-            raise AttncError(f"'{name}' is indexed with {rank} indices here but {seen.rank} elsewhere", e.span)
-        if seen is not None and seen.dtype != dtype:
-            raise AttncError(f"'{name}' is read by the mask (integers) and by a score modifier (floats); "
-                             "use two tensors", e.span)
+        self.check_tensor(name, rank, dtype, e.span)
         indices = []
         for i in e.indices:
             idx = self.expr(i)
             if idx.type != N.INT:
                 raise AttncError(f"an index into '{name}' must be an integer, but this is {_article(idx.type)}",
                                  i.span)
+            if isinstance(idx, N.Const) and idx.value < 0:
+                raise AttncError(f"index {idx.value} into '{name}' is negative", i.span,
+                                 hint="runtime tensors are indexed from 0; there is no indexing from the end")
             indices.append(idx)
         by_head = any(_mentions(i, (N.Head,)) for i in indices)
+        self.read_tensor(name, rank, dtype, by_head, e.span)
+        out = N.Lookup(name, tuple(indices), dtype)
+        self.spans.setdefault(out, e.span)
+        return out
+
+    def check_tensor(self, name: str, rank: int, dtype: str, span: Span | None) -> None:
+        seen = self.tensors.get(name)
+        if seen is not None and seen.rank != rank:
+            raise AttncError(f"'{name}' is indexed with {rank} indices here but {seen.rank} elsewhere", span)
+        if seen is not None and seen.dtype != dtype:
+            raise AttncError(f"'{name}' is read by the mask (integers) and by a score modifier (floats); "
+                             "use two tensors", span)
+
+    def read_tensor(self, name: str, rank: int, dtype: str, by_head: bool, span: Span | None) -> None:
+        """Declare (or re-check) a runtime tensor read; a local's use repeats its reads here."""
+        self.check_tensor(name, rank, dtype, span)
+        seen = self.tensors.get(name)
         per_head = dtype == N.FLOAT and not by_head and (seen is None or seen.per_head)
         self.tensors[name] = N.TensorDecl(name, rank, dtype, per_head)
-        return N.Lookup(name, tuple(indices), dtype)
-
-    def member(self, e: A.Member) -> N.Expr:
-        side = e.value.id if isinstance(e.value, A.Name) else None
-        if side not in ("q", "k"):
-            raise AttncError("`in` tests a token's segment: write `k in NAME`", e.value.span)
-        if side == "q":
-            raise AttncError("the query space has no segments; `in` applies to keys (`k in NAME`)", e.value.span)
-        self.spaces(e)
-        if not isinstance(self.kv, N.Segments):
-            raise AttncError("the key space has no segments to test", e.span,
-                             hint="name them: `kv = hi: grid(H, W), lo: grid(H / 4, W / 4)`")
-        names = [n for n, _ in self.kv.parts]
-        if e.segment.id not in names:
-            raise AttncError(f"the key space has no segment '{e.segment.id}'; its segments are {', '.join(names)}",
-                             e.segment.span, hint=suggest(e.segment.id, names))
-        return N.Member("k", e.segment.id)
-
-    def check_segment_axes(self, out: N.Expr, e: A.Expr) -> None:
-        """Each segment must give a value to every key coordinate its branch of the expression reads:
-        `k.y` is fine on a grid segment, and on a seq segment only where `k in grid_part` guards it."""
-        if not isinstance(self.kv, N.Segments):
-            return
-        for seg, space in self.kv.parts:
-            axes = set(space.axes) | {"i"}
-            for x in N.walk(N.specialise(out, seg), expand_windows=True):
-                if isinstance(x, N.Coord) and x.side == "k" and x.axis not in axes:
-                    raise AttncError(f"k.{x.axis} is read for keys of segment '{seg}' ({space.kind}), which has "
-                                     f"no axis {x.axis}", e.span,
-                                     hint=f"guard it, e.g. `k in other and ... k.{x.axis} ...`, or use k.i")
+        self.effects.append(("tensor", (name, rank, dtype, by_head, span)))
 
     def name(self, e: A.Name) -> N.Expr:
         if e.id in self.params:
             return N.Param(e.id, self.params[e.id].type)
         if e.id in self.locals:
-            self.used.add(e.id)
-            return self.locals[e.id]
+            return self.use_local(e)
         if e.id == "causal":
             return self.causal(e)
         if e.id == "head_dim":
+            if self.in_mask:  # tile analysis decides the mask before q and k exist
+                raise AttncError("head_dim is only known when the attention runs; the mask cannot use it",
+                                 e.span, hint="head_dim may be used in the score's arguments and in `bias`")
             return N.HeadDim()
         if e.id == "head":
             if not self.in_modifier:
@@ -420,31 +378,43 @@ class _Lowering:
             return N.Binary(e.op, self.expect(e.lhs, N.BOOL, f"the operand of '{e.op}'"),
                             self.expect(e.rhs, N.BOOL, f"the operand of '{e.op}'"))
         lhs, rhs = self.number(e.lhs, e.op), self.number(e.rhs, e.op)
+        if e.op in N.COMPARISONS and self.in_mask:
+            # The mask compares integers (docs/language.md): `q.i - k.i < 2.5` would round one way
+            # in float32 kernels and another in interval analysis and the float64 reference.
+            for side, val in ((e.lhs, lhs), (e.rhs, rhs)):
+                if val.type == N.FLOAT:
+                    raise AttncError("the mask compares integers, but this is a float", side.span,
+                                     hint=_float_hint(val))
         if e.op == "/" and self.in_size and lhs.type == rhs.type == N.INT:
             # Sizes are integers: `H / 4` is exact division, and H must be a multiple of 4.
             self.require(rhs.ge(N.Const(1)), "a size must be divided by a positive number", e)
             self.require((lhs % rhs).eq(N.Const(0)), "a size divided with / must divide exactly", e)
-            return N.Binary("//", lhs, rhs)
+            out = N.Binary("//", lhs, rhs)
+            self.spans.setdefault(out, e.rhs.span)
+            return out
         if e.op in ("/", "//", "%") and isinstance(rhs, N.Const) and rhs.value == 0:
             raise AttncError("division by zero", e.rhs.span)
         if e.op in ("//", "%"):
             for side, val in ((e.lhs, lhs), (e.rhs, rhs)):
                 if val.type != N.INT:
                     raise AttncError(f"'{e.op}' needs integers, but this is a float", side.span)
-        return N.Binary(e.op, lhs, rhs)
+        out = N.Binary(e.op, lhs, rhs)
+        # A divisor that is 0 once parameters are bound is located at the divisor; an overflow
+        # (intervals.check_int64) at the whole operation.
+        self.spans.setdefault(out, e.rhs.span if e.op in ("/", "//", "%") else e.span)
+        return out
 
     def call(self, e: A.Call) -> N.Expr:
         fn = e.func.id
         if fn in self.params or fn in self.locals:
             raise AttncError(f"'{fn}' is not a function", e.func.span)
-        if fn == "window":
-            return self.window(e)
-        if fn == "same_block":
-            return self.same_block(e)
-        if fn == "same_window":
-            return self.same_window(e)
-        if fn == "same_grid":
-            return self.same_grid(e)
+        if fn in MASK_FUNCS:
+            out = getattr(self, fn)(e)
+            # Their expansions divide by their arguments: a zero block size is located at the call.
+            for x in N.walk(out):
+                if isinstance(x, N.Binary) and x.op in ("//", "%"):
+                    self.spans.setdefault(x, e.span)
+            return out
         if fn == "causal":
             if e.args or e.kwargs:
                 raise AttncError("causal takes no arguments", e.span)
@@ -475,164 +445,17 @@ class _Lowering:
         known = list(INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS)
         raise AttncError(f"unknown function '{fn}'", e.func.span, hint=suggest(fn, known))
 
-    def route(self, e: A.Expr) -> N.Route:
-        """`top(K [, own = true]) of regions(a, b) | blocks(B) by mean(q) | q @ mean(k)`."""
-        if not isinstance(e, A.Route):
-            raise AttncError("route must be a selection: `top(K) of blocks(B) by q @ mean(k)`", e.span)
-        top = e.top
-        if not (isinstance(top, A.Call) and top.func.id == "top"):
-            raise AttncError("a routing rule starts with top(K)", top.span)
-        if len(top.args) != 1:
-            raise AttncError(f"top() takes one count, got {len(top.args)}", top.span)
-        k = self.uniform_int(top.args[0], "the number of routed groups")
-        own = False
-        for kw in top.kwargs:
-            if kw.name != "own":
-                raise AttncError(f"top has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["own"]))
-            if not isinstance(kw.value, A.Bool):
-                raise AttncError("own must be true or false", kw.value.span)
-            own = kw.value.value
-        self.require(k.ge(N.Const(1)), "top(K): K must be at least 1", top)
-        groups = e.groups
-        if not (isinstance(groups, A.Call) and groups.func.id in ("regions", "blocks")):
-            raise AttncError("route over regions(...) of a grid or blocks(B) of a sequence", groups.span,
-                             hint=suggest(groups.func.id, ["regions", "blocks"]) if isinstance(groups, A.Call) else None)
-        self.no_kwargs(groups)
-        q, kv = self.spaces(groups)
-        if q != kv:
-            raise AttncError("routing needs q and kv in the same token space", groups.span)
-        kind = groups.func.id
-        if kind == "blocks" and q.kind != "seq":
-            raise AttncError("blocks(B) routes a seq space; use regions(...) on a grid", groups.span)
-        if kind == "regions" and q.kind != "grid":
-            raise AttncError("regions(...) routes a grid space; use blocks(B) on a seq", groups.span)
-        if kind == "blocks" and len(groups.args) != 1:
-            raise AttncError(f"blocks() takes one block size, got {len(groups.args)}", groups.span)
-        sizes = tuple(self.per_axis(groups.args, len(q.dims), groups, "region sizes"))
-        for size in sizes:
-            self.require(size.ge(N.Const(1)), f"{kind}: sizes must be at least 1", groups)
-        query = self.pooled(e.query, "q")
-        if self.pooled(e.key, "k") != "mean":
-            raise AttncError("keys are pooled per group: write `@ mean(k)`", e.key.span)
-        return N.Route(k, kind, sizes, query, own)
-
-    @staticmethod
-    def pooled(e: A.Expr, side: str) -> str:
-        if isinstance(e, A.Name) and e.id == side:
-            return "token"
-        if isinstance(e, A.Call) and e.func.id == "mean" and not e.kwargs and len(e.args) == 1 \
-                and isinstance(e.args[0], A.Name) and e.args[0].id == side:
-            return "mean"
-        raise AttncError(f"expected `{side}` or `mean({side})` here", e.span)
-
-    def causal(self, e: A.Expr) -> N.Expr:
-        # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
-        q, kv = self.spaces(e)
-        if isinstance(kv, N.Segments):
-            raise AttncError("causal is ambiguous on a segmented key space", e.span,
-                             hint="write it per segment, e.g. `k in ctx and k.i <= q.i`")
-        nq, nk = q.size(), kv.size()
-        offset = N.Const(0) if nq == nk else nk - nq
-        return N.Coord("k", "i").le(N.Coord("q", "i") + offset)
-
-    def window(self, e: A.Call) -> N.Expr:
-        space = self.same_space(e)
-        ndim = len(space.dims)
-        kernels = self.per_axis(e.args, ndim, e, "kernel sizes")
-        opts = {"dilation": [N.Const(1)] * ndim, "stride": [N.Const(1)] * ndim}
-        causal = [False] * ndim
-        for kw in e.kwargs:
-            if kw.name in opts:
-                items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
-                opts[kw.name] = self.per_axis(items, ndim, kw.value, f"{kw.name} values")
-            elif kw.name == "causal":
-                items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
-                if not all(isinstance(i, A.Bool) for i in items):
-                    raise AttncError("causal must be true/false or a tuple of them", kw.value.span)
-                flags = [i.value for i in items]
-                if len(flags) not in (1, ndim):
-                    want = "1 causal flag" if ndim == 1 else f"1 or {ndim} causal flags"
-                    raise AttncError(f"expected {want}, got {len(flags)}", kw.value.span)
-                causal = flags * ndim if len(flags) == 1 else flags
-            else:
-                raise AttncError(f"window has no argument '{kw.name}'", kw.span,
-                                 hint=suggest(kw.name, ["dilation", "stride", "causal"]))
-        return _all(N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal[a],
-                             span=e.span) for a, axis in enumerate(space.axes))
-
-    def same_block(self, e: A.Call) -> N.Expr:
-        self.no_kwargs(e)
-        space = self.same_space(e)
-        sizes = self.per_axis(e.args, len(space.dims), e, "block sizes")
-        return _all((N.Coord("q", axis) // sizes[a]).eq(N.Coord("k", axis) // sizes[a])
-                    for a, axis in enumerate(space.axes))
-
-    def same_window(self, e: A.Call) -> N.Expr:
-        """Swin (shifted) windows of size M: same floor((c + M - shift) / M) on every axis, which
-        equals Swin's roll-by-shift plus region mask (DESIGN.md section 3)."""
-        space = self.same_space(e)
-        ndim = len(space.dims)
-        sizes = self.per_axis(e.args, ndim, e, "window sizes")
-        shifts = [N.Const(0)] * ndim
-        for kw in e.kwargs:
-            if kw.name != "shift":
-                raise AttncError(f"same_window has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["shift"]))
-            items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
-            shifts = self.per_axis(items, ndim, kw.value, "shift values")
-        terms = []
-        for a, axis in enumerate(space.axes):
-            m, s, n = sizes[a], shifts[a], space.dims[a]
-            self.require(m.ge(N.Const(1)), f"same_window: the window along axis {axis} must be "
-                         "at least 1", e)
-            self.require((n % m).eq(N.Const(0)), f"same_window: axis {axis} length must be a multiple of the window", e)
-            self.require(N.Const(0).le(s).and_(s.lt(m)),
-                         f"same_window: the shift along axis {axis} must be in [0, window)", e)
-            terms.append(((N.Coord("q", axis) + m - s) // m).eq((N.Coord("k", axis) + m - s) // m))
-        return _all(terms)
-
-    def same_grid(self, e: A.Call) -> N.Expr:
-        """MaxViT grid attention over a G x G grid: same y mod (H / G) and x mod (W / G)."""
-        self.no_kwargs(e)
-        space = self.same_space(e)
-        grids = self.per_axis(e.args, len(space.dims), e, "grid sizes")
-        terms = []
-        for a, axis in enumerate(space.axes):
-            g, n = grids[a], space.dims[a]
-            self.require(g.ge(N.Const(1)), f"same_grid: the grid size along axis {axis} must be "
-                         "at least 1", e)
-            self.require((n % g).eq(N.Const(0)), f"same_grid: axis {axis} length must be a multiple of the grid size", e)
-            cell = n // g
-            terms.append((N.Coord("q", axis) % cell).eq(N.Coord("k", axis) % cell))
-        return _all(terms)
-
     def require(self, cond: N.Expr, message: str, e: A.Expr) -> None:
         cond = N.fold(cond)
         if cond == N.Const(True):
             return
         if cond == N.Const(False):
             raise AttncError(message, e.span)
-        self.requires.append(N.Require(cond, message, e.span))
+        self.add_require(N.Require(cond, message, e.span))
 
-    def same_space(self, e: A.Call) -> N.Space:
-        q, kv = self.spaces(e)
-        if q != kv:
-            what = "an unsegmented key space equal to q's" if isinstance(kv, N.Segments) else "q and kv in the same token space"
-            raise AttncError(f"{e.func.id}() needs {what}", e.func.span)
-        return q
-
-    def spaces(self, e: A.Expr) -> tuple[N.Space, N.Space]:
-        # Parameter defaults and space sizes are lowered before q and kv exist.
-        if self.q is None or self.kv is None:
-            raise AttncError("token coordinates cannot be used in parameter defaults or token space sizes",
-                             e.span)
-        return self.q, self.kv
-
-    def per_axis(self, items, ndim: int, where: A.Expr, what: str) -> list[N.Expr]:
-        if len(items) not in (1, ndim):
-            want = f"1 {what[:-1]}" if ndim == 1 else f"1 or {ndim} {what} (one per axis)"
-            raise AttncError(f"expected {want}, got {len(items)}", where.span)
-        vals = [self.uniform_int(i, what[:-1]) for i in items]
-        return vals * ndim if len(vals) == 1 else vals
+    def add_require(self, r: N.Require) -> None:
+        self.requires.append(r)
+        self.effects.append(("require", r))  # each use of a local states its preconditions again
 
     def bounded(self, out: N.Expr, e: A.Expr) -> None:
         """Refuse an IR deeper than MAX_IR_DEPTH or with more than MAX_IR_NODES as a tree.
@@ -667,25 +490,31 @@ class _Lowering:
             raise AttncError(f"{e.func.id}() takes no keyword arguments", e.kwargs[0].span)
 
 
-def _all(terms) -> N.Expr:
-    """The conjunction of per-axis terms, in axis order."""
-    terms = list(terms)
-    out = terms[0]
-    for t in terms[1:]:
-        out = out.and_(t)
-    return out
+def _same_everywhere(e: N.Expr) -> bool:
+    """Does an expression lowered in the plain context (so without tensors, head or n_visible)
+    lower the same in every context? Only floats (refused in mask comparisons) and head_dim
+    (refused in the mask) tell contexts apart then. Shared nodes are visited once."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x.type == N.FLOAT or isinstance(x, N.HeadDim):
+            return False
+        stack.extend(N.children(x))
+    return True
 
 
-def _default_scale() -> N.Expr:
-    return N.Binary("/", N.Const(1.0), N.Call("sqrt", (N.HeadDim(),)))
+def _float_hint(e: N.Expr) -> str:
+    floats = sorted({x.name for x in N.walk(e) if isinstance(x, N.Param) and x.type == N.FLOAT})
+    if floats:
+        return f"'{floats[0]}' is a float parameter (its default is a float); give it an integer default"
+    return "compare with integers; use // for integer division"
 
 
 def _article(type_: str) -> str:
     return {"int": "an integer", "float": "a float", "bool": "a condition"}[type_]
-
-
-def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
-    return any(isinstance(x, kinds) for x in N.walk(e))
 
 
 def _varies(e: N.Expr) -> bool:

@@ -427,6 +427,13 @@ class Attention:
     route: Route | None = None
     # Source line of each part, for comments in generated code; not part of identity.
     lines: tuple[tuple[str, int], ...] = field(default=(), **_NOCMP)
+    # Where the spec writes each division, lookup and token space, for errors that only binding
+    # can find (a divisor that is 0 for these parameters); not part of identity.
+    spans: tuple[tuple[object, Span], ...] = field(default=(), **_NOCMP)
 
     def line_of(self, part: str) -> int | None:
         return dict(self.lines).get(part)
+
+    def span_of(self, node) -> Span | None:
+        """The source span of an IR division, Lookup or Space of this spec, or None."""
+        return dict(self.spans).get(node)

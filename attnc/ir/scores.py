@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import limits
 from ..errors import AttncError
 from . import nodes as N
 from .bind import Bound
-from .evaluate import evaluate, evaluate_uniform, show
+from .evaluate import evaluate, evaluate_uniform, modifier_exprs, show
+from .intervals import check_float_constants
 
 def score_reads_n_visible(score: N.Score) -> bool:
     return any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) for x in N.walk(e))
@@ -28,12 +30,17 @@ def row_scores(bound: Bound, head_dim: int, row_counts: np.ndarray) -> tuple[np.
                               row_counts.shape).copy()
         val[row_counts == 0] = 0.0
         bad = ~np.isfinite(val)
-        if bad.any():
+        # Kernels hold both in float32 (softmax's scale times log2(e)): finite there too.
+        big = ~bad & (np.abs(val) > limits.MAX_FLOAT)
+        if bad.any() or big.any():
             # counts are [Nq], or [B, H, Nq] under routing: report the query position.
-            at = np.unravel_index(int(np.argmax(bad)), bad.shape)
-            raise AttncError(f"the {score.kind} {what} `{show(expr)}` is {val[at]} for query {at[-1]} "
-                             f"(n_visible = {row_counts[at]}, head_dim = {head_dim})")
+            at = np.unravel_index(int(np.argmax(bad | big)), bad.shape)
+            beyond = "" if bad[at] else f", beyond the ±{limits.MAX_FLOAT:.0e} float32 kernels take"
+            raise AttncError(f"the {score.kind} {what} `{show(expr)}` is {val[at]:.4g} for query {at[-1]} "
+                             f"(n_visible = {row_counts[at]}, head_dim = {head_dim}){beyond}")
         out.append(val)
+    if any(isinstance(x, N.HeadDim) for e in modifier_exprs(bound.ir) for x in N.walk(e)):
+        check_float_constants(bound, head_dim)  # those that head_dim decides, now it is known
     return out[0], out[1]
 
 

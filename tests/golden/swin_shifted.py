@@ -103,7 +103,6 @@ def attnc_fwd(
     if INT64:
         q_i = q_i.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ... import limits
 from ...errors import AttncError
 from ...ir.bind import Bound
 from ...ir.evaluate import mask_block, pair_coords, part_expr, show
@@ -15,7 +16,14 @@ from .routing import routed_mask
 
 def dense_mask(bound: Bound, tensors=None) -> np.ndarray:
     """bool [Nq, Nk]: the mask at every pair, row-major tokens."""
-    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors)
+    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors,
+                      what="the reference backend's dense mask")
+
+
+def check_dense(bound: Bound, batch: int, heads: int, itemsize: int) -> None:
+    """Refuse, before any work, dense [B, H, Nq, Nk] tensors (scores, weights) beyond the limit."""
+    limits.check_bytes("the reference backend's dense scores", (batch, heads, bound.nq, bound.nk), itemsize,
+                       limits.MAX_REFERENCE_BYTES, "MAX_REFERENCE_BYTES")
 
 
 def logit_bias(bound: Bound, heads: int, tensors, head_dim: int, like):
@@ -63,6 +71,7 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
 
     if return_lse and bound.ir.score.kind != "softmax":
         raise AttncError(f"return_lse needs softmax scoring; this spec scores with {bound.ir.score.kind}")
+    check_dense(bound, q.shape[0], q.shape[1], q.element_size())
     tensors = tensors or {}
     host = {n: t.detach().to(torch.int64).cpu().numpy() for n, t in tensors.items() if not t.dtype.is_floating_point}
     if mask is None and bound.ir.route is not None:

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from ... import limits
 from ...errors import AttncError
 from ...ir.bind import Bound
 from ...ir.evaluate import decode, evaluate_uniform, mask_block
@@ -42,7 +43,10 @@ def routed_mask(bound: Bound, q, k, tensors=None):
     route = bound.ir.route
     if route is None:
         raise AttncError(f"'{bound.ir.name}' has no route")
-    mask = torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors)).to(q.device)
+    limits.check_bytes("the routed mask", (q.shape[0], q.shape[1], bound.nq, bound.nk), 1,
+                       limits.MAX_REFERENCE_BYTES, "MAX_REFERENCE_BYTES")
+    mask = torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors,
+                                       what="the routed mask")).to(q.device)
     top = int(evaluate_uniform(route.top, bound.env))
     Hq, hkv = q.shape[1], k.shape[1]
     kk = k.repeat_interleave(Hq // hkv, dim=1) if Hq != hkv else k

@@ -49,7 +49,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         **abi.stride_values("q", q), **abi.stride_values("k", k), **abi.stride_values("v", v),
         **abi.stride_values("o", out),
         "n_heads": Hq, "kv_group": Hq // Hkv, "Nq": Nq, "Nk": int(s.nk), "head_dim": D,
-        **{abi.param_name(p.name): int(c.bound.env[p.name]) for p in ir.params if p.type == N.INT},
+        **{abi.param_name(p.name): (int if p.type == N.INT else float)(c.bound.env[p.name]) for p in abi.kernel_params(ir)},
         **abi.table_values(ir, tables),
         "HEAD_DIM": D, "HEAD_DIM_V": Dv, "BLOCK_D": max(16, _next_pow2(D)), "BLOCK_DV": max(16, _next_pow2(Dv)),
         "BLOCK_M": int(s.block_m), "BLOCK_N": int(s.block_n),

@@ -1,0 +1,329 @@
+"""AST -> IR, continued: token spaces, mask builtins (causal, window, same_*), scores and routing,
+as a mixin of the lowering in lower.py (which owns the state these methods read). All errors are
+located."""
+from __future__ import annotations
+
+from ..errors import AttncError, suggest
+from ..frontend import syntax as A
+from . import nodes as N
+
+RESERVED_TARGETS = ("q", "kv", "mask", "score", "bias", "route")
+# Keyword arguments of attnc.compile itself (`spec` too: it is positional-or-keyword); a spec
+# parameter may not shadow them.
+COMPILE_OPTIONS = ("spec", "backend", "tiles")
+SPACE_FUNCS = ("seq", "grid")
+SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
+INT_FUNCS = ("abs", "min", "max")
+FLOAT_FUNCS = ("sqrt", "log", "exp")
+MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
+BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
+ROUTE_FUNCS = ("top", "regions", "blocks", "mean")
+# ROUTE_FUNCS are not reserved: they have a meaning only inside a `route = ...` rule.
+BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
+
+
+class Builtins:
+    """Lowering of the builtins; mixed into lower._Lowering, whose state and expression methods
+    (expr, uniform, uniform_int, require, no_kwargs, ...) these use."""
+
+    def space_stmt(self, stmt: A.Stmt, ids: tuple[str, ...]) -> None:
+        if ids not in (("q",), ("kv",), ("q", "kv")):
+            raise AttncError("token spaces are assigned as `q, kv = ...`, `q = ...` or `kv = ...`",
+                             stmt.targets[0].span)
+        if isinstance(stmt.value, A.Segments):
+            if ids != ("kv",):
+                raise AttncError("only the key space may be made of segments: write `q = ...` and "
+                                 "`kv = name: ..., name: ...` separately", stmt.value.span)
+            self.kv = self.segments(stmt.value)
+            return
+        if isinstance(stmt.value, A.Route):
+            raise AttncError("expected a token space, not a routing rule", stmt.value.span)
+        space = self.space(stmt.value)
+        if "q" in ids:
+            self.q = space
+        if "kv" in ids:
+            self.kv = space
+
+    def segments(self, e: A.Segments) -> N.Segments:
+        seen: dict[str, A.Name] = {}
+        out = []
+        for seg in e.items:
+            name = seg.name
+            if name.id in seen:
+                raise AttncError(f"segment '{name.id}' is defined twice", name.span)
+            if name.id in ("q", "k", "kv", "v") or name.id in BUILTINS:
+                raise AttncError(f"segment name '{name.id}' is reserved", name.span)
+            seen[name.id] = name
+            out.append((name.id, self.space(seg.space)))
+        return N.Segments(tuple(out))
+
+    def space(self, e: A.Expr) -> N.Space:
+        if not isinstance(e, A.Call) or e.func.id not in SPACE_FUNCS:
+            raise AttncError("expected a token space: seq(N), grid(H, W) or grid(T, H, W)", e.span,
+                             hint=suggest(e.func.id, SPACE_FUNCS) if isinstance(e, A.Call) else None)
+        self.no_kwargs(e)
+        arity = (1,) if e.func.id == "seq" else (2, 3)
+        if len(e.args) not in arity:
+            want = "one size" if e.func.id == "seq" else "2 or 3 sizes"
+            raise AttncError(f"{e.func.id}() takes {want}, got {len(e.args)}", e.span)
+        self.in_size = True
+        try:
+            dims = tuple(self.uniform_int(a, "a space size") for a in e.args)
+        finally:
+            self.in_size = False
+        space = N.Space(e.func.id, dims)
+        self.spans.setdefault(space, e.span)
+        return space
+
+    def score(self, e: A.Expr) -> N.Score:
+        func = e if isinstance(e, A.Name) else e.func if isinstance(e, A.Call) else None
+        if func is None or func.id not in SCORE_FUNCS:
+            name = func.id if func is not None else ""
+            raise AttncError("expected a score function: softmax, sigmoid or softplus",
+                             getattr(func, "span", None) or e.span, hint=suggest(name, SCORE_FUNCS))
+        allowed = ("scale", "bias", "softcap") if func.id == "sigmoid" else \
+            ("scale", "softcap", "sink") if func.id == "softmax" else ("scale", "softcap")
+        args: dict[str, N.Expr | None] = {"scale": _default_scale(), "bias": N.Const(0.0), "softcap": None, "sink": None}
+        if isinstance(e, A.Call):
+            if e.args:
+                raise AttncError(f"{func.id} takes only keyword arguments: "
+                                 f"{func.id}({' = ..., '.join(allowed)} = ...)", e.args[0].span)
+            for kw in e.kwargs:
+                if kw.name not in allowed:
+                    hint = "a sink logit needs softmax normalisation" if kw.name == "sink" else None
+                    raise AttncError(f"{func.id} has no argument '{kw.name}'", kw.span,
+                                     hint=hint or suggest(kw.name, allowed) or f"it takes {', '.join(allowed)}")
+                if kw.name == "sink":
+                    args["sink"] = self.sink(kw.value)
+                    continue
+                self.in_score = kw.name != "softcap"  # n_visible: per-row values only
+                try:
+                    val = self.uniform(kw.value, f"the {func.id} {kw.name}")
+                finally:
+                    self.in_score = False
+                if val.type == N.BOOL:
+                    raise AttncError(f"the {func.id} {kw.name} must be a number", kw.value.span)
+                args[kw.name] = val
+        return N.Score(func.id, args["scale"], args["bias"], softcap=args["softcap"], sink=args["sink"])
+
+    def modifier(self, e: A.Expr, what: str) -> N.Expr:
+        self.in_modifier = True
+        try:
+            out = self.expr(e)
+        finally:
+            self.in_modifier = False
+        if out.type == N.BOOL:
+            raise AttncError(f"{what} must be a number, but this is a condition", e.span,
+                             hint="masks go in `mask = ...`")
+        return out
+
+    def logit_bias(self, e: A.Expr) -> N.Expr:
+        """`bias = rel_bias[q.y - k.y + 6, q.x - k.x + 6]`: added to every logit; may read float
+        runtime tensors, the query head `head` and token coordinates."""
+        out = self.modifier(e, "the bias")
+        self.check_segment_axes(out, e)
+        return out
+
+    def sink(self, e: A.Expr) -> N.Expr:
+        """`sink = sink_logits[head]`: the logit of a virtual key with value 0, one per head."""
+        out = self.modifier(e, "the sink logit")
+        if _mentions(out, (N.Coord, N.Window, N.Member)):
+            raise AttncError("the sink logit is one number per head; it cannot use token coordinates", e.span)
+        return out
+
+    def member(self, e: A.Member) -> N.Expr:
+        side = e.value.id if isinstance(e.value, A.Name) else None
+        if side not in ("q", "k"):
+            raise AttncError("`in` tests a token's segment: write `k in NAME`", e.value.span)
+        if side == "q":
+            raise AttncError("the query space has no segments; `in` applies to keys (`k in NAME`)", e.value.span)
+        self.spaces(e)
+        if not isinstance(self.kv, N.Segments):
+            raise AttncError("the key space has no segments to test", e.span,
+                             hint="name them: `kv = hi: grid(H, W), lo: grid(H / 4, W / 4)`")
+        names = [n for n, _ in self.kv.parts]
+        if e.segment.id not in names:
+            raise AttncError(f"the key space has no segment '{e.segment.id}'; its segments are {', '.join(names)}",
+                             e.segment.span, hint=suggest(e.segment.id, names))
+        return N.Member("k", e.segment.id)
+
+    def check_segment_axes(self, out: N.Expr, e: A.Expr) -> None:
+        """Each segment must give a value to every key coordinate its branch of the expression reads:
+        `k.y` is fine on a grid segment, and on a seq segment only where `k in grid_part` guards it."""
+        if not isinstance(self.kv, N.Segments):
+            return
+        for seg, space in self.kv.parts:
+            axes = set(space.axes) | {"i"}
+            for x in N.walk(N.specialise(out, seg), expand_windows=True):
+                if isinstance(x, N.Coord) and x.side == "k" and x.axis not in axes:
+                    raise AttncError(f"k.{x.axis} is read for keys of segment '{seg}' ({space.kind}), which has "
+                                     f"no axis {x.axis}", e.span,
+                                     hint=f"guard it, e.g. `k in other and ... k.{x.axis} ...`, or use k.i")
+
+    def route(self, e: A.Expr) -> N.Route:
+        """`top(K [, own = true]) of regions(a, b) | blocks(B) by mean(q) | q @ mean(k)`."""
+        if not isinstance(e, A.Route):
+            raise AttncError("route must be a selection: `top(K) of blocks(B) by q @ mean(k)`", e.span)
+        top = e.top
+        if not (isinstance(top, A.Call) and top.func.id == "top"):
+            raise AttncError("a routing rule starts with top(K)", top.span)
+        if len(top.args) != 1:
+            raise AttncError(f"top() takes one count, got {len(top.args)}", top.span)
+        k = self.uniform_int(top.args[0], "the number of routed groups")
+        own = False
+        for kw in top.kwargs:
+            if kw.name != "own":
+                raise AttncError(f"top has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["own"]))
+            if not isinstance(kw.value, A.Bool):
+                raise AttncError("own must be true or false", kw.value.span)
+            own = kw.value.value
+        self.require(k.ge(N.Const(1)), "top(K): K must be at least 1", top)
+        groups = e.groups
+        if not (isinstance(groups, A.Call) and groups.func.id in ("regions", "blocks")):
+            raise AttncError("route over regions(...) of a grid or blocks(B) of a sequence", groups.span,
+                             hint=suggest(groups.func.id, ["regions", "blocks"]) if isinstance(groups, A.Call) else None)
+        self.no_kwargs(groups)
+        q, kv = self.spaces(groups)
+        if q != kv:
+            raise AttncError("routing needs q and kv in the same token space", groups.span)
+        kind = groups.func.id
+        if kind == "blocks" and q.kind != "seq":
+            raise AttncError("blocks(B) routes a seq space; use regions(...) on a grid", groups.span)
+        if kind == "regions" and q.kind != "grid":
+            raise AttncError("regions(...) routes a grid space; use blocks(B) on a seq", groups.span)
+        if kind == "blocks" and len(groups.args) != 1:
+            raise AttncError(f"blocks() takes one block size, got {len(groups.args)}", groups.span)
+        sizes = tuple(self.per_axis(groups.args, len(q.dims), groups, "region sizes"))
+        for size in sizes:
+            self.require(size.ge(N.Const(1)), f"{kind}: sizes must be at least 1", groups)
+        query = self.pooled(e.query, "q")
+        if self.pooled(e.key, "k") != "mean":
+            raise AttncError("keys are pooled per group: write `@ mean(k)`", e.key.span)
+        return N.Route(k, kind, sizes, query, own)
+
+    @staticmethod
+    def pooled(e: A.Expr, side: str) -> str:
+        if isinstance(e, A.Name) and e.id == side:
+            return "token"
+        if isinstance(e, A.Call) and e.func.id == "mean" and not e.kwargs and len(e.args) == 1 \
+                and isinstance(e.args[0], A.Name) and e.args[0].id == side:
+            return "mean"
+        raise AttncError(f"expected `{side}` or `mean({side})` here", e.span)
+
+    def causal(self, e: A.Expr) -> N.Expr:
+        # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
+        q, kv = self.spaces(e)
+        if isinstance(kv, N.Segments):
+            raise AttncError("causal is ambiguous on a segmented key space", e.span,
+                             hint="write it per segment, e.g. `k in ctx and k.i <= q.i`")
+        nq, nk = q.size(), kv.size()
+        offset = N.Const(0) if nq == nk else nk - nq
+        return N.Coord("k", "i").le(N.Coord("q", "i") + offset)
+
+    def window(self, e: A.Call) -> N.Expr:
+        space = self.same_space(e)
+        ndim = len(space.dims)
+        kernels = self.per_axis(e.args, ndim, e, "kernel sizes")
+        opts = {"dilation": [N.Const(1)] * ndim, "stride": [N.Const(1)] * ndim}
+        causal = [False] * ndim
+        for kw in e.kwargs:
+            if kw.name in opts:
+                items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
+                opts[kw.name] = self.per_axis(items, ndim, kw.value, f"{kw.name} values")
+            elif kw.name == "causal":
+                items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
+                if not all(isinstance(i, A.Bool) for i in items):
+                    raise AttncError("causal must be true/false or a tuple of them", kw.value.span)
+                flags = [i.value for i in items]
+                if len(flags) not in (1, ndim):
+                    want = "1 causal flag" if ndim == 1 else f"1 or {ndim} causal flags"
+                    raise AttncError(f"expected {want}, got {len(flags)}", kw.value.span)
+                causal = flags * ndim if len(flags) == 1 else flags
+            else:
+                raise AttncError(f"window has no argument '{kw.name}'", kw.span,
+                                 hint=suggest(kw.name, ["dilation", "stride", "causal"]))
+        return _all(N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal[a],
+                             span=e.span) for a, axis in enumerate(space.axes))
+
+    def same_block(self, e: A.Call) -> N.Expr:
+        self.no_kwargs(e)
+        space = self.same_space(e)
+        sizes = self.per_axis(e.args, len(space.dims), e, "block sizes")
+        return _all((N.Coord("q", axis) // sizes[a]).eq(N.Coord("k", axis) // sizes[a])
+                    for a, axis in enumerate(space.axes))
+
+    def same_window(self, e: A.Call) -> N.Expr:
+        """Swin (shifted) windows of size M: same floor((c + M - shift) / M) on every axis, which
+        equals Swin's roll-by-shift plus region mask (DESIGN.md section 3)."""
+        space = self.same_space(e)
+        ndim = len(space.dims)
+        sizes = self.per_axis(e.args, ndim, e, "window sizes")
+        shifts = [N.Const(0)] * ndim
+        for kw in e.kwargs:
+            if kw.name != "shift":
+                raise AttncError(f"same_window has no argument '{kw.name}'", kw.span, hint=suggest(kw.name, ["shift"]))
+            items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
+            shifts = self.per_axis(items, ndim, kw.value, "shift values")
+        terms = []
+        for a, axis in enumerate(space.axes):
+            m, s, n = sizes[a], shifts[a], space.dims[a]
+            self.require(m.ge(N.Const(1)), f"same_window: the window along axis {axis} must be "
+                         "at least 1", e)
+            self.require((n % m).eq(N.Const(0)), f"same_window: axis {axis} length must be a multiple of the window", e)
+            self.require(N.Const(0).le(s).and_(s.lt(m)),
+                         f"same_window: the shift along axis {axis} must be in [0, window)", e)
+            terms.append(((N.Coord("q", axis) + m - s) // m).eq((N.Coord("k", axis) + m - s) // m))
+        return _all(terms)
+
+    def same_grid(self, e: A.Call) -> N.Expr:
+        """MaxViT grid attention over a G x G grid: same y mod (H / G) and x mod (W / G)."""
+        self.no_kwargs(e)
+        space = self.same_space(e)
+        grids = self.per_axis(e.args, len(space.dims), e, "grid sizes")
+        terms = []
+        for a, axis in enumerate(space.axes):
+            g, n = grids[a], space.dims[a]
+            self.require(g.ge(N.Const(1)), f"same_grid: the grid size along axis {axis} must be "
+                         "at least 1", e)
+            self.require((n % g).eq(N.Const(0)), f"same_grid: axis {axis} length must be a multiple of the grid size", e)
+            cell = n // g
+            terms.append((N.Coord("q", axis) % cell).eq(N.Coord("k", axis) % cell))
+        return _all(terms)
+
+    def same_space(self, e: A.Call) -> N.Space:
+        q, kv = self.spaces(e)
+        if q != kv:
+            what = "an unsegmented key space equal to q's" if isinstance(kv, N.Segments) else "q and kv in the same token space"
+            raise AttncError(f"{e.func.id}() needs {what}", e.func.span)
+        return q
+
+    def spaces(self, e: A.Expr) -> tuple[N.Space, N.Space]:
+        # Parameter defaults and space sizes are lowered before q and kv exist.
+        if self.q is None or self.kv is None:
+            raise AttncError("token coordinates cannot be used in parameter defaults or token space sizes",
+                             e.span)
+        return self.q, self.kv
+
+    def per_axis(self, items, ndim: int, where: A.Expr, what: str) -> list[N.Expr]:
+        if len(items) not in (1, ndim):
+            want = f"1 {what[:-1]}" if ndim == 1 else f"1 or {ndim} {what} (one per axis)"
+            raise AttncError(f"expected {want}, got {len(items)}", where.span)
+        vals = [self.uniform_int(i, what[:-1]) for i in items]
+        return vals * ndim if len(vals) == 1 else vals
+
+
+def _all(terms) -> N.Expr:
+    """The conjunction of per-axis terms, in axis order."""
+    terms = list(terms)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out.and_(t)
+    return out
+
+
+def _default_scale() -> N.Expr:
+    return N.Binary("/", N.Const(1.0), N.Call("sqrt", (N.HeadDim(),)))
+
+
+def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
+    return any(isinstance(x, kinds) for x in N.walk(e))
