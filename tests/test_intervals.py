@@ -133,12 +133,8 @@ def guards():
         c.map(lambda x: N.Unary("not", x))), max_leaves=4)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(g=guards(), e=int_exprs(3), op=st.sampled_from(["and", "or"]), ranges=ranges_strategy())
-def test_guards_narrow_soundly(g, e, op, ranges):
-    """In `g and e < 0` (`g or e < 0`), e is evaluated only where g holds (fails); its nodes'
-    intervals, taken under the narrowed box, hold at every such point."""
-    whole = N.Binary(op, g, N.Binary("<", e, N.Const(0)))
+def _check_guarded(whole, ranges):
+    """Every node's interval holds at every point where the node is evaluated."""
     _, seen = _collect(whole, ranges)
     for point in _points(ranges):
         try:
@@ -146,6 +142,14 @@ def test_guards_narrow_soundly(g, e, op, ranges):
         except _NoValue:
             continue
         _check_all_nodes(whole, point, seen)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=guards(), e=int_exprs(3), op=st.sampled_from(["and", "or"]), ranges=ranges_strategy())
+def test_guards_narrow_soundly(g, e, op, ranges):
+    """In `g and e < 0` (`g or e < 0`), e is evaluated only where g holds (fails); its nodes'
+    intervals, taken under the narrowed box, hold at every such point."""
+    _check_guarded(N.Binary(op, g, N.Binary("<", e, N.Const(0))), ranges)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -155,14 +159,7 @@ def test_relations_narrow_soundly(g, a, b, c, op, ranges):
     """A comparison of two coordinates bounds their difference (`k.i <= q.i` gives q.i - k.i >= 0),
     which a guarded `a - b + c` then reads: sound at every point where it is evaluated."""
     e = N.Binary("+", N.Binary("-", a, b), N.Const(c))
-    whole = N.Binary(op, g, N.Binary("<", e, N.Const(0)))
-    _, seen = _collect(whole, ranges)
-    for point in _points(ranges):
-        try:
-            _value(whole, point)
-        except _NoValue:
-            continue
-        _check_all_nodes(whole, point, seen)
+    _check_guarded(N.Binary(op, g, N.Binary("<", e, N.Const(0))), ranges)
 
 
 def _brute(f, xs):
