@@ -20,11 +20,13 @@ MAX_HEADS = 2**16
 # One host array indexed by token (the layout's orders, per-row counts: int64 per token).
 MAX_TOKEN_ARRAY_BYTES = 4 * GiB
 
-# Tile analysis v1 evaluates the mask at every (query, key) pair; so do the per-call row counts
-# and the scan of the pairs a bias table is read at (times the heads, for per-head indices).
+# Work that evaluates the mask pair by pair: the per-call row counts, row counts inside PARTIAL
+# tiles, and the scan of the pairs a bias table is read at (times the heads, for per-head
+# indices). Tile analysis itself is symbolic and never evaluates pairs.
 MAX_ANALYSED_PAIRS = 10**11
 
-# The tile map (int8 [q tiles, kv tiles]) and its CSR tile lists (int32 per tile), together.
+# The tiles a schedule keeps (PARTIAL and FULL): two int64 coordinates while they are listed,
+# then an int32 CSR entry each.
 MAX_TILE_MAP_BYTES = 4 * GiB
 MAX_TILES = 2**31 - 1  # CSR offsets are int32
 

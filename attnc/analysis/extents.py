@@ -9,7 +9,8 @@ from ..ir import nodes as N
 from ..ir.bind import MAX_TOKENS, Bound
 from ..ir.evaluate import evaluate, lookups, pair_coords, part_expr, show
 from ..ir.intervals import coord_ranges, int_range
-from .tiles import mask_bounds
+from .dense import mask_bounds
+
 
 def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[int, ...]]:
     """The smallest shape each runtime tensor must have so that every index the spec forms is in

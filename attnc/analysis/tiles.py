@@ -2,12 +2,17 @@
 PARTIAL, and list per query tile the key tiles a kernel must visit. Tiles are cut in kernel
 positions, so a layout (a token order) decides which tokens share a tile.
 
-Version 1 evaluates the predicate over each tile (vectorised, one row of tiles at a time, so
-memory stays O(BLOCK_M * Nk)). It is exact by construction. The interface (`analyse`) is what
-later symbolic analyses replace.
+Classification is symbolic: a block of tiles holds boxes of tokens on each side (boxes.py), and
+three-valued interval evaluation of the mask over every pair of boxes (symbolic.py) decides
+EMPTY (no pair possible), FULL (every pair certain) or undecided. Refinement is hierarchical:
+square blocks of 2**L x 2**L tiles are classified from the largest level down, and only
+undecided blocks are split, so the work follows the boundary tiles, never all tile pairs.
+Exactness is a property (tests): never EMPTY when a pair is visible, never FULL when one is
+hidden; PARTIAL may be conservative. Row counts are computed on demand from the tiles.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,10 +23,14 @@ from .. import limits
 from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.bind import Bound
-from ..ir.evaluate import evaluate, pair_coords, part_expr, reads_tensors
+from ..ir.evaluate import evaluate_uniform, part_expr, reads_tensors
+from .boxes import SideBoxes
+from .dense import mask_bounds
 from .layout import Layout, row_major
+from .symbolic import evaluate_boxes, fits
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+_CHUNK = 1 << 20  # box pairs evaluated at once: bounds the memory of one evaluation
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,37 +38,57 @@ class Schedule:
     """Which kv tiles each q tile visits, and whether the mask must be evaluated there.
 
     Per q tile `t`, FULL tiles are `full_idx[full_ptr[t]:full_ptr[t+1]]` and PARTIAL tiles are
-    `part_idx[part_ptr[t]:part_ptr[t+1]]` (CSR). A kv tile that runs past the last key is never
-    FULL, so FULL tiles need neither the predicate nor bounds checks.
+    `part_idx[part_ptr[t]:part_ptr[t+1]]` (CSR, ascending). A kv tile that runs past the last
+    key is never FULL, so FULL tiles need neither the predicate nor bounds checks. Memory is
+    proportional to the tiles kept; `classes` (dense) and `row_counts` are built on demand.
     """
 
     block_m: int
     block_n: int
     nq: int
     nk: int
-    classes: np.ndarray = field(repr=False)  # int8 [q tiles, kv tiles]
-    row_counts: np.ndarray = field(repr=False)  # int64 [nq]: keys the query at each position sees
     full_ptr: np.ndarray = field(repr=False)
     full_idx: np.ndarray = field(repr=False)
     part_ptr: np.ndarray = field(repr=False)
     part_idx: np.ndarray = field(repr=False)
-    # False when the mask reads runtime tensors: row_counts then counts the keys a query can
-    # possibly see, and the true counts are known only at call time.
+    # False when the mask reads runtime tensors: tiles that depend on them are PARTIAL, and
+    # row_counts counts the keys a query can possibly see.
     exact: bool = True
     layout: Layout | None = field(default=None, repr=False)  # the token order tiles are cut in
+    bound: Bound | None = field(default=None, repr=False)
 
     @property
     def q_tiles(self) -> int:
-        return self.classes.shape[0]
+        return math.ceil(self.nq / self.block_m)
 
     @property
     def kv_tiles(self) -> int:
-        return self.classes.shape[1]
+        return math.ceil(self.nk / self.block_n)
+
+    @property
+    def tiles_full(self) -> int:
+        return int(self.full_ptr[-1])
+
+    @property
+    def tiles_partial(self) -> int:
+        return int(self.part_ptr[-1])
+
+    @functools.cached_property
+    def classes(self) -> np.ndarray:
+        """int8 [q tiles, kv tiles], dense (0 EMPTY, 1 PARTIAL, 2 FULL)."""
+        limits.check_bytes("the dense tile map", (self.q_tiles, self.kv_tiles), 1, limits.MAX_DENSE_MASK_BYTES,
+                           "MAX_DENSE_MASK_BYTES")
+        return dense_from_schedule(self)
+
+    @functools.cached_property
+    def row_counts(self) -> np.ndarray:
+        """int64 [nq]: keys the query at each kernel position (possibly) sees. FULL tiles count
+        whole; PARTIAL tiles are evaluated pair by pair (work proportional to them)."""
+        return _row_counts(self)
 
     def stats(self) -> dict[str, float]:
-        total = self.classes.size
-        full = int((self.classes == FULL).sum())
-        part = int((self.classes == PARTIAL).sum())
+        total = self.q_tiles * self.kv_tiles
+        full, part = self.tiles_full, self.tiles_partial
         visible = int(self.row_counts.sum())
         return {
             "pairs_visible": visible,
@@ -74,95 +103,199 @@ class Schedule:
         }
 
 
-def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(certainly visible, possibly visible) without runtime data: three-valued evaluation in
-    which every comparison that reads a runtime tensor is unknown."""
-    shape = (len(q_idx), len(k_idx))
-    lo_out, hi_out = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
-    for part, sel, coords in pair_coords(bound, q_idx, k_idx):
-
-        def rec(e: N.Expr, live):
-            # live: where e may be evaluated. The right side of `and` / `or` is evaluated only
-            # where the left side may not decide (docs/language.md, guards); an error there
-            # (division by zero) is refused even when only runtime data could rule it out.
-            if not reads_tensors(e):
-                v = np.asarray(evaluate(e, bound.env, coords, live=live, span_of=bound.ir.span_of), dtype=bool)
-                return v, v
-            if isinstance(e, N.Unary) and e.op == "not":
-                lo, hi = rec(e.operand, live)
-                return ~hi, ~lo
-            if isinstance(e, N.Binary) and e.op in ("and", "or"):
-                alo, ahi = rec(e.lhs, live)
-                inner = ahi if e.op == "and" else ~alo
-                inner = inner if live is None else inner & live
-                blo, bhi = rec(e.rhs, inner) if inner.any() else (np.zeros((), dtype=bool),) * 2
-                if e.op == "and":
-                    return alo & blo, ahi & bhi
-                return alo | blo, ahi | bhi
-            return np.zeros((), dtype=bool), np.ones((), dtype=bool)
-
-        lo, hi = rec(part_expr(bound.ir.mask, part.name), None)
-        part_shape = (len(q_idx), int(sel.sum()))
-        lo_out[:, sel] = np.broadcast_to(lo, part_shape)
-        hi_out[:, sel] = np.broadcast_to(hi, part_shape)
-    return lo_out, hi_out
-
-
-
-
 def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = None,
             progress: Callable[[int, int], None] | None = None) -> Schedule:
     """The schedule of `bound` under `layout` (row-major when None); every array of the result
-    is indexed by kernel position."""
+    is indexed by kernel position. `progress(done, total)` is called once per level."""
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
             raise AttncError(f"{name} = {b}: tile sizes must be powers of two, at least 16")
     nq, nk = bound.nq, bound.nk
-    n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
-    check_limits(nq, nk, n_qt, n_kt)
-    classes = np.zeros((n_qt, n_kt), dtype=np.int8)
-    row_counts = np.zeros(nq, dtype=np.int64)
+    n_qt = math.ceil(nq / block_m)
     layout = layout or row_major(nq, nk)
-    keys = layout.kv_perm
-    pad = n_kt * block_n - nk
-    for t in range(n_qt):
-        rows = np.arange(t * block_m, min(nq, (t + 1) * block_m))
-        # Certainly / possibly visible: equal unless the mask reads runtime tensors (unknown here).
-        certain, possible = mask_bounds(bound, layout.q_perm[rows], keys)
-        row_counts[rows] = possible.sum(axis=1)
-        # Padding keys count as hidden, so a ragged kv tile (which needs bounds checks) is never FULL.
-        any_ = np.pad(possible, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n).any(axis=(0, 2))
-        all_ = np.pad(certain, ((0, 0), (0, pad))).reshape(len(rows), n_kt, block_n).all(axis=(0, 2))
-        classes[t] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
+    exprs = [part_expr(bound.ir.mask, p.name) for p in bound.kv_parts]
+    (fq, fk), partial = classify_tiles(bound, exprs, layout, block_m, block_n, progress)
+    check_divisors(bound, layout, block_m, block_n)
+    full_ptr, full_idx = _csr(fq, fk, n_qt)
+    part_ptr, part_idx = _csr(*partial, n_qt)
+    return Schedule(block_m, block_n, nq, nk, full_ptr, full_idx, part_ptr, part_idx,
+                    exact=not reads_tensors(bound.ir.mask), layout=layout, bound=bound)
+
+
+def classify_tiles(bound: Bound, exprs: list, layout: Layout, block_m: int, block_n: int,
+                   progress: Callable[[int, int], None] | None = None):
+    """((q, kv) tile indices of FULL tiles, (q, kv) of PARTIAL tiles) of a predicate given per key
+    segment (`exprs[j]` for bound.kv_parts[j]); a ragged last kv tile is never FULL."""
+    nq, nk = bound.nq, bound.nk
+    n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
+    sides = SideBoxes(bound, layout, "q"), SideBoxes(bound, layout, "k")
+    exprs = [(e, fits(e, bound.env, _whole_space(bound, part))) for e, part in zip(exprs, bound.kv_parts)]
+    top = max(n_qt, n_kt)
+    top = top.bit_length() - (1 if top & (top - 1) == 0 else 0)  # the level whose one block covers all
+    qb, kb = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    full_blocks: list[tuple[int, np.ndarray, np.ndarray]] = []
+    partial = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    for level in range(top, -1, -1):
+        size = 1 << level
+        cls = _classify(bound, exprs, sides, qb, kb, block_m * size, block_n * size)
+        full_blocks.append((level, qb[cls == FULL], kb[cls == FULL]))
+        open_ = cls == PARTIAL
+        if level == 0:
+            partial = (qb[open_], kb[open_])
+        else:  # split each undecided block into its (up to) four children
+            q2, k2 = _children(qb[open_], kb[open_])
+            keep = (q2 < -(-n_qt // (size >> 1))) & (k2 < -(-n_kt // (size >> 1)))
+            qb, kb = q2[keep], k2[keep]
         if progress is not None:
-            progress(t + 1, n_qt)
-    full_ptr, full_idx = _csr(classes == FULL)
-    part_ptr, part_idx = _csr(classes == PARTIAL)
-    return Schedule(block_m, block_n, nq, nk, classes, row_counts, full_ptr, full_idx, part_ptr, part_idx,
-                    exact=not reads_tensors(bound.ir.mask), layout=layout)
+            progress(top - level + 1, top + 1)
+    check_kept(sum(len(q) << (2 * level) for level, q, _ in full_blocks) + len(partial[0]), n_qt, n_kt)
+    fq, fk = _expand(full_blocks, n_qt, n_kt)
+    if nk % block_n:  # a ragged last kv tile needs bounds checks: never FULL
+        ragged = fk == n_kt - 1
+        partial = (np.concatenate([partial[0], fq[ragged]]), np.concatenate([partial[1], fk[ragged]]))
+        fq, fk = fq[~ragged], fk[~ragged]
+    return (fq, fk), partial
 
 
-def check_limits(nq: int, nk: int, q_tiles: int, kv_tiles: int) -> None:
-    """Refuse, before any work, a tile analysis that cannot fit in memory or time."""
-    tiles = q_tiles * kv_tiles
-    if tiles > limits.MAX_TILES:
-        raise AttncError(f"the tile map would have {limits.show_count(tiles)} tiles ([{q_tiles}, {kv_tiles}]); "
+def check_divisors(bound: Bound, layout: Layout, block_m: int, block_n: int) -> None:
+    """A division whose divisor varies per pair must not divide by zero where it is evaluated
+    (the kernel would compute garbage there). The tiles where `guard and divisor == 0` may hold
+    are found symbolically, and only those are evaluated pair by pair, which raises the located
+    error (evaluate.py) if a live division by zero is there."""
+    suspects = []
+    for part in bound.kv_parts:
+        expr = part_expr(bound.ir.mask, part.name)
+        zero = [guard.and_(div.eq(N.Const(0))) for div, guard in _divisions(expr)
+                if _varies(div) or evaluate_uniform(div, bound.env) == 0]
+        suspects.append(_any(zero))
+    if all(isinstance(z, N.Const) and z.value is False for z in suspects):
+        return
+    (fq, fk), (pq, pk) = classify_tiles(bound, suspects, layout, block_m, block_n)
+    q_tiles, k_tiles = np.concatenate([fq, pq]), np.concatenate([fk, pk])
+    for t in np.unique(q_tiles):
+        rows = np.arange(t * block_m, min(bound.nq, (t + 1) * block_m))
+        keys = (k_tiles[q_tiles == t][:, None] * block_n + np.arange(block_n)).reshape(-1)
+        mask_bounds(bound, layout.q_perm[rows], layout.kv_perm[keys[keys < bound.nk]])
+
+
+def _divisions(e: N.Expr, guard: N.Expr = N.Const(True)):
+    """(divisor, guard) of every // and %; the guard is what must hold for the division to be
+    evaluated (the left sides of enclosing `and`, negated for `or`)."""
+    if isinstance(e, N.Binary) and e.op in ("and", "or"):
+        yield from _divisions(e.lhs, guard)
+        yield from _divisions(e.rhs, guard.and_(e.lhs if e.op == "and" else N.fold(N.Unary("not", e.lhs))))
+        return
+    if isinstance(e, N.Binary) and e.op in ("//", "%") and not isinstance(e.rhs, N.Const):
+        yield e.rhs, guard
+    if isinstance(e, N.Window):
+        e = e.expand()
+        yield from _divisions(e, guard)
+        return
+    for c in N.children(e):
+        yield from _divisions(c, guard)
+
+
+def _varies(e: N.Expr) -> bool:
+    return any(isinstance(x, (N.Coord, N.Lookup)) for x in N.walk(e, expand_windows=True))
+
+
+def _any(terms: list) -> N.Expr:
+    out: N.Expr = N.Const(False)
+    for t in terms:
+        out = N.fold(N.Binary("or", out, t))
+    return out
+
+
+def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q: int, span_k: int) -> np.ndarray:
+    """EMPTY / PARTIAL (undecided) / FULL for each block pair (qb[p], kb[p]) of the given spans.
+    Every (q box, kv box) combination of one key segment is evaluated in one batch."""
+    n = len(qb)
+    if n == 0:
+        return np.zeros(0, dtype=np.int8)
+    q_slots = sides[0].slots(qb * span_q, (qb + 1) * span_q, span_q)
+    k_slots = sides[1].slots(kb * span_k, (kb + 1) * span_k, span_k)
+    uncertain = np.zeros(n, dtype=np.int64)  # combinations not certainly visible, per pair
+    possible = np.zeros(n, dtype=np.int64)  # combinations possibly visible, per pair
+    for part, (expr, safe) in enumerate(exprs):
+        combos = [(a, b, np.nonzero(a.valid & b.valid)[0]) for a in q_slots for b in k_slots if b.part == part]
+        combos = [c for c in combos if len(c[2])]
+        for start in range(0, len(combos), max(1, _CHUNK // n)):
+            batch = combos[start:start + max(1, _CHUNK // n)]
+            sel = np.concatenate([c[2] for c in batch])
+            coords = {}
+            for side, slot_of in (("q", 0), ("k", 1)):
+                for ax in batch[0][slot_of].coords:
+                    coords[(side, ax)] = tuple(np.concatenate([c[slot_of].coords[ax][e][c[2]] for c in batch])
+                                               for e in (0, 1))
+            c, p = evaluate_boxes(expr, bound.env, coords, len(sel), safe=safe)
+            uncertain += np.bincount(sel[~np.broadcast_to(c, sel.shape)], minlength=n)
+            possible += np.bincount(sel[np.broadcast_to(p, sel.shape)], minlength=n)
+    return np.where(possible == 0, EMPTY, np.where(uncertain == 0, FULL, PARTIAL)).astype(np.int8)
+
+
+def _whole_space(bound: Bound, part) -> dict:
+    """Coordinate ranges of every query and every key of one segment."""
+    ranges = {("q", "i"): (0, bound.nq - 1), ("k", "i"): (0, part.size - 1)}
+    ranges |= {("q", a): (0, d - 1) for a, d in zip(bound.ir.q.axes, bound.q_dims)}
+    ranges |= {("k", a): (0, d - 1) for a, d in zip(part.space.axes, part.dims)}
+    return ranges
+
+
+def _children(qb: np.ndarray, kb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q = (2 * qb)[:, None] + np.array([0, 0, 1, 1])
+    k = (2 * kb)[:, None] + np.array([0, 1, 0, 1])
+    return q.reshape(-1), k.reshape(-1)
+
+
+def _expand(blocks, n_qt: int, n_kt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tile coordinates of every tile inside the FULL blocks (clipped to the tile grid)."""
+    qs, ks = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for level, qb, kb in blocks:
+        if not len(qb):
+            continue
+        size = 1 << level
+        dq, dk = np.divmod(np.arange(size * size), size)
+        q = (qb * size)[:, None] + dq
+        k = (kb * size)[:, None] + dk
+        inside = (q < n_qt) & (k < n_kt)
+        qs.append(q[inside])
+        ks.append(k[inside])
+    return np.concatenate(qs), np.concatenate(ks)
+
+
+def _csr(q: np.ndarray, k: np.ndarray, n_qt: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((k, q))
+    ptr = np.zeros(n_qt + 1, dtype=np.int32)
+    np.cumsum(np.bincount(q, minlength=n_qt), out=ptr[1:])
+    return ptr, k[order].astype(np.int32)
+
+
+def _row_counts(s: Schedule) -> np.ndarray:
+    counts = np.zeros(s.nq, dtype=np.int64)
+    counts += (s.block_n * np.diff(s.full_ptr).astype(np.int64)).repeat(s.block_m)[:s.nq]
+    lay, bound = s.layout, s.bound
+    for t in range(s.q_tiles):
+        tiles = s.part_idx[s.part_ptr[t]:s.part_ptr[t + 1]]
+        if not len(tiles):
+            continue
+        rows = np.arange(t * s.block_m, min(s.nq, (t + 1) * s.block_m))
+        keys = (tiles[:, None].astype(np.int64) * s.block_n + np.arange(s.block_n)).reshape(-1)
+        keys = keys[keys < s.nk]
+        _, possible = mask_bounds(bound, lay.q_perm[rows], lay.kv_perm[keys])
+        counts[rows] += possible.sum(axis=1)
+    return counts
+
+
+def check_kept(kept: int, q_tiles: int, kv_tiles: int) -> None:
+    """Refuse, before listing them, more kept tiles than a schedule can hold."""
+    if kept > limits.MAX_TILES:
+        raise AttncError(f"the schedule would keep {limits.show_count(kept)} tiles of [{q_tiles}, {kv_tiles}]; "
                          f"the limit is {limits.show_count(limits.MAX_TILES)} (attnc.limits.MAX_TILES)")
-    # int8 classes, plus int32 CSR indices for every tile in the worst case and two offset arrays.
-    size = tiles * 5 + (q_tiles + 1) * 8
+    size = kept * 20 + (q_tiles + 1) * 8  # two int64 coordinates and an int32 index per tile
     if size > limits.MAX_TILE_MAP_BYTES:
-        raise AttncError(f"the tile map and its tile lists would allocate {limits.show_bytes(size)} for "
-                         f"{limits.show_shape((q_tiles, kv_tiles))} tiles; the limit is "
-                         f"{limits.show_bytes(limits.MAX_TILE_MAP_BYTES)} (attnc.limits.MAX_TILE_MAP_BYTES)")
-    limits.check_count("tile analysis", nq * nk, limits.MAX_ANALYSED_PAIRS, "MAX_ANALYSED_PAIRS")
-
-
-def _csr(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    counts = sel.sum(axis=1)
-    ptr = np.zeros(sel.shape[0] + 1, dtype=np.int32)
-    np.cumsum(counts, out=ptr[1:])
-    idx = np.nonzero(sel)[1].astype(np.int32)  # row-major order: grouped by q tile
-    return ptr, idx
+        raise AttncError(f"the schedule's tile lists would allocate {limits.show_bytes(size)} for "
+                         f"{limits.show_count(kept)} kept tiles of {limits.show_shape((q_tiles, kv_tiles))}; the "
+                         f"limit is {limits.show_bytes(limits.MAX_TILE_MAP_BYTES)} (attnc.limits.MAX_TILE_MAP_BYTES)")
 
 
 def dense_from_schedule(s: Schedule) -> np.ndarray:

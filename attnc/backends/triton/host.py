@@ -81,7 +81,9 @@ class HostState:
         # Only a score that reads n_visible under a mask that reads runtime data needs this call's
         # counts; every other score depends on head_dim alone (rows that see nothing output 0
         # whatever their scale), so it is computed once.
-        if not self.c.schedule.exact and score_reads_n_visible(ir.score):
+        if not score_reads_n_visible(ir.score):  # counts matter only through n_visible
+            return self._cached(self._scores, (head_dim, device), lambda: make(np.ones(self.c.bound.nq, np.int64)))
+        if not self.c.schedule.exact:
             return make(visible_counts(self.c, ints))
         return self._cached(self._scores, (head_dim, device), lambda: make(self.c.schedule.row_counts))
 

@@ -1,0 +1,1 @@
+"""Benchmarks of attnc against its peers; not part of the test suite (see README.md)."""
