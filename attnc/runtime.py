@@ -76,11 +76,11 @@ class AttentionFn:
 
     def tile_map(self, **tensors: torch.Tensor) -> torch.Tensor:
         """int8 [q tiles, kv tiles] in kernel order: 0 EMPTY, 1 PARTIAL, 2 FULL, exactly the
-        classes the kernel uses (tiles that depend on runtime data are PARTIAL for now)."""
+        classes the kernel uses: for a mask that reads runtime tensors, those of this data."""
         if self.compiled.schedule is None:
             raise AttncError("the reference backend has no tiles; compile with backend='triton'")
-        self._check_tensors(tensors, heads=None)
-        return torch.from_numpy(self.compiled.schedule.classes.copy())
+        checked = self._check_tensors(tensors, heads=None)
+        return torch.from_numpy(self._host.schedule(host_ints(checked)).classes.copy())
 
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"

@@ -23,11 +23,11 @@ from .. import limits
 from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.bind import Bound
-from ..ir.evaluate import evaluate_uniform, part_expr, reads_tensors
+from ..ir.evaluate import evaluate_uniform, mask_block, part_expr, reads_tensors
 from .boxes import SideBoxes
 from .dense import mask_bounds
 from .layout import Layout, row_major
-from .symbolic import evaluate_boxes, fits
+from .symbolic import Lookup, evaluate_boxes, fits
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _CHUNK = 1 << 20  # box pairs evaluated at once: bounds the memory of one evaluation
@@ -56,6 +56,8 @@ class Schedule:
     exact: bool = True
     layout: Layout | None = field(default=None, repr=False)  # the token order tiles are cut in
     bound: Bound | None = field(default=None, repr=False)
+    # The runtime integer tensors (host int64 arrays) a per-call schedule was classified with.
+    tensors: dict | None = field(default=None, repr=False)
 
     @property
     def q_tiles(self) -> int:
@@ -123,9 +125,10 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
 
 
 def classify_tiles(bound: Bound, exprs: list, layout: Layout, block_m: int, block_n: int,
-                   progress: Callable[[int, int], None] | None = None):
+                   progress: Callable[[int, int], None] | None = None, lookup: Lookup | None = None):
     """((q, kv) tile indices of FULL tiles, (q, kv) of PARTIAL tiles) of a predicate given per key
-    segment (`exprs[j]` for bound.kv_parts[j]); a ragged last kv tile is never FULL."""
+    segment (`exprs[j]` for bound.kv_parts[j]); a ragged last kv tile is never FULL. `lookup`
+    gives runtime tensors' value ranges (per-call data); without it they are unknown."""
     nq, nk = bound.nq, bound.nk
     n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
     sides = SideBoxes(bound, layout, "q"), SideBoxes(bound, layout, "k")
@@ -137,7 +140,7 @@ def classify_tiles(bound: Bound, exprs: list, layout: Layout, block_m: int, bloc
     partial = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     for level in range(top, -1, -1):
         size = 1 << level
-        cls = _classify(bound, exprs, sides, qb, kb, block_m * size, block_n * size)
+        cls = _classify(bound, exprs, sides, qb, kb, block_m * size, block_n * size, lookup)
         full_blocks.append((level, qb[cls == FULL], kb[cls == FULL]))
         open_ = cls == PARTIAL
         if level == 0:
@@ -206,7 +209,8 @@ def _any(terms: list) -> N.Expr:
     return out
 
 
-def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q: int, span_k: int) -> np.ndarray:
+def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q: int, span_k: int,
+              lookup: Lookup | None = None) -> np.ndarray:
     """EMPTY / PARTIAL (undecided) / FULL for each block pair (qb[p], kb[p]) of the given spans.
     Every (q box, kv box) combination of one key segment is evaluated in one batch."""
     n = len(qb)
@@ -227,7 +231,7 @@ def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q
                 for ax in batch[0][slot_of].coords:
                     coords[(side, ax)] = tuple(np.concatenate([c[slot_of].coords[ax][e][c[2]] for c in batch])
                                                for e in (0, 1))
-            c, p = evaluate_boxes(expr, bound.env, coords, len(sel), safe=safe)
+            c, p = evaluate_boxes(expr, bound.env, coords, len(sel), lookup=lookup, safe=safe)
             uncertain += np.bincount(sel[~np.broadcast_to(c, sel.shape)], minlength=n)
             possible += np.bincount(sel[np.broadcast_to(p, sel.shape)], minlength=n)
     return np.where(possible == 0, EMPTY, np.where(uncertain == 0, FULL, PARTIAL)).astype(np.int8)
@@ -281,8 +285,11 @@ def _row_counts(s: Schedule) -> np.ndarray:
         rows = np.arange(t * s.block_m, min(s.nq, (t + 1) * s.block_m))
         keys = (tiles[:, None].astype(np.int64) * s.block_n + np.arange(s.block_n)).reshape(-1)
         keys = keys[keys < s.nk]
-        _, possible = mask_bounds(bound, lay.q_perm[rows], lay.kv_perm[keys])
-        counts[rows] += possible.sum(axis=1)
+        if s.tensors is not None:  # a per-call schedule: the data decides every pair
+            seen = mask_block(bound, lay.q_perm[rows], lay.kv_perm[keys], s.tensors, what="row counts")
+        else:
+            _, seen = mask_bounds(bound, lay.q_perm[rows], lay.kv_perm[keys])
+        counts[rows] += seen.sum(axis=1)
     return counts
 
 

@@ -1,6 +1,6 @@
 """Host-side preparation for the generated kernels, built from the IR and the schedule: device
 copies of the schedule and the layout, per-row score scale and bias, runtime tensor arguments,
-sink logits, and the per-call row counts a score needs when the mask reads runtime data.
+sink logits, and, when the mask reads runtime data, the per-call schedule and row counts.
 
 Everything here is indexed by kernel position (see analysis/layout.py).
 """
@@ -11,31 +11,18 @@ import threading
 import numpy as np
 import torch
 
-from ...ir.evaluate import mask_block
+from ...analysis.data import data_schedule
+from ...analysis.tiles import Schedule
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
 
 LOG2E = 1.4426950408889634
-_COUNT_CHUNK = 1 << 22  # pairs evaluated at once when counting visible keys per call
 
 
 def host_ints(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The integer runtime tensors as int64 numpy arrays (any integer dtype or bool)."""
     return {name: t.detach().to(torch.int64).cpu().numpy() for name, t in tensors.items()
             if not t.dtype.is_floating_point}
-
-
-def visible_counts(compiled: Compiled, ints: dict[str, np.ndarray]) -> np.ndarray:
-    """Keys each query sees under this call's runtime data, per kernel position. O(Nq * Nk)
-    work in bounded memory; symbolic per-tile summaries replace it later."""
-    bound, order = compiled.bound, compiled.layout
-    counts = np.zeros(bound.nq, dtype=np.int64)
-    keys = np.arange(bound.nk)
-    step = max(1, _COUNT_CHUNK // max(1, bound.nk))
-    for start in range(0, bound.nq, step):
-        rows = np.arange(start, min(bound.nq, start + step))
-        counts[rows] = mask_block(bound, order.q_perm[rows], keys, ints).sum(axis=1)
-    return counts
 
 
 class HostState:
@@ -57,18 +44,28 @@ class HostState:
                 hit = cache.setdefault(key, hit)
         return hit
 
-    def tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The schedule's CSR lists and the layout's orders on `device` (int32)."""
+    def schedule(self, ints: dict[str, np.ndarray]) -> Schedule:
+        """The schedule of this call: the compiled one, or, when the mask reads runtime tensors,
+        the one classified with their data (analysis/data.py)."""
+        s = self.c.schedule
+        return s if s.exact else data_schedule(s, ints)
+
+    def tables(self, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, ...]:
+        """The schedule's CSR lists and the layout's orders on `device` (int32); cached for the
+        compiled schedule, made per call for a per-call one."""
         def make():
-            s, lay = self.c.schedule, self.c.layout
+            lay = self.c.layout
+            s = schedule
             arrays = (s.full_ptr, s.full_idx, s.part_ptr, s.part_idx, lay.q_perm, lay.kv_perm)
             out = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device) for a in arrays)
             # Empty index arrays still need a valid pointer.
             return tuple(t if t.numel() else torch.zeros(1, dtype=torch.int32, device=device) for t in out)
 
+        if schedule is not self.c.schedule:
+            return make()
         return self._cached(self._tables, device, make)
 
-    def row_scores(self, head_dim: int, device: torch.device, ints) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 per-position score scale and bias (softmax's scale in base 2 when unmodified)."""
         ir = self.c.spec.ir
 
@@ -83,7 +80,7 @@ class HostState:
         # whatever their scale), so it is computed once.
         if not score_reads_n_visible(ir.score):  # counts matter only through n_visible
             return self._cached(self._scores, (head_dim, device), lambda: make(np.ones(self.c.bound.nq, np.int64)))
-        if not self.c.schedule.exact:
-            return make(visible_counts(self.c, ints))
+        if schedule is not self.c.schedule:  # counts under this call's data
+            return make(schedule.row_counts)
         return self._cached(self._scores, (head_dim, device), lambda: make(self.c.schedule.row_counts))
 

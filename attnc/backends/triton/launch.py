@@ -29,14 +29,15 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     device = q.device
-    full_ptr, full_idx, part_ptr, part_idx, q_order, kv_order = state.tables(device)
+    s = state.schedule(host_ints(tensors) if not s.exact else {})
+    full_ptr, full_idx, part_ptr, part_idx, q_order, kv_order = state.tables(device, s)
     if not lay.q_identity:
         q = q.index_select(2, q_order)
     if not lay.kv_identity:
         k, v = k.index_select(2, kv_order), v.index_select(2, kv_order)
     out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=device)
     stat = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device)
-    scale, bias = state.row_scores(D, device, host_ints(tensors) if not s.exact else {})
+    scale, bias = state.row_scores(D, device, s)
     f32 = torch.empty(0, dtype=torch.float32, device=device)
     sink = sink_logits(c.bound, Hq, tensors, D, f32)
     sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
