@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .analysis.extents import check_divisors, tensor_extents
-from .analysis.layout import AUTO, Layout
+from .analysis.layout import AUTO, Layout, inverse
 from .backends.triton.host import HostState, host_ints
 from .backends.triton.launch import forward
 from .errors import AttncError, suggest
@@ -107,7 +107,11 @@ class AttentionFn:
         return routed_mask(self.compiled.bound, q, k, host_ints(checked))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
-                 **tensors: torch.Tensor):
+                 kernel_order: bool = False, **tensors: torch.Tensor):
+        """Attention of q, k, v (row-major tokens). With kernel_order=True, q, k, v and the
+        results are in the layout's kernel order instead (`fn.layout.q_order[p]` is the token at
+        position p): callers that keep tensors in that order across layers pay no permutation.
+        Runtime tensors (ids, tables) are always indexed by row-major token."""
         self._check(q, k, v)
         tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device)
         if return_lse and self.ir.score.kind != "softmax":
@@ -115,11 +119,18 @@ class AttentionFn:
         if self.backend == "reference":
             from .backends.reference import reference_attention
 
-            return reference_attention(self.compiled.bound, q, k, v, tensors=tensors, return_lse=return_lse)
+            if not kernel_order:
+                return reference_attention(self.compiled.bound, q, k, v, tensors=tensors, return_lse=return_lse)
+            lay = self.layout  # to row-major, and the results back into kernel order
+            q, k, v = (x[:, :, torch.from_numpy(inverse(perm)).to(x.device)]
+                       for x, perm in ((q, lay.q_perm), (k, lay.kv_perm), (v, lay.kv_perm)))
+            res = reference_attention(self.compiled.bound, q, k, v, tensors=tensors, return_lse=return_lse)
+            order = lay.q_order.to(q.device)
+            return tuple(r[:, :, order] for r in res) if return_lse else res[:, :, order]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tensors.values())):
             raise AttncError("the triton backend has no backward kernel yet",
                              hint="run under torch.no_grad(), or use backend='reference' for gradients")
-        out, lse = forward(self.compiled, self._host, q, k, v, tensors)
+        out, lse = forward(self.compiled, self._host, q, k, v, tensors, kernel_order)
         return (out, lse) if return_lse else out
 
     # -- runtime tensors ------------------------------------------------------------------------

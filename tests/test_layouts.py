@@ -107,3 +107,21 @@ def test_bad_layouts_are_refused():
         from_orders("dup", [0, 0, 1], [0, 1, 2])
     with pytest.raises(AttncError, match="orders 3 queries"):
         attnc.compile(SPECS / "causal.attn", layout=from_orders("small", [0, 1, 2], [0, 1, 2]), N=64)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_kernel_order_in_and_out_pays_no_permutation(backend, device):
+    """fn(..., kernel_order=True) takes and returns tokens in the layout's order: equal to the
+    row-major call permuted by fn.layout.q_order / kv_order."""
+    n = 60
+    layout = _random_layout(n, n, seed=5, which="both")
+    fn = attnc.compile(SPECS / "document_causal.attn", backend=backend, layout=layout, tiles=(16, 16), N=n)
+    dev = device if backend == "triton" else "cpu"
+    q, k, v = (x.to(dev) for x in _qkv(n, n, seed=8))
+    doc = torch.tensor(np.sort(np.random.default_rng(1).integers(0, 3, n))).to(dev)
+    qo, ko = fn.layout.q_order.to(dev), fn.layout.kv_order.to(dev)
+    with torch.no_grad():
+        out, lse = fn(q, k, v, doc=doc, return_lse=True)
+        out_k, lse_k = fn(q[:, :, qo], k[:, :, ko], v[:, :, ko], doc=doc, return_lse=True, kernel_order=True)
+    torch.testing.assert_close(out_k, out[:, :, qo])
+    torch.testing.assert_close(lse_k, lse[:, :, qo])

@@ -20,8 +20,9 @@ from .host import HostState, host_ints
 ADDR_LIMIT = 2**31
 
 
-def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Tensor]):
-    """out [B, Hq, Nq, Dv] and the per-row statistic [B, Hq, Nq] (float32), row-major tokens.
+def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Tensor], kernel_order: bool = False):
+    """out [B, Hq, Nq, Dv] and the per-row statistic [B, Hq, Nq] (float32), row-major tokens, or
+    with kernel_order=True, tokens in the layout's kernel order in and out (no permutation).
 
     The statistic (the kernel's Stat) is the logsumexp for softmax, log(sum softplus) for
     softplus (both -inf for a row that sees no key), and the row sum of weights for sigmoid."""
@@ -31,9 +32,9 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     device = q.device
     s = state.schedule(host_ints(tensors) if not s.exact else {})
     full_ptr, full_idx, part_ptr, part_idx, q_order, kv_order = state.tables(device, s)
-    if not lay.q_identity:
+    if not lay.q_identity and not kernel_order:
         q = q.index_select(2, q_order)
-    if not lay.kv_identity:
+    if not lay.kv_identity and not kernel_order:
         k, v = k.index_select(2, kv_order), v.index_select(2, kv_order)
     out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=device)
     stat = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device)
@@ -65,7 +66,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     kwargs = abi.bind(ir, values)
     with launch_guard():  # the interpreter is not reentrant across threads
         c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs)
-    if not lay.q_identity:  # back to row-major: token order[p] is at position p
+    if not lay.q_identity and not kernel_order:  # back to row-major: token order[p] is at position p
         inv = torch.empty_like(q_order)
         inv[q_order.long()] = torch.arange(Nq, dtype=inv.dtype, device=device)
         out, stat = out.index_select(2, inv), stat.index_select(2, inv)
