@@ -79,9 +79,29 @@ def cmd_explain(args, extra) -> int:
     spec = parse(args.file)
     # Routing has no kernel yet: explain shows the spec and IR from the reference pipeline.
     backend = "reference" if spec.ir.route is not None else "triton"
-    compiled = build(spec, _param_values(extra), backend, _tiles(args.tiles), progress=_Progress("analysing tiles"))
+    compiled = build(spec, _param_values(extra), backend, _tiles(args.tiles), args.layout,
+                     progress=_Progress("analysing tiles"))
     print(explain(compiled, sections=args.section))
+    if args.plot:
+        _plot(compiled, args.plot)
     return 0
+
+
+def _plot(compiled, path: str) -> None:
+    """The chosen layout's tile map beside row-major's (matplotlib, an optional extra)."""
+    from .analysis.layout import ROW_MAJOR, row_major
+    from .analysis.tiles import analyse
+    from .plot import plot_tile_maps
+
+    s = compiled.schedule
+    if s is None:
+        raise AttncError("--plot needs tiles; routed specs run on the reference backend, which has none")
+    panels = [(f"layout {compiled.layout.name}", s)]
+    if compiled.layout.name != ROW_MAJOR:
+        b = compiled.bound
+        panels.insert(0, (ROW_MAJOR, analyse(b, s.block_m, s.block_n, row_major(b.nq, b.nk))))
+    plot_tile_maps(panels, path)
+    print(f"tile map written to {path}", file=sys.stderr)
 
 
 def random_tensors(fn, heads: int, gen, device) -> dict:
@@ -112,7 +132,8 @@ def cmd_run(args, extra) -> int:
 
     params = _param_values(extra)
     t0 = time.perf_counter()
-    compiled = build(args.file, params, args.backend, _tiles(args.tiles), progress=_Progress("analysing tiles"))
+    compiled = build(args.file, params, args.backend, _tiles(args.tiles), args.layout,
+                     progress=_Progress("analysing tiles"))
     fn = AttentionFn(compiled)
     t_compile = time.perf_counter() - t0
     b = compiled.bound
@@ -168,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", default="64x64", help="BLOCK_MxBLOCK_N (default 64x64)")
     p.add_argument("--section", action="append", choices=["spec", "ir", "tiles", "kernel"],
                    help="print only these sections (repeatable)")
+    p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
+    p.add_argument("--plot", metavar="PNG", help="draw the tile map (chosen layout beside row-major); needs matplotlib")
     p = sub.add_parser("run", help="compile a spec, run it on random tensors, check it against the reference",
                        description="Parameters follow the file as --NAME VALUE, e.g. --N 64.")
     p.add_argument("file")
@@ -180,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--picture", action="store_true", help="print the tile map")
+    p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
     p.add_argument("--backend", choices=["triton", "reference"], default="triton",
                    help="reference: the dense evaluator (routing specs have no kernel yet)")
     args, extra = parser.parse_known_args(argv)

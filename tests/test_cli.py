@@ -1,6 +1,8 @@
 """The command line: explain prints every stored artifact; run checks itself against the reference."""
 import re
 
+import pytest
+
 from attnc.cli import main
 
 
@@ -57,3 +59,20 @@ def test_routing_specs_run_and_explain_on_the_reference(capsys):
     assert main(["explain", "specs/biformer.attn", "--H", "14", "--W", "14"]) == 0
     out = capsys.readouterr().out
     assert "route = top(K) of regions(R, R) by mean(q) @ mean(k)" in out and "generated kernel" not in out
+
+
+def test_explain_plots_the_tile_map(tmp_path, capsys):
+    """--plot writes a PNG of the tile map (the chosen layout beside row-major)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "map.png"
+    assert main(["explain", "specs/natten2d.attn", "--H", "16", "--W", "16", "--kernel", "3", "--dilation", "1",
+                 "--section", "tiles", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+    assert "tile map written to" in capsys.readouterr().err
+
+
+def test_explain_plot_to_an_unwritable_path_is_an_attnc_error(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["explain", "specs/causal.attn", "--N", "64", "--section", "tiles",
+                 "--plot", str(tmp_path / "no" / "such" / "dir" / "map.png")]) == 1
+    assert "error: cannot write" in capsys.readouterr().err
