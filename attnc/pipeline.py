@@ -99,11 +99,12 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
     try:
         bound = bind(parsed.ir, params)
         extents = tensor_extents(bound)
-        order = choose(bound, layout)
+        # The cost model weighs candidate orders by their tile analyses (kernels only).
+        order = choose(bound, layout, *tiles, analyse=None if backend == "reference" else analyse)
         if backend == "reference":  # the oracle computes densely in row-major order, whatever the layout
             return Compiled(parsed, bound, backend, layout=order, tensor_extents=extents)
         _check_routable(parsed.ir)
-        schedule = analyse(bound, *tiles, order, progress=progress)
+        schedule = order.analysed(bound, *tiles) or analyse(bound, *tiles, order, progress=progress)
     except AttncError as err:
         raise err.with_source(parsed.text, parsed.filename) from None
     from .codegen.cache import load_module
