@@ -69,3 +69,28 @@ def test_products_that_would_wrap_are_clamped_not_wrapped():
     assert not fits(e, {}, {("q", "i"): (1, 5)})
     lo, hi = evaluate_boxes(e, {}, coords, 1)
     assert (lo[0], hi[0]) == (-(2**62), 2**62)  # clamped (only guards reach this), never wrapped
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.integers(-20, 20), stride=st.integers(0, 6), count=st.integers(1, 8), c=st.integers(1, 7),
+       e=int_exprs(2))
+def test_congruences_make_remainders_exact_and_stay_sound(base, stride, count, c, e):
+    """A coordinate known to be base + stride * t (a dilation group's tokens) has an exact
+    remainder by any divisor of its stride; every other expression stays sound."""
+    values = [base + stride * t for t in range(count)]
+    box = {("q", "i"): (np.array([min(values)]), np.array([max(values)])),
+           ("k", "i"): (np.array([0]), np.array([3])), ("q", "y"): (np.array([0]), np.array([0]))}
+    mods = {("q", "i"): (np.array([stride]), np.array([min(values)]))}
+    rem = N.Binary("%", N.Coord("q", "i"), N.Const(c))
+    lo, hi = evaluate_boxes(rem, {}, box, 1, mods=mods)
+    assert lo[0] <= min(v % c for v in values) and max(v % c for v in values) <= hi[0]
+    if stride % c == 0:
+        assert lo[0] == hi[0] == values[0] % c
+    lo, hi = (np.broadcast_to(x, 1) for x in evaluate_boxes(e, {}, box, 1, mods=mods))
+    for v in values:
+        for kv in range(4):
+            try:
+                val = _value(e, {("q", "i"): v, ("k", "i"): kv, ("q", "y"): 0})
+            except _NoValue:
+                continue
+            assert lo[0] <= val <= hi[0]

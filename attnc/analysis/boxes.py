@@ -26,6 +26,9 @@ class Slot:
     valid: np.ndarray
     part: int
     coords: dict[str, tuple[np.ndarray, np.ndarray]]
+    # Per axis (stride, base): every coordinate is base + a multiple of stride (stride 0: all
+    # equal). A bounding box of a dilation group's tokens is thereby exact for `x % d`.
+    mods: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _row_major(p0: np.ndarray, p1: np.ndarray, dims: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
@@ -106,14 +109,16 @@ class SideBoxes:
                 for name, d in zip(reversed(names), reversed(dims)):
                     coords[name] = rest % d
                     rest = rest // d
-                ranges = {}
+                ranges, mods = {}, {}
                 for name, v in coords.items():
                     big = np.iinfo(np.int64).max
                     lo = np.minimum.reduceat(np.where(inside, v, big), starts)
                     hi = np.maximum.reduceat(np.where(inside, v, -1), starts)
                     ranges[name] = (lo, hi)
-                slots.append(Slot(count > 0, j, ranges))
+                    first = np.repeat(lo, np.diff(np.append(starts, len(v))))
+                    mods[name] = (np.gcd.reduceat(np.where(inside, v - first, 0), starts), lo)
+                slots.append(Slot(count > 0, j, ranges, mods))
             self._tile_boxes[block] = slots
         index = start // block
-        return [Slot(s.valid[index], s.part, {a: (lo[index], hi[index]) for a, (lo, hi) in s.coords.items()})
-                for s in self._tile_boxes[block]]
+        pick = lambda d: {a: (x[index], y[index]) for a, (x, y) in d.items()}  # noqa: E731
+        return [Slot(s.valid[index], s.part, pick(s.coords), pick(s.mods)) for s in self._tile_boxes[block]]

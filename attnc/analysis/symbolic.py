@@ -135,13 +135,15 @@ Lookup = Callable[[N.Lookup, list[Arrays]], Arrays]
 
 def evaluate_boxes(e: N.Expr, values: Mapping[str, int], coords: Mapping[tuple[str, str], Arrays],
                    size: int, lookup: Lookup | None = None, safe: bool = False,
-                   track: list | None = None) -> Arrays:
+                   track: list | None = None, mods: Mapping[tuple[str, str], Arrays] | None = None) -> Arrays:
     """(certain, possible) bool arrays for a boolean expression, or (lo, hi) int64 arrays for an
     integer one, over `size` box pairs (a uniform value may come back as scalars).
     `lookup(node, index_intervals)` gives the range of a runtime tensor's values at the given
     index intervals; without it they are any int32. `safe`: the caller knows that no
     intermediate can leave ±2**62 in these boxes, so no overflow clamping is needed. `track`
-    collects the largest magnitude of every integer node (see `fits`)."""
+    collects the largest magnitude of every integer node (see `fits`). `mods[(side, axis)]` =
+    (stride, base) says a coordinate is base plus a multiple of stride, which makes `x % d`
+    exact wherever d divides the stride (tiles of one dilation group)."""
     memo: dict = {}
 
     def rec(x: N.Expr) -> Arrays:
@@ -193,7 +195,13 @@ def evaluate_boxes(e: N.Expr, values: Mapping[str, int], coords: Mapping[tuple[s
             if x.op == "//":
                 return _floordiv(a, b)
             if x.op == "%":
-                return _mod(a, b)
+                r = _mod(a, b)
+                c = _uniform(b)
+                if mods and isinstance(x.lhs, N.Coord) and (x.lhs.side, x.lhs.axis) in mods and c and c > 0:
+                    stride, base = mods[(x.lhs.side, x.lhs.axis)]
+                    known = stride % c == 0  # stride 0 (one value) included
+                    r = np.where(known, base % c, r[0]), np.where(known, base % c, r[1])
+                return r
             if x.op == "min":
                 return np.minimum(a[0], b[0]), np.minimum(a[1], b[1])
             if x.op == "max":

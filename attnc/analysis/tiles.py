@@ -226,12 +226,15 @@ def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q
         for start in range(0, len(combos), max(1, _CHUNK // n)):
             batch = combos[start:start + max(1, _CHUNK // n)]
             sel = np.concatenate([c[2] for c in batch])
-            coords = {}
+            coords, mods = {}, {}
             for side, slot_of in (("q", 0), ("k", 1)):
                 for ax in batch[0][slot_of].coords:
                     coords[(side, ax)] = tuple(np.concatenate([c[slot_of].coords[ax][e][c[2]] for c in batch])
                                                for e in (0, 1))
-            c, p = evaluate_boxes(expr, bound.env, coords, len(sel), lookup=lookup, safe=safe)
+                for ax in batch[0][slot_of].mods or ():
+                    mods[(side, ax)] = tuple(np.concatenate([c[slot_of].mods[ax][e][c[2]] for c in batch])
+                                             for e in (0, 1))
+            c, p = evaluate_boxes(expr, bound.env, coords, len(sel), lookup=lookup, safe=safe, mods=mods)
             uncertain += np.bincount(sel[~np.broadcast_to(c, sel.shape)], minlength=n)
             possible += np.bincount(sel[np.broadcast_to(p, sel.shape)], minlength=n)
     return np.where(possible == 0, EMPTY, np.where(uncertain == 0, FULL, PARTIAL)).astype(np.int8)
