@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                        description="Parameters follow the file as --NAME VALUE, e.g. --N 64.")
     p.add_argument("file")
     p.add_argument("--tiles", default="64x64", help="BLOCK_MxBLOCK_N (default 64x64)")
-    p.add_argument("--section", action="append", choices=["spec", "ir", "tiles", "kernel"],
+    p.add_argument("--section", action="append", choices=["spec", "ir", "layout", "tiles", "kernel"],
                    help="print only these sections (repeatable)")
     p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
     p.add_argument("--plot", metavar="PNG", help="draw the tile map (chosen layout beside row-major); needs matplotlib")

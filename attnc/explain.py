@@ -6,7 +6,7 @@ from .analysis.tiles import tile_picture
 from .ir.printer import digest, format_ir
 from .pipeline import Compiled
 
-SECTIONS = ("spec", "ir", "tiles", "kernel")
+SECTIONS = ("spec", "ir", "layout", "tiles", "kernel")
 
 
 def explain(c: Compiled, sections=None) -> str:
@@ -17,6 +17,8 @@ def explain(c: Compiled, sections=None) -> str:
     if "ir" in sections:
         out += [_rule(f"IR (sha256 {digest(c.spec.ir)[:16]})"), format_ir(c.spec.ir),
                 f"bound: {c.bound.describe()}; {c.bound.nq} queries x {c.bound.nk} keys"]
+    if "layout" in sections and c.layout is not None and c.schedule is not None:
+        out += [_rule("layout (token order the kernel works in)")] + layout_lines(c.layout)
     if "tiles" in sections and c.schedule is not None:
         s = c.schedule
         st = s.stats()
@@ -37,3 +39,23 @@ def explain(c: Compiled, sections=None) -> str:
 
 def _rule(title: str) -> str:
     return f"\n== {title} " + "=" * max(3, 72 - len(title))
+
+
+def layout_lines(layout) -> list[str]:
+    """The chosen order and, when the cost model weighed candidates, their figures."""
+    figures = layout.figures()
+    if not figures:
+        return [f"chosen: {layout.name} (no other candidate weighed)"]
+    lines = [f"chosen: {layout.name}, the cheapest of {len(figures)} candidates "
+             "(cost: FULL + 1.5 x PARTIAL tiles + permutation, in 64x64 FULL tiles)",
+             f"{'candidate':34} {'q order':16} {'kv order':16} {'full':>7} {'partial':>8} {'efficiency':>10} {'cost':>10}"]
+    for f in figures:
+        if f.get("skipped") or f.get("cost") is None:
+            lines.append(f"{f['name']:34} {f['q']:16} {f['kv']:16}   (not analysed: its permutation alone "
+                         "costs more than the best so far)")
+            continue
+        eff = "" if f.get("efficiency") is None else f"{f['efficiency']:.2%}"
+        mark = "  <- chosen" if f["name"] == layout.name else ""
+        lines.append(f"{f['name']:34} {f['q']:16} {f['kv']:16} {f.get('full', ''):>7} {f.get('partial', ''):>8} "
+                     f"{eff:>10} {f['cost']:>10.1f}{mark}")
+    return lines

@@ -76,3 +76,13 @@ def test_explain_plot_to_an_unwritable_path_is_an_attnc_error(tmp_path, capsys):
     assert main(["explain", "specs/causal.attn", "--N", "64", "--section", "tiles",
                  "--plot", str(tmp_path / "no" / "such" / "dir" / "map.png")]) == 1
     assert "error: cannot write" in capsys.readouterr().err
+
+
+def test_explain_shows_the_layout_candidates(capsys):
+    assert main(["explain", "specs/natten2d.attn", "--H", "64", "--W", "64", "--kernel", "13",
+                 "--dilation", "1", "--section", "layout"]) == 0
+    out = capsys.readouterr().out
+    assert "== layout" in out and "chosen: " in out
+    chosen = re.search(r"chosen: (\S+),", out).group(1)
+    assert re.search(rf"^{re.escape(chosen)} .*<- chosen$", out, re.M), out
+    assert re.search(r"^row_major +row-major +row-major +\d+ +\d+ +\d+\.\d+% +\d+\.\d", out, re.M), out
