@@ -30,7 +30,7 @@ from .layout import Layout, row_major
 from .symbolic import Lookup, evaluate_boxes, fits
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_CHUNK = 1 << 20  # box pairs evaluated at once: bounds the memory of one evaluation
+_CHUNK = 1 << 15  # box pairs evaluated at once: bounds the memory of one evaluation
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,23 +216,32 @@ def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q
     n = len(qb)
     if n == 0:
         return np.zeros(0, dtype=np.int8)
-    q_slots = sides[0].slots(qb * span_q, (qb + 1) * span_q, span_q)
-    k_slots = sides[1].slots(kb * span_k, (kb + 1) * span_k, span_k)
+    # Boxes per distinct block (a block takes part in many pairs), gathered per pair below.
+    uq, iq = np.unique(qb, return_inverse=True)
+    uk, ik = np.unique(kb, return_inverse=True)
+    q_slots = sides[0].slots(uq * span_q, (uq + 1) * span_q, span_q)
+    k_slots = sides[1].slots(uk * span_k, (uk + 1) * span_k, span_k)
     uncertain = np.zeros(n, dtype=np.int64)  # combinations not certainly visible, per pair
     possible = np.zeros(n, dtype=np.int64)  # combinations possibly visible, per pair
     for part, (expr, safe) in enumerate(exprs):
-        combos = [(a, b, np.nonzero(a.valid & b.valid)[0]) for a in q_slots for b in k_slots if b.part == part]
-        combos = [c for c in combos if len(c[2])]
-        for start in range(0, len(combos), max(1, _CHUNK // n)):
-            batch = combos[start:start + max(1, _CHUNK // n)]
+        # (q slot, kv slot, the pairs where both hold boxes), cut so that one evaluation covers
+        # at most _CHUNK box pairs: every node's interval is held until it returns.
+        pieces = [(a, b, live[i:i + _CHUNK]) for a in q_slots for b in k_slots if b.part == part
+                  for live in (np.nonzero(a.valid[iq] & b.valid[ik])[0],) for i in range(0, len(live), _CHUNK)]
+        while pieces:
+            batch, total = [], 0
+            while pieces and total + len(pieces[0][2]) <= _CHUNK:
+                batch.append(pieces.pop(0))
+                total += len(batch[-1][2])
             sel = np.concatenate([c[2] for c in batch])
             coords, mods = {}, {}
-            for side, slot_of in (("q", 0), ("k", 1)):
+            for side, slot_of, inv in (("q", 0, iq), ("k", 1, ik)):
+                rows = [inv[c[2]] for c in batch]
                 for ax in batch[0][slot_of].coords:
-                    coords[(side, ax)] = tuple(np.concatenate([c[slot_of].coords[ax][e][c[2]] for c in batch])
+                    coords[(side, ax)] = tuple(np.concatenate([c[slot_of].coords[ax][e][r] for c, r in zip(batch, rows)])
                                                for e in (0, 1))
                 for ax in batch[0][slot_of].mods or ():
-                    mods[(side, ax)] = tuple(np.concatenate([c[slot_of].mods[ax][e][c[2]] for c in batch])
+                    mods[(side, ax)] = tuple(np.concatenate([c[slot_of].mods[ax][e][r] for c, r in zip(batch, rows)])
                                              for e in (0, 1))
             c, p = evaluate_boxes(expr, bound.env, coords, len(sel), lookup=lookup, safe=safe, mods=mods)
             uncertain += np.bincount(sel[~np.broadcast_to(c, sel.shape)], minlength=n)
