@@ -27,7 +27,8 @@ def compile(spec: "str | os.PathLike", backend: str = "triton", tiles: tuple[int
     spec: a path to a .attn file, .attn source text, or a Spec from `attnc.parse`.
     backend: "triton" (generated kernels; Triton's interpreter for CPU tensors) or "reference"
     (dense float evaluation, the oracle). tiles: (BLOCK_M, BLOCK_N). layout: the token order
-    the kernels work in ("auto" or "row_major"); results are row-major whatever it is.
+    the kernels work in ("auto", "row_major", a family such as "boxes", a candidate's name, or a
+    Layout); results are row-major whatever it is.
     params: the spec's parameters.
     """
     return AttentionFn(build(spec, params, backend, tiles, layout))

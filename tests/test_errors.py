@@ -142,6 +142,9 @@ PINNED = {
     "reserved-param-tiles": (
         spec("q, kv = seq(N)", head="attention a(N, tiles = 3) {"),
         1, 16, "parameter name 'tiles' is reserved for attnc.compile", None),
+    "reserved-param-layout": (
+        spec("q, kv = seq(N)", head="attention a(N, layout) {"),
+        1, 16, "parameter name 'layout' is reserved for attnc.compile", None),
     # attnc.compile(spec, ...) could never be given a parameter called `spec`.
     "reserved-param-spec": (
         spec("q, kv = seq(N)", head="attention a(N, spec) {"),

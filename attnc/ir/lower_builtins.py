@@ -10,7 +10,7 @@ from . import nodes as N
 RESERVED_TARGETS = ("q", "kv", "mask", "score", "bias", "route")
 # Keyword arguments of attnc.compile itself (`spec` too: it is positional-or-keyword); a spec
 # parameter may not shadow them.
-COMPILE_OPTIONS = ("spec", "backend", "tiles")
+COMPILE_OPTIONS = ("spec", "backend", "tiles", "layout")
 SPACE_FUNCS = ("seq", "grid")
 SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
 INT_FUNCS = ("abs", "min", "max")
