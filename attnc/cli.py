@@ -150,12 +150,18 @@ def cmd_run(args, extra) -> int:
     if tensors:
         print("tensors   " + ", ".join(f"{n}{list(t.shape)} (random)" for n, t in tensors.items()))
     if compiled.schedule is not None:
-        stats = compiled.schedule.stats()
+        from .backends.triton.host import host_ints
+
+        s = compiled.schedule
+        if not s.exact:  # the mask reads runtime tensors: the tiles of this data
+            s = fn._host.schedule(host_ints(tensors))
+        stats = s.stats()
         print(f"tokens    {b.nq} queries x {b.nk} keys; visible pairs {stats['pairs_visible']} "
               f"(density {stats['density']:.2%})")
-        print(f"tiles     {compiled.schedule.block_m}x{compiled.schedule.block_n}: {stats['tiles_full']} full, "
+        print(f"layout    {compiled.layout.name}")
+        print(f"tiles     {s.block_m}x{s.block_n}: {stats['tiles_full']} full, "
               f"{stats['tiles_partial']} partial, {stats['tiles_empty']} empty of {stats['tiles']} "
-              f"(tile density {stats['tile_density']:.2%})")
+              f"(tile density {stats['tile_density']:.2%}, tile efficiency {stats['tile_efficiency']:.2%})")
         print(f"kernel    {compiled.kernel_path}")
     print(f"compile   {t_compile * 1e3:.1f} ms (parse, analyse, generate or load from cache)")
     t1 = time.perf_counter()
