@@ -75,3 +75,20 @@ def test_huge_sizes_analyse_without_pairs():
     assert per_row.max() == 9 and per_row.min() == 5
     assert s.tiles_full == 16384 * 7 - 2 * (3 + 2 + 1)  # rows 0..2 and the last three lose FULL tiles
     assert s.tiles_partial == 16384 * 2 - 2 * 4  # rows 0..3 and the last four have one PARTIAL tile
+
+
+@pytest.mark.parametrize("mask", [
+    "(q.i * P * P + q.i * P * P) // 2 >= P * P",
+    "(min(q.i, 1) * P * P + min(k.i, 1) * P * P) // 2 >= P * P",
+])
+def test_integers_beyond_two_to_the_62_are_refused(mask):
+    """Values between 2**62 and 2**63 fit int64 but not the analysis' headroom: refused, located,
+    rather than classified from a clamped interval (a review found EMPTY tiles over visible pairs)."""
+    src = f"attention ovf(N, P) {{\n    q, kv = seq(N)\n    mask = {mask}\n}}"
+    with pytest.raises(attnc.AttncError, match=r"beyond \[-2\*\*62, 2\*\*62\]") as info:
+        attnc.compile(src, N=100, P=2**31 - 1)
+    assert info.value.line == 3
+    # Within the bound the same masks are analysed soundly.
+    fn = attnc.compile(src, tiles=(16, 32), N=100, P=2**27)
+    dense = attnc.compile(src, backend="reference", N=100, P=2**27).mask().numpy()
+    conservative_tiles(fn, dense)

@@ -13,9 +13,10 @@ boxes `q.i - k.i`, `abs(q.y - k.y) <= r` and NATTEN windows (monotone in the que
 coordinate) classify exactly. Runtime tensor values are unknown here unless the caller passes
 their ranges (`lookup`), e.g. per-call summaries of document ids.
 
-Integers are int64. check_int64 (ir/intervals.py) refuses specs whose integers can leave int64
-where they are evaluated; inside boxes that a guard rules out, products are clamped to ±2**62
-so that a wrapped value can never make a decided class wrong.
+Integers are int64. check_int64 (ir/intervals.py) refuses specs whose integers can leave ±2**62
+where they are evaluated, so live values always lie within ±2**62; a sum or product whose
+interval leaves that range (only possible at pairs a guard rules out) is clamped to ±2**62,
+which still contains every live value, instead of wrapping.
 """
 from __future__ import annotations
 

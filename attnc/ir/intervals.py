@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 Interval = tuple[int, int]
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
+# Integers the language computes with: within ±2**62, so that tile analysis (analysis/symbolic.py)
+# has headroom to clamp intervals of pairs that a guard rules out without losing live values.
+INT_LIMIT = (-(2**62), 2**62)
 BOOL = (0, 1)
 HEAD_DIM = (1, 1024)  # head_dim in an integer expression: kernels take at most 256
 
@@ -455,9 +458,10 @@ def needs_int64(bound: "Bound") -> bool:
 
 
 def check_int64(bound: "Bound") -> None:
-    """Refuse a binding under which an integer intermediate can leave int64: kernels (INT64)
-    and the numpy evaluator compute in int64 and would wrap silently."""
-    lo, hi = INT64
+    """Refuse a binding under which an integer intermediate can leave ±2**62 where it is
+    evaluated: kernels (INT64) and the numpy evaluator compute in int64 and would wrap silently,
+    and tile analysis clamps at ±2**62 (INT_LIMIT)."""
+    lo, hi = INT_LIMIT
     for part in bound.kv_parts:
         ranges = coord_ranges(bound, part)
 
@@ -478,12 +482,12 @@ def _overflow(bound: "Bound", what: str, x: N.Expr, r: Interval, stack) -> None:
     part = "mask" if what == "the mask" else "bias"
     line = bound.ir.line_of(part)
     where = f" (line {line})" if span is None and line else ""
-    reach = r[1] if r[1] > INT64[1] else r[0]
+    reach = r[1] if r[1] > INT_LIMIT[1] else r[0]
     raise AttncError(f"integer overflow in {what}{where}: `{show(x)}` can reach {reach} for {bound.describe()}, "
-                     f"beyond int64 [-2**63, 2**63 - 1]", span,
-                     hint="integers are exact only within int64; runtime tensor values count as int32"
+                     f"beyond [-2**62, 2**62], the integers attnc computes with (int64, with headroom)", span,
+                     hint="runtime tensor values count as int32"
                      if any(isinstance(n, N.Lookup) for n in N.walk(x)) else
-                     "integers are exact only within int64: reorder or bound the expression")
+                     "reorder or bound the expression")
 
 
 # -- float constants ------------------------------------------------------------------------------
