@@ -11,7 +11,8 @@ from ..errors import AttncError, suggest
 from ..limits import MAX_TOKENS  # kernels decode tokens in int32 (also imported from here)
 from . import nodes as N
 from .evaluate import evaluate_uniform, show, windows
-from .intervals import check_float_constants, check_int64
+from .floats import check_float_constants
+from .intervals import check_int64
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from ..errors import AttncError
 from . import nodes as N
 from .bind import Bound
 from .evaluate import evaluate, evaluate_uniform, modifier_exprs, show
-from .intervals import check_float_constants
+from .floats import check_float_constants
 
 def score_reads_n_visible(score: N.Score) -> bool:
     return any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) for x in N.walk(e))
