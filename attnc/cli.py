@@ -150,7 +150,7 @@ def cmd_run(args, extra) -> int:
     if tensors:
         print("tensors   " + ", ".join(f"{n}{list(t.shape)} (random)" for n, t in tensors.items()))
     if compiled.schedule is not None:
-        from .backends.triton.host import host_ints
+        from .backends.inputs import host_ints
 
         s = compiled.schedule
         if not s.exact:  # the mask reads runtime tensors: the tiles of this data

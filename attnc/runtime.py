@@ -8,7 +8,8 @@ import torch
 
 from .analysis.extents import check_divisors, tensor_extents
 from .analysis.layout import AUTO, Layout, inverse
-from .backends.triton.host import HostState, host_ints
+from .backends.inputs import host_ints
+from .backends.triton.host import HostState
 from .backends.triton.launch import forward
 from .errors import AttncError, suggest
 from .ir import nodes as N

@@ -11,6 +11,7 @@ from ...errors import AttncError
 from ...ir.bind import Bound
 from ...ir.evaluate import mask_block, pair_coords, part_expr, show
 from ...ir.scores import evaluate_torch, row_scores, sink_logits, softcap_value
+from ..inputs import host_ints
 from .routing import routed_mask
 
 
@@ -73,7 +74,7 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
         raise AttncError(f"return_lse needs softmax scoring; this spec scores with {bound.ir.score.kind}")
     check_dense(bound, q.shape[0], q.shape[1], q.element_size())
     tensors = tensors or {}
-    host = {n: t.detach().to(torch.int64).cpu().numpy() for n, t in tensors.items() if not t.dtype.is_floating_point}
+    host = host_ints(tensors)
     if mask is None and bound.ir.route is not None:
         mask = routed_mask(bound, q, k, host)  # [B, Hq, Nq, Nk]: routing depends on the data
     dense = dense_mask(bound, host) if mask is None else mask.cpu().numpy()
@@ -112,10 +113,10 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
         denom = p.sum(dim=-1, keepdim=True)
         if sink is not None:
             denom = denom + torch.exp(sink - m)
-    out = (p @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    safe = torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = (p @ v) / safe
     if not return_lse:
         return out
-    safe = torch.where(denom == 0, torch.ones_like(denom), denom)
     lse = torch.where(denom == 0, torch.full_like(denom, float("-inf")), m + torch.log(safe))
     return out, lse.squeeze(-1)
 

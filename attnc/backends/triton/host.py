@@ -12,17 +12,12 @@ import numpy as np
 import torch
 
 from ...analysis.data import data_schedule
+from ...analysis.layout import inverse
 from ...analysis.tiles import Schedule
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
 
 LOG2E = 1.4426950408889634
-
-
-def host_ints(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The integer runtime tensors as int64 numpy arrays (any integer dtype or bool)."""
-    return {name: t.detach().to(torch.int64).cpu().numpy() for name, t in tensors.items()
-            if not t.dtype.is_floating_point}
 
 
 class HostState:
@@ -33,6 +28,7 @@ class HostState:
         self.c = compiled
         self._lock = threading.Lock()
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._orders: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._scores: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cached(self, cache: dict, key, make):
@@ -51,19 +47,21 @@ class HostState:
         return s if s.exact else data_schedule(s, ints)
 
     def tables(self, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, ...]:
-        """The schedule's CSR lists and the layout's orders on `device` (int32); cached for the
-        compiled schedule, made per call for a per-call one."""
+        """The schedule's CSR lists on `device` (int32): cached for the compiled schedule, made
+        per call for a per-call one."""
         def make():
-            lay = self.c.layout
             s = schedule
-            arrays = (s.full_ptr, s.full_idx, s.part_ptr, s.part_idx, lay.q_perm, lay.kv_perm)
-            out = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device) for a in arrays)
-            # Empty index arrays still need a valid pointer.
-            return tuple(t if t.numel() else torch.zeros(1, dtype=torch.int32, device=device) for t in out)
+            return _on_device((s.full_ptr, s.full_idx, s.part_ptr, s.part_idx), device)
 
         if schedule is not self.c.schedule:
             return make()
         return self._cached(self._tables, device, make)
+
+    def orders(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The layout's q and kv orders and the inverse of the q order on `device` (int32), once."""
+        lay = self.c.layout
+        return self._cached(self._orders, device,
+                            lambda: _on_device((lay.q_perm, lay.kv_perm, inverse(lay.q_perm)), device))
 
     def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 per-position score scale and bias (softmax's scale in base 2 when unmodified)."""
@@ -75,12 +73,17 @@ class HostState:
                 scale = scale * LOG2E  # the kernel's online softmax works in base 2
             return tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
 
-        # Only a score that reads n_visible under a mask that reads runtime data needs this call's
-        # counts; every other score depends on head_dim alone (rows that see nothing output 0
-        # whatever their scale), so it is computed once.
-        if not score_reads_n_visible(ir.score):  # counts matter only through n_visible
+        # Counts matter only through n_visible: any other score depends on head_dim alone (rows
+        # that see nothing output 0 whatever their scale), so it is computed once; one that reads
+        # n_visible uses the compiled schedule's counts, or this call's under runtime data.
+        if not score_reads_n_visible(ir.score):
             return self._cached(self._scores, (head_dim, device), lambda: make(np.ones(self.c.bound.nq, np.int64)))
         if schedule is not self.c.schedule:  # counts under this call's data
             return make(schedule.row_counts)
         return self._cached(self._scores, (head_dim, device), lambda: make(self.c.schedule.row_counts))
 
+
+def _on_device(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
+    out = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device) for a in arrays)
+    # Empty index arrays still need a valid pointer.
+    return tuple(t if t.numel() else torch.zeros(1, dtype=torch.int32, device=device) for t in out)

@@ -14,7 +14,8 @@ from ...ir import nodes as N
 from ...ir.scores import sink_logits, softcap_value
 from ...pipeline import Compiled
 from ...settings import launch_guard
-from .host import HostState, host_ints
+from ..inputs import host_ints
+from .host import HostState
 
 # Element offsets at or beyond this need 64-bit address arithmetic in the kernel.
 ADDR_LIMIT = 2**31
@@ -31,7 +32,8 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     Hkv, Dv = k.shape[1], v.shape[3]
     device = q.device
     s = state.schedule(host_ints(tensors) if not s.exact else {})
-    full_ptr, full_idx, part_ptr, part_idx, q_order, kv_order = state.tables(device, s)
+    full_ptr, full_idx, part_ptr, part_idx = state.tables(device, s)
+    q_order, kv_order, q_inverse = state.orders(device)
     if not lay.q_identity and not kernel_order:
         q = q.index_select(2, q_order)
     if not lay.kv_identity and not kernel_order:
@@ -67,9 +69,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     with launch_guard():  # the interpreter is not reentrant across threads
         c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs)
     if not lay.q_identity and not kernel_order:  # back to row-major: token order[p] is at position p
-        inv = torch.empty_like(q_order)
-        inv[q_order.long()] = torch.arange(Nq, dtype=inv.dtype, device=device)
-        out, stat = out.index_select(2, inv), stat.index_select(2, inv)
+        out, stat = out.index_select(2, q_inverse), stat.index_select(2, q_inverse)
     return out, stat
 
 
