@@ -10,7 +10,7 @@ from .analysis.extents import check_divisors, tensor_extents
 from .analysis.layout import AUTO, Layout, inverse
 from .backends.inputs import host_ints
 from .backends.triton.host import HostState
-from .backends.triton.launch import forward
+from .backends.triton.op import attention as attention_op, register
 from .errors import AttncError, suggest
 from .ir import nodes as N
 from .ir.evaluate import mask_block
@@ -45,6 +45,7 @@ class AttentionFn:
     def __init__(self, compiled: Compiled):
         self.compiled = compiled
         self._host = HostState(compiled) if compiled.backend == "triton" else None
+        self._handle = register(self) if compiled.backend == "triton" else None
         self._extent_cache: dict[int, dict[str, tuple[int, ...]]] = {}
 
     @property
@@ -114,10 +115,12 @@ class AttentionFn:
         results are in the layout's kernel order instead (`fn.layout.q_order[p]` is the token at
         position p): callers that keep tensors in that order across layers pay no permutation.
         Runtime tensors (ids, tables) are always indexed by row-major token."""
-        self._check(q, k, v)
-        tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device)
         if return_lse and self.ir.score.kind != "softmax":
             raise AttncError(f"return_lse needs softmax scoring; this spec scores with {self.ir.score.kind}")
+        traced = torch.compiler.is_compiling()
+        if not traced:  # under torch.compile the op checks, with the real tensors
+            self._check(q, k, v)
+            tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device)
         if self.backend == "reference":
             from .backends.reference import reference_attention
 
@@ -129,11 +132,19 @@ class AttentionFn:
             res = reference_attention(self.compiled.bound, q, k, v, tensors=tensors, return_lse=return_lse)
             order = lay.q_order.to(q.device)
             return tuple(r[:, :, order] for r in res) if return_lse else res[:, :, order]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tensors.values())):
-            raise AttncError("the triton backend has no backward kernel yet",
-                             hint="run under torch.no_grad(), or use backend='reference' for gradients")
-        out, lse = forward(self.compiled, self._host, q, k, v, tensors, kernel_order)
+        # A custom op with a registered backward: gradients flow to q, k, v and float tables.
+        out, lse = attention_op(q, k, v, self._ordered(tensors), self._handle, kernel_order, not traced)
         return (out, lse) if return_lse else out
+
+    def _ordered(self, tensors: dict) -> list[torch.Tensor]:
+        """The runtime tensors in declaration order (the custom op takes a list)."""
+        missing = [t.name for t in self.ir.tensors if t.name not in tensors]
+        if missing:
+            raise AttncError(f"'{self.ir.name}' reads runtime tensor '{missing[0]}'; pass it as {missing[0]}=tensor")
+        return [tensors[t.name] for t in self.ir.tensors]
+
+    def _named(self, tensors: list) -> dict[str, torch.Tensor]:
+        return {decl.name: t for decl, t in zip(self.ir.tensors, tensors, strict=True)}
 
     # -- runtime tensors ------------------------------------------------------------------------
     def _check_tensors(self, given: dict, heads: int | None, device: torch.device | None = None

@@ -24,6 +24,7 @@ import pytest
 
 import attnc
 from attnc.codegen.emit import emit_forward
+from attnc.codegen.emit_bwd import emit_backward
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -49,7 +50,8 @@ def _header(name: str) -> str:
 
 
 def _generate(name: str) -> str:
-    return emit_forward(attnc.parse(SPECS / f"{name}.attn").ir, _header(name))
+    ir = attnc.parse(SPECS / f"{name}.attn").ir
+    return emit_forward(ir, _header(name), emit_backward(ir))
 
 
 def _body(source: str) -> str:

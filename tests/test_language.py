@@ -283,13 +283,6 @@ def test_routing_ties_go_to_the_lower_group():
     assert seen[31, :8].all() and not seen[31, 8:24].any() and seen[31, 24:].all()  # block 0 + own block 3
 
 
-def test_triton_refuses_a_table_that_wants_gradients():
-    fn = attnc.compile(SPECS / "swin_bias.attn", H=7, W=7)
-    q = k = v = torch.zeros(1, 2, 49, 16)
-    with pytest.raises(AttncError, match="no backward kernel"):
-        fn(q, k, v, rel_bias=torch.zeros(13, 13, requires_grad=True))
-
-
 # -- regressions found in review ---------------------------------------------------------------------
 def _both(spec, params, tensors, heads=2, n=None):
     fn = attnc.compile(spec, tiles=(16, 16), **params)

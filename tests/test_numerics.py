@@ -94,8 +94,8 @@ def test_bind_names_what_is_missing_or_extra():
 def test_the_launcher_is_checked_against_the_abi(monkeypatch):
     """An argument the ABI gains but the launcher does not supply fails by name, before launch."""
     fn = attnc.compile("specs/causal.attn", tiles=(16, 16), N=20)
-    described = abi.forward_args
-    monkeypatch.setattr(abi, "forward_args", lambda ir: described(ir) + (abi.Arg("NEW", abi.INT, "test", "x"),))
+    described = abi.kernel_args
+    monkeypatch.setattr(abi, "kernel_args", lambda ir, kernel="fwd": described(ir, kernel) + (abi.Arg("NEW", abi.INT, "test", "x"),))
     with pytest.raises(abi.AbiError, match="no value for kernel argument.* NEW"):
         with torch.no_grad():
             fn(*_qkv(20, 20))

@@ -88,6 +88,13 @@ class Schedule:
         whole; PARTIAL tiles are evaluated pair by pair (work proportional to them)."""
         return _row_counts(self)
 
+    @functools.cached_property
+    def transposed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The schedule per kv tile, for the dK/dV kernel: (full_ptr, full_idx, part_ptr, part_idx)
+        with the q tiles that visit each kv tile, ascending (CSR). O(tiles kept)."""
+        return (*_transpose(self.full_ptr, self.full_idx, self.kv_tiles),
+                *_transpose(self.part_ptr, self.part_idx, self.kv_tiles))
+
     def stats(self) -> dict[str, float]:
         total = self.q_tiles * self.kv_tiles
         full, part = self.tiles_full, self.tiles_partial
@@ -103,6 +110,13 @@ class Schedule:
             # Of the score entries the kernel computes, the share that is actually visible.
             "tile_efficiency": visible / max(1, (full + part) * self.block_m * self.block_n),
         }
+
+
+def _transpose(ptr: np.ndarray, idx: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.repeat(np.arange(len(ptr) - 1, dtype=np.int64), np.diff(ptr))
+    order = np.argsort(idx, kind="stable")  # stable: the q tiles of a kv tile stay ascending
+    counts = np.bincount(idx, minlength=columns) if len(idx) else np.zeros(columns, np.int64)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), rows[order]
 
 
 def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = None,

@@ -1,7 +1,7 @@
-"""The forward kernel's arguments, described once.
+"""The kernels' arguments (forward, dQ and dK/dV), described once.
 
-The emitter writes the kernel signature (and the per-pair functions' signatures) from
-`forward_args`; the launcher passes every value by name through `bind`, which checks the dict
+The emitter writes each kernel's signature (and the per-pair functions' signatures) from
+`kernel_args`; the launcher passes every value by name through `bind`, which checks the dict
 against the same list. Adding, removing or reordering an argument is therefore one edit here,
 and a launcher that forgets a value fails with a message naming it instead of shifting every
 later positional argument.
@@ -34,7 +34,8 @@ class Arg:
 
 
 # Stride arguments: stride_{side}{dim} for q, k, v and out, in their dimension order.
-_STRIDES = {"q": ("q", "bhmd"), "k": ("k", "bhnd"), "v": ("v", "bhnd"), "o": ("out", "bhmd")}
+_STRIDES = {"q": ("q", "bhmd"), "k": ("k", "bhnd"), "v": ("v", "bhnd"), "o": ("out", "bhmd"),
+            "do": ("dout", "bhmd"), "dq": ("dq", "bhmd"), "dk": ("dk", "bhnd"), "dv": ("dv", "bhnd")}
 
 
 def param_name(name: str) -> str:
@@ -83,25 +84,70 @@ def table_values(ir: N.Attention, tensors: dict) -> dict:
     return out
 
 
+KERNELS = ("fwd", "dq", "dkdv")
+
+
+def grad_tables(ir: N.Attention) -> list[int]:
+    """Numbers of the float runtime tensors the logit bias reads: the dQ kernel accumulates their
+    gradients (a sink's gradient is computed on the host from the row statistics)."""
+    if ir.score.logit_bias is None:
+        return []
+    read = {x.tensor for x in N.walk(ir.score.logit_bias, expand_windows=True)
+            if isinstance(x, N.Lookup) and x.type == N.FLOAT}
+    return [n for n, t in enumerate(ir.tensors) if t.name in read]
+
+
+def _data(ir: N.Attention, kernel: str) -> list[Arg]:
+    q, k, v = (Arg("Q", PTR, "q in kernel order [B, Hq, Nq, D]", "data"),
+               Arg("K", PTR, "k in kernel order [B, Hkv, Nk, D]", "data"),
+               Arg("V", PTR, "v in kernel order [B, Hkv, Nk, Dv]", "data"))
+    stat = Arg("Stat", PTR, "row statistic [B, Hq, Nq] float32, contiguous", "data")
+    if kernel == "fwd":
+        return [q, k, v, Arg("Out", PTR, "output [B, Hq, Nq, Dv], q's dtype", "data"), stat]
+    back = [Arg("DO", PTR, "gradient of the output [B, Hq, Nq, Dv], kernel order", "data"), stat,
+            Arg("Delta", PTR, "rowsum(dO * O) [B, Hq, Nq] float32, contiguous (minus the lse's gradient)", "data")]
+    if kernel == "dkdv":
+        return [q, k, v, *back, Arg("DK", PTR, "dk [B, Hkv, Nk, D]", "data"),
+                Arg("DV", PTR, "dv [B, Hkv, Nk, Dv]", "data")]
+    grads = []
+    for n in grad_tables(ir):
+        grads += [Arg(table_name(n, "grad"), PTR, f"float32 [programs, numel of table {n}]: each dQ program's "
+                      "own partial gradient of the table", f"gradient {n}"),
+                  Arg(table_name(n, "gstride"), INT, f"numel of table {n}", f"gradient {n}")]
+    return [q, k, v, *back, Arg("DQ", PTR, "dq [B, Hq, Nq, D]", "data"), *grads]
+
+
+def _schedule(kernel: str) -> list[Arg]:
+    t, whom = ("_T", "per kv tile (schedule.transposed)") if kernel == "dkdv" else ("", "per q tile")
+    return [
+        Arg(f"FULL{t}_PTR", PTR, f"FULL tiles {whom}: CSR offsets, int32", "schedule"),
+        Arg(f"FULL{t}_IDX", PTR, f"FULL tiles {whom}: tile indices, int32", "schedule"),
+        Arg(f"PART{t}_PTR", PTR, f"PARTIAL tiles {whom}: CSR offsets, int32", "schedule"),
+        Arg(f"PART{t}_IDX", PTR, f"PARTIAL tiles {whom}: tile indices, int32", "schedule"),
+        Arg("Q_ORDER", PTR, "layout.q_perm, int32: kernel position -> row-major token", "schedule"),
+        Arg("KV_ORDER", PTR, "layout.kv_perm, int32", "schedule"),
+    ]
+
+
+_STRIDED = {"fwd": ("q", "k", "v", "o"), "dq": ("q", "k", "v", "do", "dq"), "dkdv": ("q", "k", "v", "do", "dk", "dv")}
+
+
 def forward_args(ir: N.Attention) -> tuple[Arg, ...]:
     """Every argument of `attnc_fwd`, in signature order."""
+    return kernel_args(ir, "fwd")
+
+
+def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
+    """Every argument of one kernel (`fwd`, `dq` or `dkdv`), in signature order. The three share
+    everything but their data pointers, the schedule's direction and the strides."""
     args = [
-        Arg("Q", PTR, "q in kernel order [B, Hq, Nq, D]", "data"),
-        Arg("K", PTR, "k in kernel order [B, Hkv, Nk, D]", "data"),
-        Arg("V", PTR, "v in kernel order [B, Hkv, Nk, Dv]", "data"),
-        Arg("Out", PTR, "output [B, Hq, Nq, Dv], q's dtype", "data"),
-        Arg("Stat", PTR, "row statistic [B, Hq, Nq] float32, contiguous", "data"),
+        *_data(ir, kernel),
         Arg("ROW_SCALE", PTR, "float32 [Nq] score scale per kernel position", "rows"),
         Arg("ROW_BIAS", PTR, "float32 [Nq] score bias per kernel position", "rows"),
         Arg("SINK", PTR, "float32 [Hq] sink logits (a dummy without a sink)", "rows"),
         Arg("softcap", FLOAT, "the soft-cap value (0.0 without one)", "rows"),
-        Arg("FULL_PTR", PTR, "schedule.full_ptr, int32", "schedule"),
-        Arg("FULL_IDX", PTR, "schedule.full_idx, int32", "schedule"),
-        Arg("PART_PTR", PTR, "schedule.part_ptr, int32", "schedule"),
-        Arg("PART_IDX", PTR, "schedule.part_idx, int32", "schedule"),
-        Arg("Q_ORDER", PTR, "layout.q_perm, int32: kernel position -> row-major token", "schedule"),
-        Arg("KV_ORDER", PTR, "layout.kv_perm, int32", "schedule"),
-        *_strides("q"), *_strides("k"), *_strides("v"), *_strides("o"),
+        *_schedule(kernel),
+        *(a for side in _STRIDED[kernel] for a in _strides(side)),
         Arg("n_heads", INT, "Hq", "sizes"),
         Arg("kv_group", INT, "Hq // Hkv", "sizes"),
         Arg("Nq", INT, "queries (bound.nq)", "sizes"),
@@ -139,11 +185,11 @@ def forward_args(ir: N.Attention) -> tuple[Arg, ...]:
     return tuple(args)
 
 
-def signature(ir: N.Attention, indent: str = "    ") -> list[str]:
+def signature(ir: N.Attention, indent: str = "    ", kernel: str = "fwd") -> list[str]:
     """Lines of the kernel's parameter list: one line per group, constexprs annotated."""
     lines: list[list[str]] = []
     group = None
-    for a in forward_args(ir):
+    for a in kernel_args(ir, kernel):
         if a.group != group:
             lines.append([])
             group = a.group
@@ -163,10 +209,10 @@ def pair_call_args(ir: N.Attention) -> list[str]:
     return ["h"] + [a.name for a in forward_args(ir) if a.pair]
 
 
-def bind(ir: N.Attention, values: dict) -> dict:
+def bind(ir: N.Attention, values: dict, kernel: str = "fwd") -> dict:
     """The launch's keyword arguments, checked against the ABI: every argument present, nothing
     else, ints for ints and constexprs never None."""
-    args = forward_args(ir)
+    args = kernel_args(ir, kernel)
     missing = [a for a in args if a.name not in values]
     if missing:
         raise AbiError("the launcher gives no value for kernel argument(s) " +

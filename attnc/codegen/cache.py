@@ -31,9 +31,10 @@ from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.printer import digest
 from .emit import emit_forward
+from .emit_bwd import emit_backward
 
 # Bump when the emitted code changes shape (the key covers the source anyway).
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"
 _CHECK = "# attnc-checksum: "
 _NAME_CHARS = 40  # of the spec name kept in file names (NAME_MAX is 255 bytes; the key follows)
 _HINT = "set ATTNC_CACHE_DIR to a writable directory of your own"
@@ -57,7 +58,7 @@ def render(ir: N.Attention) -> str:
         f"# IR sha256: {digest(ir)}",
         "# Regenerate with `attnc explain`; edits here are overwritten.",
     ])
-    return emit_forward(ir, header)
+    return emit_forward(ir, header, emit_backward(ir))
 
 
 def cache_key(source: str) -> str:

@@ -60,22 +60,7 @@ class _Emitter:
         if isinstance(e, N.Head):
             return "h"
         if isinstance(e, N.Lookup):
-            n = [t.name for t in self.ir.tensors].index(e.tensor)
-            # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
-            # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
-            # scalar and tile conditions.
-            idx = []
-            for i in e.indices:
-                if _varies_per_pair(i):
-                    idx.append(self.emit(i))
-                else:
-                    idx.append(self.temp(f"{self.emit(i)} + tile0"))
-                    self.uses_tile0 = True
-            size, stride = (lambda d: abi.table_name(n, f"n{d}")), (lambda d: abi.table_name(n, f"s{d}"))
-            offset = " + ".join(f"{i} * {stride(d)}" for d, i in enumerate(idx))
-            if self.ir.tensors[n].per_head:
-                offset += f" + h * {abi.table_name(n, 'hs')}"
-            inside = " & ".join(f"({i} >= 0) & ({i} < {size(d)})" for d, i in enumerate(idx))
+            n, offset, inside = self.lookup_offset(e)
             other = "0.0" if e.type == N.FLOAT else "0"
             # Padding rows and columns of a tile may index past the tensor: those loads are masked.
             # Offsets are int64 when INT64 is set (the launcher sets it for tables of 2**31 elements).
@@ -88,6 +73,26 @@ class _Emitter:
             self.lines.append(f"{self.indent}# {format_expr(e)}{where}")
             return self.temp(self.emit_inline(e.expand()))
         return self.temp(self.emit_inline(e))
+
+    def lookup_offset(self, e: N.Lookup) -> tuple[int, str, str]:
+        """(tensor number, element offset, in-bounds condition) of a runtime tensor read."""
+        n = [t.name for t in self.ir.tensors].index(e.tensor)
+        # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
+        # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
+        # scalar and tile conditions.
+        idx = []
+        for i in e.indices:
+            if _varies_per_pair(i):
+                idx.append(self.emit(i))
+            else:
+                idx.append(self.temp(f"{self.emit(i)} + tile0"))
+                self.uses_tile0 = True
+        size, stride = (lambda d: abi.table_name(n, f"n{d}")), (lambda d: abi.table_name(n, f"s{d}"))
+        offset = " + ".join(f"{i} * {stride(d)}" for d, i in enumerate(idx))
+        if self.ir.tensors[n].per_head:
+            offset += f" + h * {abi.table_name(n, 'hs')}"
+        inside = " & ".join(f"({i} >= 0) & ({i} < {size(d)})" for d, i in enumerate(idx))
+        return n, offset, inside
 
     def emit_inline(self, e: N.Expr) -> str:
         if isinstance(e, N.Unary):
@@ -155,26 +160,31 @@ def _coords_used(e: N.Expr) -> set[tuple[str, str]]:
     return {(x.side, x.axis) for x in N.walk(e, expand_windows=True) if isinstance(x, N.Coord)}
 
 
-def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> list[str]:
+def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produce=None,
+                       emitter=None) -> list[str]:
     """A @triton.jit function of one (query, key) tile pair ([M, 1] and [1, N] flat indices):
-    the mask (`visible`) or the logit bias. On a segmented key space each segment gets its own
-    decoded coordinates and its specialised expression, selected by the key's flat index."""
+    the mask (`visible`), the logit bias, or (with `produce`, which returns the codes of several
+    outputs from an emitter and the expression) values derived from the bias, such as its
+    gradient. On a segmented key space each segment gets its own decoded coordinates and its
+    specialised expression, selected by the key's flat index."""
+    emitter = emitter or _Emitter
     head = [
         "@triton.jit",
         f"def {name}({', '.join(['q_i', 'k_i'] + abi.pair_params(ir))}):",
         f'    """{doc} = {format_expr(expr)}',
         "",
-        f"    spec line {ir.line_of({'visible': 'mask', 'logit_bias': 'bias'}[name]) or '-'}; "
+        f"    spec line {ir.line_of('mask' if expr is ir.mask else 'bias') or '-'}; "
         f"q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
         '    """',
         "    if INT64:  # widen every integer input, so that no intermediate can wrap",
         *(f"        {a} = tl.cast({a}, tl.int64)" for a in ["h"] + int_params(ir) + ["head_dim"]),
     ]
-    is_bool = expr.type == N.BOOL
+    is_bool = expr.type == N.BOOL and produce is None
     if isinstance(expr, N.Const) and is_bool:
         # Constant masks still return a tile so callers can combine it with bounds checks.
         return head + [f"    return k_i {'>=' if expr.value else '<'} 0"]
-    top = _Emitter(ir)
+    produce = produce or (lambda em, sub: [em.emit(sub)])
+    top = emitter(ir)
     q_used = {a for s, a in _coords_used(expr) if s == "q"}
     body = _decode(ir.q, "q", q_used, top)
     parts = N.parts(ir.kv)
@@ -186,7 +196,7 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> li
     for j, (seg, space) in enumerate(parts):
         sub = N.specialise(expr, seg)
         key = "k" if seg is None else f"k{j}"
-        em = _Emitter(ir, key=key, count=count)
+        em = emitter(ir, key=key, count=count)
         em.memo = dict(top.memo)
         if seg is not None:
             offset, size = bounds[j]
@@ -194,21 +204,25 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str) -> li
             em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
             em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
         em.lines += _decode(space, key, {a for s, a in _coords_used(sub) if s == "k"}, em)
-        results.append((j, em.emit(sub)))
+        results.append((j, produce(em, sub)))
         body += em.lines
         count = em.count
         uses_tile0 = uses_tile0 or em.uses_tile0
     sizes = top.lines + (["    tile0 = (q_i + k_i) * 0  # broadcasts tile-invariant indices"] if uses_tile0 else [])
-    if len(parts) == 1:
-        result = results[0][1]
-    elif is_bool:
-        result = " | ".join(f"in{j}" if r == "True" else f"(in{j} & {r})" for j, r in results if r != "False")
-        result = result or "k_i < 0"
-    else:
-        result = "0.0"
-        for j, r in reversed(results):
-            result = f"tl.where(in{j}, {r}, {result})"
-    return head + sizes + body + [f"    return {result}"]
+    outputs = []
+    for o in range(len(results[0][1])):
+        if len(parts) == 1:
+            result = results[0][1][o]
+        elif is_bool:
+            result = " | ".join(f"in{j}" if r[o] == "True" else f"(in{j} & {r[o]})" for j, r in results
+                                if r[o] != "False")
+            result = result or "k_i < 0"
+        else:
+            result = "0.0"
+            for j, r in reversed(results):
+                result = f"tl.where(in{j}, {r[o]}, {result})"
+        outputs.append(result)
+    return head + sizes + body + [f"    return {', '.join(outputs)}"]
 
 
 def emit_visible(ir: N.Attention) -> list[str]:
@@ -474,12 +488,13 @@ def emit_kernel(ir: N.Attention) -> list[str]:
     ]
 
 
-def emit_forward(ir: N.Attention, header: str) -> str:
+def emit_forward(ir: N.Attention, header: str, backward: list[list[str]] = ()) -> str:
     """Complete module source: header comment, helpers, the mask predicate, the logit bias (when
-    the spec has one) and the kernel."""
+    the spec has one), the forward kernel, then the `backward` parts (codegen/emit_bwd.py)."""
     parts = [header.strip("\n").splitlines(), ["import triton", "import triton.language as tl"],
              _prelude(ir.score), emit_visible(ir)]
     if ir.score.logit_bias is not None:
         parts.append(emit_pair_function(ir, "logit_bias", ir.score.logit_bias, "bias"))
     parts.append(emit_kernel(ir))
+    parts += backward
     return "\n\n\n".join("\n".join(p) for p in parts) + "\n"

@@ -98,20 +98,27 @@ def evaluate_torch(e: N.Expr, bound: Bound, coords, tensors, head_dim: int, like
 
 
 
-def sink_logits(bound: Bound, heads: int, tensors, head_dim: int, like):
-    """Per-head sink logits [heads] (None when the score has no sink)."""
-    import torch
-
+def sink_logits(bound: Bound, heads: int, tensors, head_dim: int, like, check: bool = True):
+    """Per-head sink logits [heads] (None when the score has no sink), differentiable with
+    respect to the tables the sink reads; `check=False` leaves `check_sink` to the caller."""
     e = bound.ir.score.sink
     if e is None:
         return None
     coords = {("q", "head"): np.arange(heads)}
     sink = evaluate_torch(e, bound, coords, tensors, head_dim, like).expand(heads)
+    if check:
+        check_sink(bound, sink)
+    return sink
+
+
+def check_sink(bound: Bound, sink) -> None:
+    import torch
+
+    e = bound.ir.score.sink
     # Kernels hold sink * log2(e) in float32; -inf (no sink) is fine, nan never is.
     bad = torch.isnan(sink) | ((sink.abs() > 1e30) & (sink != float("-inf")))
     if bad.any():
         raise AttncError(f"the sink logit `{show(e)}` is {sink[bad][0].item()} for head "
                          f"{int(bad.nonzero()[0])}; it must lie within ±1e30 (or be -inf)")
-    return sink
 
 

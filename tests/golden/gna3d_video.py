@@ -207,3 +207,210 @@ def attnc_fwd(
     tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Stat + bh.to(tl.int64) * Nq + offs_m, stat, mask=offs_m < Nq)
+
+
+@triton.jit
+def attnc_bwd_dq(
+    Q, K, V, DO, Stat, Delta, DQ,
+    ROW_SCALE, ROW_BIAS, SINK, softcap,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_heads, kv_group, Nq, Nk, head_dim,
+    p_T, p_H, p_W,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+):
+    """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
+
+    Score: softmax(scale = 1.0 / sqrt(head_dim)).
+    """
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    h_kv = h // kv_group
+    b64, h64, h_kv64, bh64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64), bh.to(tl.int64)
+    Q_base = Q + b64 * stride_qb + h64 * stride_qh
+    K_base = K + b64 * stride_kb + h_kv64 * stride_kh
+    V_base = V + b64 * stride_vb + h_kv64 * stride_vh
+    DO_base = DO + b64 * stride_dob + h64 * stride_doh
+    DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh
+    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if ADDR64:
+        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if ADDR64:
+        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
+    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    q_i = offs_m[:, None]
+    if Q_PERMUTED:
+        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        q_i = q_i.to(tl.int64)
+    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+    stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+    stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+    delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # FULL tiles: no mask, no bounds checks.
+    for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
+        offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        k_i = offs_n[None, :]
+        if KV_PERMUTED:
+            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            k_i = k_i.to(tl.int64)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        p = tl.exp(s - stat_safe[:, None])
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+
+    # PARTIAL tiles: the mask per element.
+    for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
+        offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        k_i = offs_n[None, :]
+        if KV_PERMUTED:
+            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            k_i = k_i.to(tl.int64)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+
+    tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def attnc_bwd_dkdv(
+    Q, K, V, DO, Stat, Delta, DK, DV,
+    ROW_SCALE, ROW_BIAS, SINK, softcap,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n_heads, kv_group, Nq, Nk, head_dim,
+    p_T, p_H, p_W,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+):
+    """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
+    query heads of the group in order (deterministic grouped-query gradients).
+
+    Score: softmax(scale = 1.0 / sqrt(head_dim)).
+    """
+    kv_tile = tl.program_id(0)
+    bhk = tl.program_id(1)
+    n_kv = n_heads // kv_group
+    b = bhk // n_kv
+    h_kv = bhk % n_kv
+    b64, h_kv64 = b.to(tl.int64), h_kv.to(tl.int64)
+    K_base = K + b64 * stride_kb + h_kv64 * stride_kh
+    V_base = V + b64 * stride_vb + h_kv64 * stride_vh
+    offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    if ADDR64:
+        offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if ADDR64:
+        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
+    k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    k_i = offs_n[None, :]
+    if KV_PERMUTED:
+        k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        k_i = k_i.to(tl.int64)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(0, kv_group):
+        h = h_kv * kv_group + g
+        h64 = h.to(tl.int64)
+        bh64 = b64 * n_heads + h64
+        Q_base = Q + b64 * stride_qb + h64 * stride_qh
+        DO_base = DO + b64 * stride_dob + h64 * stride_doh
+        # FULL tiles: no mask.
+        for t in range(tl.load(FULL_T_PTR + kv_tile), tl.load(FULL_T_PTR + kv_tile + 1)):
+            offs_m = tl.load(FULL_T_IDX + t) * BLOCK_M + offs_m0
+            q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            q_i = offs_m[:, None]
+            if Q_PERMUTED:
+                q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                q_i = q_i.to(tl.int64)
+            row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+            stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+            # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+            stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+            delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            p = tl.exp(s - stat_safe[:, None])
+            ds = p * (dp - delta[:, None])
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+        # PARTIAL tiles: the mask per element.
+        for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
+            offs_m = tl.load(PART_T_IDX + t) * BLOCK_M + offs_m0
+            q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            q_i = offs_m[:, None]
+            if Q_PERMUTED:
+                q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                q_i = q_i.to(tl.int64)
+            row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+            stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+            # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+            stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+            delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64)
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+
+    DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
+    DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh
+    tl.store(DK_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V))

@@ -29,7 +29,8 @@ class HostState:
         self._lock = threading.Lock()
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._orders: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._scores: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._transposed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cached(self, cache: dict, key, make):
         with self._lock:
@@ -58,18 +59,29 @@ class HostState:
         return self._cached(self._tables, device, make)
 
     def orders(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The layout's q and kv orders and the inverse of the q order on `device` (int32), once."""
+        """The layout's q and kv orders and their inverses on `device` (int32), once."""
         lay = self.c.layout
-        return self._cached(self._orders, device,
-                            lambda: _on_device((lay.q_perm, lay.kv_perm, inverse(lay.q_perm)), device))
+        return self._cached(self._orders, device, lambda: _on_device(
+            (lay.q_perm, lay.kv_perm, inverse(lay.q_perm), inverse(lay.kv_perm)), device))
 
-    def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 per-position score scale and bias (softmax's scale in base 2 when unmodified)."""
+    def transposed(self, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, ...]:
+        """The schedule per kv tile (for dK/dV) on `device`, like `tables`."""
+        def make():
+            return _on_device(schedule.transposed, device)
+
+        if schedule is not self.c.schedule:
+            return make()
+        return self._cached(self._transposed, device, make)
+
+    def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule, natural: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 per-position score scale and bias (softmax's scale in base 2 when unmodified,
+        for the forward kernel; `natural` for the backward kernels, which work in natural units)."""
         ir = self.c.spec.ir
 
         def make(counts):
             scale, bias = row_scores(self.c.bound, head_dim, counts)
-            if ir.score.kind == "softmax" and not ir.score.modified:
+            if ir.score.kind == "softmax" and not ir.score.modified and not natural:
                 scale = scale * LOG2E  # the kernel's online softmax works in base 2
             return tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
 
@@ -77,10 +89,11 @@ class HostState:
         # that see nothing output 0 whatever their scale), so it is computed once; one that reads
         # n_visible uses the compiled schedule's counts, or this call's under runtime data.
         if not score_reads_n_visible(ir.score):
-            return self._cached(self._scores, (head_dim, device), lambda: make(np.ones(self.c.bound.nq, np.int64)))
+            return self._cached(self._scores, (head_dim, device, natural),
+                                lambda: make(np.ones(self.c.bound.nq, np.int64)))
         if schedule is not self.c.schedule:  # counts under this call's data
             return make(schedule.row_counts)
-        return self._cached(self._scores, (head_dim, device), lambda: make(self.c.schedule.row_counts))
+        return self._cached(self._scores, (head_dim, device, natural), lambda: make(self.c.schedule.row_counts))
 
 
 def _on_device(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:

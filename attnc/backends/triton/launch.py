@@ -1,4 +1,5 @@
-"""Launch of the generated forward kernel: permute into kernel order, launch, permute back.
+"""Launch of the generated forward kernel: permute into kernel order, launch, permute back;
+and the arguments all kernels share (backward.py launches the backward ones).
 
 Every kernel argument is passed by name through `codegen.abi.bind`, which checks the values
 against the one description the emitter wrote the signature from.
@@ -12,6 +13,7 @@ import torch
 from ...codegen import abi
 from ...ir import nodes as N
 from ...ir.scores import sink_logits, softcap_value
+from ...analysis.tiles import Schedule
 from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
@@ -21,37 +23,24 @@ from .host import HostState
 ADDR_LIMIT = 2**31
 
 
-def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Tensor], kernel_order: bool = False):
-    """out [B, Hq, Nq, Dv] and the per-row statistic [B, Hq, Nq] (float32), row-major tokens, or
-    with kernel_order=True, tokens in the layout's kernel order in and out (no permutation).
-
-    The statistic (the kernel's Stat) is the logsumexp for softmax, log(sum softplus) for
-    softplus (both -inf for a row that sees no key), and the row sum of weights for sigmoid."""
-    s, lay, ir = c.schedule, c.layout, c.spec.ir
+def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: dict[str, torch.Tensor],
+                  sink, natural: bool = False) -> dict:
+    """The arguments every kernel shares: row vectors, sizes, parameters, runtime tensors and
+    constexprs (q, k, v in kernel order; `sink`: the sink logits [Hq], checked, or None;
+    `natural`: the backward kernels' unscaled row scale)."""
+    ir, lay = c.spec.ir, c.layout
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     device = q.device
-    s = state.schedule(host_ints(tensors) if not s.exact else {})
-    full_ptr, full_idx, part_ptr, part_idx = state.tables(device, s)
-    q_order, kv_order, q_inverse = state.orders(device)
-    if not lay.q_identity and not kernel_order:
-        q = q.index_select(2, q_order)
-    if not lay.kv_identity and not kernel_order:
-        k, v = k.index_select(2, kv_order), v.index_select(2, kv_order)
-    out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype, device=device)
-    stat = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device)
-    scale, bias = state.row_scores(D, device, s)
+    q_order, kv_order = state.orders(device)[:2]
+    scale, bias = state.row_scores(D, device, s, natural)
     f32 = torch.empty(0, dtype=torch.float32, device=device)
-    sink = sink_logits(c.bound, Hq, tensors, D, f32)
-    sink = f32.new_zeros(1) if sink is None else sink.to(torch.float32).contiguous()
+    sink = f32.new_zeros(1) if sink is None else sink.detach().to(torch.float32).contiguous()
     tables = {decl.name: _table(decl, tensors[decl.name]) for decl in ir.tensors}
-    values = {
-        "Q": q, "K": k, "V": v, "Out": out, "Stat": stat,
+    return {
         "ROW_SCALE": scale, "ROW_BIAS": bias, "SINK": sink, "softcap": softcap_value(c.bound, D) or 0.0,
-        "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx,
         "Q_ORDER": q_order, "KV_ORDER": kv_order,
         **abi.stride_values("q", q), **abi.stride_values("k", k), **abi.stride_values("v", v),
-        **abi.stride_values("o", out),
         "n_heads": Hq, "kv_group": Hq // Hkv, "Nq": Nq, "Nk": int(s.nk), "head_dim": D,
         **{abi.param_name(p.name): (int if p.type == N.INT else float)(c.bound.env[p.name]) for p in abi.kernel_params(ir)},
         **abi.table_values(ir, tables),
@@ -62,13 +51,49 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         "INT64": bool(c.int64) or any(_extent(t) >= ADDR_LIMIT for t in tables.values()),
         # The kernel adds each (batch, head) slice's base in int64; offsets inside a slice need
         # int64 only for huge slices (or strided views spanning a huge storage).
-        "ADDR64": any(_extent(t, dims=(2, 3)) >= ADDR_LIMIT for t in (q, k, v, out)),
+        "ADDR64": any(_extent(t, dims=(2, 3)) >= ADDR_LIMIT for t in (q, k, v)),
         "Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity,
     }
+
+
+def to_kernel_order(state: HostState, lay, q, k, v, device):
+    """q, k, v permuted from row-major into the layout's kernel order (unchanged where the
+    layout keeps a side's order)."""
+    q_order, kv_order = state.orders(device)[:2]
+    if not lay.q_identity:
+        q = q.index_select(2, q_order)
+    if not lay.kv_identity:
+        k, v = k.index_select(2, kv_order), v.index_select(2, kv_order)
+    return q, k, v
+
+
+def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Tensor], kernel_order: bool = False):
+    """out [B, Hq, Nq, Dv] and the per-row statistic [B, Hq, Nq] (float32), row-major tokens, or
+    with kernel_order=True, tokens in the layout's kernel order in and out (no permutation).
+
+    The statistic (the kernel's Stat) is the logsumexp for softmax, log(sum softplus) for
+    softplus (both -inf for a row that sees no key), and the row sum of weights for sigmoid."""
+    s, lay, ir = c.schedule, c.layout, c.spec.ir
+    sink = sink_logits(c.bound, q.shape[1], tensors, q.shape[3], q.new_empty(0, dtype=torch.float32))
+    B, Hq, Nq, _ = q.shape
+    device = q.device
+    s = state.schedule(host_ints(tensors) if not s.exact else {})
+    full_ptr, full_idx, part_ptr, part_idx = state.tables(device, s)
+    if not kernel_order:
+        q, k, v = to_kernel_order(state, lay, q, k, v, device)
+    out = torch.empty((B, Hq, Nq, v.shape[3]), dtype=q.dtype, device=device)
+    stat = torch.empty((B, Hq, Nq), dtype=torch.float32, device=device)
+    values = {
+        **common_values(c, state, s, q, k, v, tensors, sink),
+        "Q": q, "K": k, "V": v, "Out": out, "Stat": stat, **abi.stride_values("o", out),
+        "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx,
+    }
+    values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
     kwargs = abi.bind(ir, values)
     with launch_guard():  # the interpreter is not reentrant across threads
         c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs)
     if not lay.q_identity and not kernel_order:  # back to row-major: token order[p] is at position p
+        q_inverse = state.orders(device)[2]
         out, stat = out.index_select(2, q_inverse), stat.index_select(2, q_inverse)
     return out, stat
 

@@ -1,0 +1,111 @@
+"""Launch of the generated backward kernels (codegen/emit_bwd.py), and the gradients computed on
+the host from per-row quantities: Delta = rowsum(dO * O), and the sink logits' gradient.
+
+Every gradient is deterministic: the kernels use no atomics, the bias tables' per-program
+partial gradients are summed by torch in a fixed order, and so are the sinks'.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import limits
+from ...codegen import abi
+from ...ir import nodes as N
+from ...ir.scores import sink_logits
+from ...pipeline import Compiled
+from ...settings import launch_guard
+from ..inputs import host_ints
+from .host import HostState
+from .launch import ADDR_LIMIT, _extent, common_values, to_kernel_order
+
+# The bias tables' partial gradients, one row per dQ program, are refused beyond this.
+MAX_TABLE_GRAD_BYTES = 4 << 30
+
+
+def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
+             kernel_order: bool = False):
+    """(dq, dk, dv, {float tensor: gradient}), from the forward's inputs and results (row-major,
+    or kernel order with kernel_order=True) and the gradients of its outputs: dout, and dstat,
+    the gradient of the logsumexp (softmax only; None for none)."""
+    ir, lay = c.spec.ir, c.layout
+    B, Hq, Nq, D = q.shape
+    Hkv = k.shape[1]
+    device = q.device
+    sink = sink_logits(c.bound, Hq, tensors, D, q.new_empty(0, dtype=torch.float32))
+    s = state.schedule(host_ints(tensors) if not c.schedule.exact else {})
+    if not kernel_order:
+        q, k, v = to_kernel_order(state, lay, q, k, v, device)
+        if not lay.q_identity:
+            q_order = state.orders(device)[0]
+            out, dout, stat = (x.index_select(2, q_order) for x in (out, dout, stat))
+            dstat = None if dstat is None else dstat.index_select(2, q_order)
+    stat = stat.to(torch.float32).contiguous()
+    # rowsum(dO * O) - d lse: the softmax (and softplus) row term of d loss / d logit.
+    delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1)
+    if dstat is not None and ir.score.kind == "softmax":
+        delta = delta - dstat.to(torch.float32)
+    delta = delta.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    shared = {**common_values(c, state, s, q, k, v, tensors, sink, natural=True),
+              "DO": dout, "Stat": stat, "Delta": delta, **abi.stride_values("do", dout)}
+    shared["ADDR64"] = shared["ADDR64"] or _extent(dout, dims=(2, 3)) >= ADDR_LIMIT
+    grads = {n: _grad_rows(ir, n, shared, B * Hq * s.q_tiles, device) for n in abi.grad_tables(ir)}
+    full_ptr, full_idx, part_ptr, part_idx = state.tables(device, s)
+    dq_args = {**shared, "Q": q, "K": k, "V": v, "DQ": dq, **abi.stride_values("dq", dq),
+               "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx}
+    for n, rows in grads.items():
+        dq_args[abi.table_name(n, "grad")] = rows
+        dq_args[abi.table_name(n, "gstride")] = int(rows.shape[1])
+    ft_ptr, ft_idx, pt_ptr, pt_idx = state.transposed(device, s)
+    dkdv_args = {**shared, "Q": q, "K": k, "V": v, "DK": dk, "DV": dv,
+                 **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
+                 "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx}
+    with launch_guard():
+        c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"))
+        c.module.attnc_bwd_dkdv[(s.kv_tiles, B * Hkv)](**abi.bind(ir, dkdv_args, "dkdv"))
+    table_grads = {}
+    for n, rows in grads.items():
+        t = tensors[ir.tensors[n].name]
+        table_grads[ir.tensors[n].name] = rows.sum(0)[: t.numel()].view(t.shape).to(t.dtype)
+    if sink is not None:
+        _sink_table_grads(c, tensors, sink_grad(sink, stat, delta), Hq, D, table_grads)
+    if not kernel_order:
+        orders = state.orders(device)
+        if not lay.q_identity:
+            dq = dq.index_select(2, orders[2])
+        if not lay.kv_identity:
+            dk, dv = dk.index_select(2, orders[3]), dv.index_select(2, orders[3])
+    return dq, dk, dv, table_grads
+
+
+def _grad_rows(ir: N.Attention, n: int, shared: dict, programs: int, device) -> torch.Tensor:
+    """Zeroed float32 [programs, numel] partial gradients of bias table n, one row per dQ program."""
+    numel = max(1, shared[abi.table_name(n, "ptr")].numel())
+    limits.check_bytes(f"the partial gradients of '{ir.tensors[n].name}' (one row per query tile and head)",
+                       (programs, numel), 4, MAX_TABLE_GRAD_BYTES, "MAX_TABLE_GRAD_BYTES")
+    return torch.zeros((programs, numel), dtype=torch.float32, device=device)
+
+
+def sink_grad(sink, stat, delta) -> torch.Tensor:
+    """d loss / d sink_h = -sum over rows of exp(sink_h - lse) * Delta: the sink is a key of
+    value 0 whose weight is exp(sink - lse). Summed by torch in a fixed order."""
+    weight = torch.exp(sink.to(torch.float32)[None, :, None] - stat)
+    weight = torch.where(torch.isfinite(sink)[None, :, None], weight, 0.0)  # a -inf sink: no weight
+    return -(weight * delta).sum(dim=(0, 2)).to(sink.dtype)
+
+
+def _sink_table_grads(c: Compiled, tensors: dict, dsink, heads: int, head_dim: int, grads: dict) -> None:
+    """Carry d loss / d sink on to the float tables the sink expression reads: a vector-Jacobian
+    product of the sink's torch evaluation (torch.func, which works inside a custom op)."""
+    reads = {x.tensor for x in N.walk(c.spec.ir.score.sink) if isinstance(x, N.Lookup)}
+    names = [n for n, t in tensors.items() if n in reads and t.dtype.is_floating_point]
+    if not names:
+        return
+    like = dsink.new_empty(0)
+
+    def sink_of(*tables):
+        return sink_logits(c.bound, heads, {**tensors, **dict(zip(names, tables))}, head_dim, like, check=False)
+
+    _, vjp = torch.func.vjp(sink_of, *(tensors[n] for n in names))
+    for name, g in zip(names, vjp(dsink)):
+        grads[name] = grads[name] + g if name in grads else g

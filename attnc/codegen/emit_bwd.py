@@ -1,0 +1,340 @@
+"""IR -> Triton source for the backward kernels (FlashAttention-2 structure).
+
+Forward saved one statistic per row (the logsumexp, log of the softplus normaliser); nothing of
+size N^2 is kept. Two kernels recompute the tile's logits:
+
+- `attnc_bwd_dq`, one program per (q tile, batch * head), walks the forward schedule and
+  accumulates dQ, and the gradients of the bias tables (see below);
+- `attnc_bwd_dkdv`, one program per (kv tile, batch * kv head), walks the transposed schedule
+  (the q tiles that see the kv tile) for every query head of its group in turn, and accumulates
+  dK and dV. Grouped-query sums are therefore a fixed sequential order: no atomics.
+
+EMPTY tiles are never visited; FULL tiles evaluate no mask. Logits are in natural units here
+(the host passes the unscaled row scale), so p = exp(s - lse).
+
+Bias tables get deterministic gradients without atomics: the dQ program owns a private row of a
+[programs, numel] buffer, adds each tile's per-entry sums there in a fixed order (entries in
+ascending order, tiles in schedule order), and the host sums the rows (torch.sum, fixed order).
+The per-entry sum over a tile loops over the entries the tile's visible pairs read.
+"""
+from __future__ import annotations
+
+from ..ir import nodes as N
+from ..ir.printer import format_score
+from . import abi
+from .emit import _Emitter, emit_pair_function
+
+_INF = 'float("inf")'
+
+
+class _GradEmitter(_Emitter):
+    """An emitter that also writes derivatives of float expressions with respect to a table read."""
+
+    def deriv(self, e: N.Expr, wrt: N.Lookup) -> str | None:
+        """Code of d e / d wrt, or None where it is zero (e does not read `wrt`)."""
+        if e == wrt:
+            return "1.0"
+        if not any(x == wrt for x in N.walk(e)):
+            return None
+        if isinstance(e, N.Unary):
+            d = self.deriv(e.operand, wrt)
+            if e.op == "neg":
+                return self.temp(f"-{d}")
+            return self.temp(f"tl.where({self.emit(e.operand)} >= 0, {d}, -{d})")  # abs
+        if isinstance(e, N.Call):
+            a, d = self.emit(e.args[0]), self.deriv(e.args[0], wrt)
+            outer = {"exp": self.emit(e), "log": f"1.0 / {a}", "sqrt": f"0.5 / {self.emit(e)}"}[e.fn]
+            return self.temp(f"{d} * {outer}")
+        if isinstance(e, N.Binary):
+            a, b = self.emit(e.lhs), self.emit(e.rhs)
+            da, db = self.deriv(e.lhs, wrt), self.deriv(e.rhs, wrt)
+            if e.op in ("min", "max"):
+                pick = "<=" if e.op == "min" else ">="
+                return self.temp(f"tl.where({a} {pick} {b}, {da or '0.0'}, {db or '0.0'})")
+            terms = {"+": [da, db], "-": [da, db and f"-{db}"],
+                     "*": [da and f"{da} * {b}", db and f"{a} * {db}"],
+                     "/": [da and f"{da} / {b}", db and f"-{a} * {db} / ({b} * {b})"]}[e.op]
+            return self.temp(" + ".join(f"({t})" for t in terms if t))
+        raise TypeError(f"no derivative for {e!r}")  # the verifier admits no other float node
+
+
+def _table_reads(e: N.Expr, tensor: str) -> list[N.Lookup]:
+    seen: list[N.Lookup] = []
+    for x in N.walk(e):
+        if isinstance(x, N.Lookup) and x.tensor == tensor and x not in seen:
+            seen.append(x)
+    return seen
+
+
+def _grad_slots(ir: N.Attention) -> list[tuple[int, int]]:
+    """(tensor number, read number) of every bias table read: on a segmented key space the
+    specialised bias of each segment may read a table a different number of times."""
+    out = []
+    for n in abi.grad_tables(ir):
+        name = ir.tensors[n].name
+        reads = max(len(_table_reads(N.specialise(ir.score.logit_bias, seg), name)) for seg, _ in N.parts(ir.kv))
+        out += [(n, r) for r in range(reads)]
+    return out
+
+
+def emit_grad_functions(ir: N.Attention) -> list[list[str]]:
+    """Per table read r of tensor n, `bias_grad_n_r(q_i, k_i, ...)` -> (flat element offset,
+    d bias / d element): the tile's entries read and their weights in the bias's gradient."""
+    out = []
+    for n, r in _grad_slots(ir):
+        name = ir.tensors[n].name
+
+        def produce(em: _GradEmitter, sub: N.Expr, n=n, r=r, name=name) -> list[str]:
+            reads = _table_reads(sub, name)
+            if r >= len(reads):
+                return ["0", "0.0"]
+            _, offset, _ = em.lookup_offset(reads[r])
+            return [em.temp(offset), em.deriv(sub, reads[r]) or "0.0"]
+
+        out.append(emit_pair_function(ir, f"bias_grad_{n}_{r}", ir.score.logit_bias,
+                                      f"(offset, d bias / d {name}[...]) of read {r} of {name} in the bias",
+                                      produce=produce, emitter=_GradEmitter))
+    return out
+
+
+def _helpers(score: N.Score) -> list[str]:
+    if score.kind != "softplus":
+        return []
+    return [
+        "@triton.jit",
+        "def _softplus_parts(s):",
+        '    """e = exp(-|s|) and r = log1p(e) / e (log1p written out, Goldberg; r -> 1 as e -> 0), so',
+        "    that log1p(e) = e * r and log softplus(s) = s + log(r) (s < 0), log(s + e * r) otherwise,",
+        '    exact where softplus underflows (as in the forward)."""',
+        "    e = tl.exp(-tl.abs(s))",
+        "    u = 1.0 + e",
+        "    tiny = u == 1.0",
+        "    return e, tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))",
+    ]
+
+
+def _logits_and_ds(ir: N.Attention, masked: bool) -> list[str]:
+    """The tile's logits s, the weights p (zero where hidden) and ds = d loss / d logit before
+    the row scale, from q, k, v, do and the row vectors in scope."""
+    score = ir.score
+    call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
+    lines = ['        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]']
+    if score.logit_bias is not None:
+        lines.append(f"        s += logit_bias({call})")
+    if score.softcap is not None:
+        lines += ["        s = _softcap(s, softcap)",
+                  "        t_cap = s / softcap",
+                  "        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz"]
+    if masked:
+        lines.append(f"        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible({call})")
+    hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked else (lambda x: x)
+    lines.append('        dp = tl.dot(do, tl.trans(v), input_precision="ieee")')
+    if score.kind == "softmax":
+        lines += [f"        p = {hide('tl.exp(s - stat_safe[:, None])')}",
+                  "        ds = p * (dp - delta[:, None])"]
+    elif score.kind == "sigmoid":
+        lines += ["        x = s + row_bias[:, None]",
+                  f"        p = {hide('tl.sigmoid(x)')}",
+                  "        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation"]
+    else:  # softplus: w = softplus(s) / L, dw/ds = sigmoid(s) / L, both in log space
+        lines += ["        e, r = _softplus_parts(s)",
+                  "        log_sp = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r))",
+                  f"        p = {hide('tl.exp(log_sp - stat_safe[:, None])')}",
+                  f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])')}"]
+    if score.softcap is not None:
+        lines.append("        ds = ds * d_cap")
+    return lines
+
+
+def _table_grads(ir: N.Attention, masked: bool) -> list[str]:
+    """Add the tile's contribution to this program's row of every bias table's gradient."""
+    call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
+    slots = _grad_slots(ir)
+    # A FULL tile's q tile may run past the last query: those rows read no table entry.
+    lines = ["        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)"] if slots and not masked else []
+    for n, r in slots:
+        lines += [
+            f"        # {ir.tensors[n].name}, read {r}: per entry, the sum of ds * d bias / d entry over the tile",
+            f"        g_at, g_w = bias_grad_{n}_{r}({call})",
+        ]
+        lines += ["        g_val = tl.where(keep, ds * g_w, 0.0)",
+                  "        g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))",
+                  "        g_hi = tl.max(tl.where(keep, g_at, -1))",
+            "        for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions",
+            f"            g_ptr = G{n} + g_f",
+            "            tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))",
+        ]
+    return lines
+
+
+def _row_vectors(score: N.Score, indent: str) -> list[str]:
+    """Row scale, bias and saved statistics of the q tile at offs_m."""
+    lines = [f"{indent}row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)"]
+    if score.kind == "sigmoid":
+        lines.append(f"{indent}row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)")
+    else:
+        lines += [
+            f'{indent}stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))',
+            f"{indent}# a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0",
+            f'{indent}stat_safe = tl.where(stat == float("-inf"), {_INF}, stat)',
+            f"{indent}delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)",
+        ]
+    return lines
+
+
+def _load_rows(indent: str, bounded: bool) -> list[str]:
+    """q and do of the q tile at offs_m, and the row-major tokens there."""
+    rows = "(offs_m[:, None] < Nq) & " if bounded else ""
+    return [
+        f"{indent}q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        f"{indent}            mask={rows}(offs_d[None, :] < HEAD_DIM), other=0.0)",
+        f"{indent}do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,",
+        f"{indent}             mask={rows}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
+        f"{indent}q_i = offs_m[:, None]",
+        f"{indent}if Q_PERMUTED:",
+        f"{indent}    q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]",
+        f"{indent}if INT64:",
+        f"{indent}    q_i = q_i.to(tl.int64)",
+    ]
+
+
+def _load_cols(indent: str, bounded: bool) -> list[str]:
+    """k and v of the kv tile at offs_n, and the row-major tokens there."""
+    cols = "(offs_n[:, None] < Nk) & " if bounded else ""
+    return [
+        f"{indent}k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        f"{indent}            mask={cols}(offs_d[None, :] < HEAD_DIM), other=0.0)",
+        f"{indent}v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        f"{indent}            mask={cols}(offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
+        f"{indent}k_i = offs_n[None, :]",
+        f"{indent}if KV_PERMUTED:",
+        f"{indent}    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]",
+        f"{indent}if INT64:",
+        f"{indent}    k_i = k_i.to(tl.int64)",
+    ]
+
+
+_OFFSETS = [
+    "    offs_d = tl.arange(0, BLOCK_D)",
+    "    offs_dv = tl.arange(0, BLOCK_DV)",
+    "    if ADDR64:",
+    "        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)",
+]
+
+
+def _dq_kernel(ir: N.Attention) -> list[str]:
+    score = ir.score
+    lines = [
+        "@triton.jit",
+        "def attnc_bwd_dq(",
+        *abi.signature(ir, kernel="dq"),
+        "):",
+        '    """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.',
+        "",
+        f"    Score: {format_score(score)}.",
+        '    """',
+        "    q_tile = tl.program_id(0)",
+        "    bh = tl.program_id(1)",
+        "    b = bh // n_heads",
+        "    h = bh % n_heads",
+        "    h_kv = h // kv_group",
+        "    b64, h64, h_kv64, bh64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64), bh.to(tl.int64)",
+        "    Q_base = Q + b64 * stride_qb + h64 * stride_qh",
+        "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
+        "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
+        "    DO_base = DO + b64 * stride_dob + h64 * stride_doh",
+        "    DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh",
+        "    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "    offs_n0 = tl.arange(0, BLOCK_N)",
+        "    if ADDR64:",
+        "        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)",
+        *_OFFSETS,
+        *_load_rows("    ", bounded=True),
+        *_row_vectors(score, "    "),
+        "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
+    ]
+    for n in abi.grad_tables(ir):
+        lines.append(f"    G{n} = {abi.table_name(n, 'grad')} + (bh64 * tl.num_programs(0) + q_tile) * "
+                     f"{abi.table_name(n, 'gstride')}  # this program's own row")
+    for masked in (False, True):
+        ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
+        lines += [
+            "",
+            "    # PARTIAL tiles: the mask per element." if masked else "    # FULL tiles: no mask, no bounds checks.",
+            f"    for t in range(tl.load({ptr} + q_tile), tl.load({ptr} + q_tile + 1)):",
+            f"        offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
+            *_load_cols("        ", bounded=masked),
+            *_logits_and_ds(ir, masked),
+            *_table_grads(ir, masked),
+            '        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")',
+        ]
+    return lines + [
+        "",
+        "    tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),",
+        "             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))",
+    ]
+
+
+def _dkdv_kernel(ir: N.Attention) -> list[str]:
+    score = ir.score
+    lines = [
+        "@triton.jit",
+        "def attnc_bwd_dkdv(",
+        *abi.signature(ir, kernel="dkdv"),
+        "):",
+        '    """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the',
+        "    query heads of the group in order (deterministic grouped-query gradients).",
+        "",
+        f"    Score: {format_score(score)}.",
+        '    """',
+        "    kv_tile = tl.program_id(0)",
+        "    bhk = tl.program_id(1)",
+        "    n_kv = n_heads // kv_group",
+        "    b = bhk // n_kv",
+        "    h_kv = bhk % n_kv",
+        "    b64, h_kv64 = b.to(tl.int64), h_kv.to(tl.int64)",
+        "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
+        "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
+        "    offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)",
+        "    offs_m0 = tl.arange(0, BLOCK_M)",
+        "    if ADDR64:",
+        "        offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)",
+        *_OFFSETS,
+        *_load_cols("    ", bounded=True),
+        "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
+        "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
+        "    for g in range(0, kv_group):",
+        "        h = h_kv * kv_group + g",
+        "        h64 = h.to(tl.int64)",
+        "        bh64 = b64 * n_heads + h64",
+        "        Q_base = Q + b64 * stride_qb + h64 * stride_qh",
+        "        DO_base = DO + b64 * stride_dob + h64 * stride_doh",
+    ]
+    for masked in (False, True):
+        ptr, idx = ("PART_T_PTR", "PART_T_IDX") if masked else ("FULL_T_PTR", "FULL_T_IDX")
+        body = [
+            f"        for t in range(tl.load({ptr} + kv_tile), tl.load({ptr} + kv_tile + 1)):",
+            f"            offs_m = tl.load({idx} + t) * BLOCK_M + offs_m0",
+            # A FULL tile's kv side is in bounds, but its q tile may run past the last query.
+            *_load_rows("            ", bounded=True),
+            *_row_vectors(score, "            "),
+            *("    " + x for x in _logits_and_ds(ir, masked)),
+            '            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")',
+            '            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")',
+        ]
+        lines += ["        # PARTIAL tiles: the mask per element." if masked else "        # FULL tiles: no mask.", *body]
+    return lines + [
+        "",
+        "    DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh",
+        "    DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh",
+        "    tl.store(DK_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),",
+        "             mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM))",
+        "    tl.store(DV_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),",
+        "             mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V))",
+    ]
+
+
+def emit_backward(ir: N.Attention) -> list[list[str]]:
+    """The backward parts of the kernel module (after the forward's helpers and functions)."""
+    return [*([_helpers(ir.score)] if _helpers(ir.score) else []), *emit_grad_functions(ir),
+            _dq_kernel(ir), _dkdv_kernel(ir)]
