@@ -13,5 +13,6 @@ decide_interpret()  # before anything of attnc imports Triton, so that Triton ag
 from .errors import AttncError  # noqa: E402
 from .pipeline import Spec, parse  # noqa: E402
 from .runtime import AttentionFn, compile  # noqa: E402
+from .module import Attention  # noqa: E402
 
-__all__ = ["AttncError", "AttentionFn", "Spec", "compile", "parse", "__version__"]
+__all__ = ["Attention", "AttncError", "AttentionFn", "Spec", "compile", "parse", "__version__"]
