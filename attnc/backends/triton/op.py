@@ -86,6 +86,9 @@ def _setup(ctx, inputs, output):
     out, stat = output
     ctx.save_for_backward(q, k, v, out, stat, *tensors)
     ctx.handle, ctx.kernel_order = handle, kernel_order
+    # Keep the callable (and so its registry entry) alive until backward. Under torch.compile
+    # with dynamic shapes the handle may be traced as a symbolic int: nothing to hold there.
+    ctx.fn = _registry.get(handle) if isinstance(handle, int) else None
 
 
 def _backward(ctx, dout, dstat):
