@@ -75,8 +75,8 @@ def data_schedule(static: Schedule, ints: dict[str, np.ndarray]) -> Schedule:
     exprs = [part_expr(bound.ir.mask, p.name) for p in bound.kv_parts]
     (fq, fk), partial = classify_tiles(bound, exprs, layout, static.block_m, static.block_n,
                                        lookup=data_lookup(ints))
-    n_qt = math.ceil(bound.nq / static.block_m)
-    full_ptr, full_idx = _csr(fq, fk, n_qt)
-    part_ptr, part_idx = _csr(*partial, n_qt)
+    n_qt, n_kt = math.ceil(bound.nq / static.block_m), math.ceil(bound.nk / static.block_n)
+    full_ptr, full_idx = _csr(fq, fk, n_qt, n_kt)
+    part_ptr, part_idx = _csr(*partial, n_qt, n_kt)
     return Schedule(static.block_m, static.block_n, static.nq, static.nk, full_ptr, full_idx, part_ptr, part_idx,
                     exact=True, layout=layout, bound=bound, tensors=ints)

@@ -127,13 +127,13 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
         if b < 16 or b & (b - 1):
             raise AttncError(f"{name} = {b}: tile sizes must be powers of two, at least 16")
     nq, nk = bound.nq, bound.nk
-    n_qt = math.ceil(nq / block_m)
+    n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
     layout = layout or row_major(nq, nk)
     exprs = [part_expr(bound.ir.mask, p.name) for p in bound.kv_parts]
     (fq, fk), partial = classify_tiles(bound, exprs, layout, block_m, block_n, progress)
     check_divisors(bound, layout, block_m, block_n)
-    full_ptr, full_idx = _csr(fq, fk, n_qt)
-    part_ptr, part_idx = _csr(*partial, n_qt)
+    full_ptr, full_idx = _csr(fq, fk, n_qt, n_kt)
+    part_ptr, part_idx = _csr(*partial, n_qt, n_kt)
     return Schedule(block_m, block_n, nq, nk, full_ptr, full_idx, part_ptr, part_idx,
                     exact=not reads_tensors(bound.ir.mask), layout=layout, bound=bound)
 
@@ -231,8 +231,8 @@ def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q
     if n == 0:
         return np.zeros(0, dtype=np.int8)
     # Boxes per distinct block (a block takes part in many pairs), gathered per pair below.
-    uq, iq = np.unique(qb, return_inverse=True)
-    uk, ik = np.unique(kb, return_inverse=True)
+    uq, iq = _distinct(qb)
+    uk, ik = _distinct(kb)
     q_slots = sides[0].slots(uq * span_q, (uq + 1) * span_q, span_q)
     k_slots = sides[1].slots(uk * span_k, (uk + 1) * span_k, span_k)
     uncertain = np.zeros(n, dtype=np.int64)  # combinations not certainly visible, per pair
@@ -261,6 +261,16 @@ def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q
             uncertain += np.bincount(sel[~np.broadcast_to(c, sel.shape)], minlength=n)
             possible += np.bincount(sel[np.broadcast_to(p, sel.shape)], minlength=n)
     return np.where(possible == 0, EMPTY, np.where(uncertain == 0, FULL, PARTIAL)).astype(np.int8)
+
+
+def _distinct(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, index of each block in them): every block index up to the largest when that is
+    not much more than the blocks given (no sort: pairs outnumber blocks at the fine levels),
+    else the distinct ones."""
+    top = int(blocks.max()) + 1
+    if top <= 4 * len(blocks):
+        return np.arange(top, dtype=blocks.dtype), blocks
+    return np.unique(blocks, return_inverse=True)
 
 
 def _whole_space(bound: Bound, part) -> dict:
@@ -293,10 +303,14 @@ def _expand(blocks, n_qt: int, n_kt: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(qs), np.concatenate(ks)
 
 
-def _csr(q: np.ndarray, k: np.ndarray, n_qt: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((k, q))
+def _csr(q: np.ndarray, k: np.ndarray, n_qt: int, n_kt: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     ptr = np.zeros(n_qt + 1, dtype=np.int32)
     np.cumsum(np.bincount(q, minlength=n_qt), out=ptr[1:])
+    if n_kt is not None and n_qt * n_kt <= max(1 << 22, 8 * len(q)):  # a dense mark beats a sort
+        grid = np.zeros(n_qt * n_kt, dtype=bool)
+        grid[q * n_kt + k] = True
+        return ptr, (np.flatnonzero(grid) % n_kt).astype(np.int32)
+    order = np.lexsort((k, q))
     return ptr, k[order].astype(np.int32)
 
 

@@ -138,7 +138,15 @@ class Window:
     type = BOOL
 
     def expand(self) -> "Expr":
-        """The window as plain integer arithmetic: the one definition reference and kernels share."""
+        """The window as plain integer arithmetic: the one definition reference and kernels share
+        (built once per node: analysis expands windows often)."""
+        out = self.__dict__.get("_expanded")
+        if out is None:
+            out = self._expand()
+            object.__setattr__(self, "_expanded", out)
+        return out
+
+    def _expand(self) -> "Expr":
         i, j = Coord("q", self.axis), Coord("k", self.axis)
         n, k, d, s = self.length, self.kernel, self.dilation, self.stride
         group = i % d
@@ -156,6 +164,30 @@ class Window:
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 Expr = Union[Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary, Binary, Call, Window]
+
+
+def _cache_hash(cls) -> None:
+    """Memoise a frozen node's hash: the generated one hashes the whole subtree on every call,
+    and analysis keys dicts on nodes of deep trees (quadratic without the cache). The cached
+    value is not pickled: string hashes differ between processes."""
+    compute = cls.__hash__
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = compute(self)
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_expanded")}
+
+    cls.__hash__ = __hash__
+    cls.__getstate__ = __getstate__
+
+
+for _cls in (Member, Coord, Lookup, Unary, Binary, Call, Window):
+    _cache_hash(_cls)
 
 
 _FOLD = {
