@@ -84,7 +84,34 @@ def cmd_explain(args, extra) -> int:
     print(explain(compiled, sections=args.section))
     if args.plot:
         _plot(compiled, args.plot)
+    if args.target:
+        _report(compiled, args)
     return 0
+
+
+def _report(compiled, args) -> None:
+    """The static GPU report (codegen/target.py) as a table, and with --sass the main loops' SASS."""
+    from .codegen.target import DTYPES, SHARED_LIMIT, gpu_report
+
+    arch = int(args.target.lower().removeprefix("sm_").removeprefix("sm"))
+    dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
+    if dtype not in DTYPES:
+        raise AttncError(f"--dtype {args.dtype}: choose bf16, fp16 or fp32")
+    s = compiled.schedule
+    print(f"\n== static GPU report: sm_{arch}, {dtype}, head dim {args.head_dim}, tiles {s.block_m}x{s.block_n} "
+          f"(compiled without a GPU) " + "=" * 8, file=sys.stderr, flush=True)
+    rows = gpu_report(compiled.spec.text, compiled.spec.ir, arch, DTYPES[dtype], args.head_dim, s.block_m, s.block_n,
+                      sass=args.sass)
+    print(f"{'kernel':16} {'regs':>5} {'spill B':>8} {'shared KB':>10} {'tensor cores':>13} {'warps':>6} {'stages':>7}  loops")
+    for r in rows:
+        over = " (over the limit)" if r["shared_bytes"] > SHARED_LIMIT[arch] else ""
+        print(f"{r['kernel']:16} {r['registers']:>5} {r['spill_bytes']:>8} {r['shared_bytes'] / 1024:>10.1f} "
+              f"{r['tensor_cores']:>13} {r['num_warps']:>6} {r['num_stages']:>7}  "
+              f"{' / '.join(map(str, r['loops']))} SASS instructions per iteration{over}")
+    if args.sass:
+        for r in rows:
+            print(f"\n== SASS of {r['kernel']} " + "=" * 40)
+            print(r["sass"])
 
 
 def _plot(compiled, path: str) -> None:
@@ -197,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="print only these sections (repeatable)")
     p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
     p.add_argument("--plot", metavar="PNG", help="draw the tile map (chosen layout beside row-major); needs matplotlib")
+    p.add_argument("--target", metavar="SM", help="static GPU report for this target (sm80, sm86, sm89, sm90), "
+                   "compiled without a GPU")
+    p.add_argument("--dtype", default="bf16", help="dtype of q, k, v for --target: bf16 (default), fp16, fp32")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim for --target (default 128)")
+    p.add_argument("--sass", action="store_true", help="with --target: print the kernels' SASS")
     p = sub.add_parser("run", help="compile a spec, run it on random tensors, check it against the reference",
                        description="Parameters follow the file as --NAME VALUE, e.g. --N 64.")
     p.add_argument("file")

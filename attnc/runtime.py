@@ -85,6 +85,24 @@ class AttentionFn:
         checked = self._check_tensors(tensors, heads=None)
         return torch.from_numpy(self._host.schedule(host_ints(checked)).classes.copy())
 
+    def gpu_report(self, arch: int = 90, dtype=torch.bfloat16, head_dim: int = 128, sass: bool = False,
+                   num_warps: int | None = None, num_stages: int | None = None) -> list[dict]:
+        """The spec's kernels (forward, dQ, dK/dV) compiled for sm_`arch` without a GPU: one dict
+        per kernel with kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
+        'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop) and
+        cubin; with sass=True also the SASS. See codegen/target.py."""
+        from .codegen.target import DTYPES, gpu_report
+
+        if self.compiled.schedule is None:
+            raise AttncError("the reference backend has no kernels; compile with backend='triton'")
+        name = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
+        name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(name, name)
+        if name not in DTYPES:
+            raise AttncError(f"dtype {dtype!r}: choose torch.float16, torch.bfloat16 or torch.float32")
+        s = self.compiled.schedule
+        return gpu_report(self.spec.text, self.ir, int(arch), DTYPES[name], int(head_dim), s.block_m, s.block_n,
+                          num_warps=num_warps, num_stages=num_stages, sass=sass)
+
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
 

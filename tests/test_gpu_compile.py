@@ -1,10 +1,13 @@
-"""The generated kernels, forward and backward, compile for real GPU targets (sm_90, sm_80) with
-Triton's native compiler, on a machine without a GPU: triton.compile on an ASTSource for a
-GPUTarget produces PTX and a cubin. The interpreter, which the rest of the suite runs, accepts
-code the compiler would reject (scalar/tile mixes, dynamic loop bounds, reductions to scalars),
-so this is the check that the kernels are GPU code at all.
+"""Every spec's kernels, forward and backward, compile for real GPU targets (sm_90 in bfloat16,
+sm_80 in float16, head dim 64) with Triton's native compiler, on a machine without a GPU, and
+pass the static report's checks (`fn.gpu_report`, codegen/target.py): tensor cores for the
+matmuls, shared memory within the target's limit, no register spills (a few backward kernels
+still spill: their measured bytes are an upper bound here, so a spill can shrink but not grow).
+The interpreter, which the rest of the suite runs, accepts code the compiler rejects, so this is
+the check that the kernels are GPU code at all. The full matrix is bench/kernel_quality.py.
 
-The compile runs in a subprocess with TRITON_INTERPRET=0: this process is in interpreter mode.
+The reports run in child processes with TRITON_INTERPRET=0 (this process is in interpreter
+mode), one per target, side by side.
 """
 import json
 import os
@@ -14,74 +17,106 @@ from pathlib import Path
 
 import pytest
 
+from attnc.codegen.target import SHARED_LIMIT
+
 ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {"sm90": (90, "bfloat16", 64, "wgmma"), "sm80": (80, "float16", 64, "mma")}
+# Spill bytes measured (triton 3.9, this commit's launch config) where a kernel still spills.
+KNOWN_SPILLS = {
+    ("sm90", "swin_bias", "attnc_fwd"): 12,
+    ("sm90", "swin_bias", "attnc_bwd_dq"): 80,
+    ("sm80", "alibi_causal", "attnc_bwd_dkdv"): 28,
+    ("sm80", "causal", "attnc_bwd_dq"): 16,
+    ("sm80", "cross_causal", "attnc_bwd_dq"): 8,
+    ("sm80", "document_causal", "attnc_bwd_dq"): 16,
+    ("sm80", "gna3d_video", "attnc_bwd_dq"): 20,
+    ("sm80", "longformer", "attnc_bwd_dq"): 8,
+    ("sm80", "maxvit_grid", "attnc_bwd_dq"): 16,
+    ("sm80", "natten2d", "attnc_bwd_dq"): 44,
+    ("sm80", "scale_dit", "attnc_bwd_dq"): 8,
+    ("sm80", "sigmoid_causal", "attnc_bwd_dq"): 32,
+    ("sm80", "sliding_window", "attnc_bwd_dq"): 64,
+    ("sm80", "softcap_sink", "attnc_bwd_dq"): 56,
+    ("sm80", "softplus", "attnc_bwd_dq"): 16,
+    ("sm80", "streaming_sink", "attnc_bwd_dq"): 16,
+    ("sm80", "swin_bias", "attnc_bwd_dq"): 832,  # the bias table's gradient loop
+    ("sm80", "swin_bias", "attnc_bwd_dkdv"): 4,
+    ("sm80", "swin_shifted", "attnc_bwd_dq"): 16,
+}
+PARAMS = {"causal": dict(N=64), "cross_causal": dict(M=64, N=64), "sliding_window": dict(N=64, W=16),
+          "natten2d": dict(H=16, W=16), "longformer": dict(N=64, W=5, G=3), "gna3d_video": dict(T=4, H=16, W=16),
+          "streaming_sink": dict(N=64, W=16, S=4), "swin_shifted": dict(H=14, W=14), "swin_bias": dict(H=14, W=14),
+          "maxvit_grid": dict(H=8, W=8, G=2), "sigmoid_causal": dict(N=64), "softplus": dict(N=64),
+          "scale_dit": dict(H=12, W=8), "document_causal": dict(N=64), "alibi_causal": dict(N=64),
+          "softcap_sink": dict(N=64, W=16)}
 
 _SCRIPT = r'''
 import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import attnc
-from attnc.codegen import abi
-from attnc.ir import nodes as N
-
-cases, arch, dtype, head_dim = json.loads(sys.argv[1])
-DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-FLOAT32 = {"Stat", "Delta", "ROW_SCALE", "ROW_BIAS", "SINK"}
-results = {}
-for name, params, kernel, fname in ((n, p, k, f) for n, p in cases for k, f in
-                                    (("fwd", "attnc_fwd"), ("dq", "attnc_bwd_dq"), ("dkdv", "attnc_bwd_dkdv"))):
-    fn = attnc.compile(f"specs/{name}.attn", tiles=(64, 64), **params)
-    ir = fn.ir
-    sig, const = {}, {}
-    for a in abi.kernel_args(ir, kernel):
-        if a.kind == abi.PTR:
-            if a.name in DATA:
-                sig[a.name] = "*" + dtype
-            elif a.name in FLOAT32 or a.name.endswith("_grad"):
-                sig[a.name] = "*fp32"
-            elif a.name.endswith("_ptr"):  # a runtime tensor: float32 tables, int32 ids
-                n = int(a.name[2:].split("_")[0])
-                sig[a.name] = "*fp32" if ir.tensors[n].dtype == N.FLOAT else "*i32"
-            else:
-                sig[a.name] = "*i32"  # schedule lists and orders
-        elif a.kind == abi.INT:
-            sig[a.name] = "i32"
-        elif a.kind == abi.FLOAT:
-            sig[a.name] = "fp32"
-        else:
-            sig[a.name] = "constexpr"
-            const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": head_dim,
-                             "BLOCK_DV": head_dim, "BLOCK_M": 64, "BLOCK_N": 64}.get(a.name, False)
-    compiled = triton.compile(ASTSource(getattr(fn.compiled.module, fname), sig, const),
-                              target=GPUTarget("cuda", arch, 32))
-    results.setdefault(name, {})[kernel] = {"shared": compiled.metadata.shared, "ptx_mma": compiled.asm["ptx"].count("mma")}
-print(json.dumps(results))
+params, arch, dtype, head_dim = json.loads(sys.argv[1])
+out = {}
+for name, p in params.items():
+    fn = attnc.compile(f"specs/{name}.attn", tiles=(64, 64), **p)
+    out[name] = [{k: v for k, v in r.items() if k != "cubin"}
+                 for r in fn.gpu_report(arch=arch, dtype=dtype, head_dim=head_dim)]
+print(json.dumps(out))
 '''
-
-CASES = [
-    ("swin_bias", {"H": 14, "W": 14}),  # 2-D coordinates, a per-head bias table and its gradient
-    ("softcap_sink", {"N": 64}),  # soft-cap and sinks
-    ("softplus", {"N": 64}),  # softplus in log space, n_visible in the scale
-    ("document_causal", {"N": 64}),  # runtime ids in the mask
-]
 
 
 @pytest.fixture(scope="module")
-def sm90() -> dict:
-    """Every case compiled for sm_90 in float16, head dim 64, in one subprocess."""
+def reports() -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps([CASES, 90, "fp16", 64])],
+    children = {t: subprocess.Popen([sys.executable, "-c", _SCRIPT, json.dumps([PARAMS, arch, dtype, hd])], cwd=ROOT,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for t, (arch, dtype, hd, _) in TARGETS.items()}
+    out = {}
+    for t, child in children.items():
+        stdout, stderr = child.communicate(timeout=900)
+        assert child.returncode == 0, stderr[-3000:]
+        out[t] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_every_spec_with_kernels_is_reported():
+    routed = {"biformer", "moba"}
+    assert set(PARAMS) == {p.stem for p in (ROOT / "specs").glob("*.attn")} - routed
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_kernels_pass_the_static_report(reports, target, name):
+    arch, _, _, tensor_cores = TARGETS[target]
+    rows = reports[target][name]
+    assert [r["kernel"] for r in rows] == ["attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"]
+    for r in rows:
+        assert r["tensor_cores"] == tensor_cores, (r["kernel"], r["tensor_cores"])
+        assert r["shared_bytes"] <= SHARED_LIMIT[arch], (r["kernel"], r["shared_bytes"])
+        allowed = KNOWN_SPILLS.get((target, name, r["kernel"]), 0)
+        assert r["spill_bytes"] <= allowed, f"{r['kernel']} spills {r['spill_bytes']} bytes (at most {allowed})"
+        assert r["loops"], f"{r['kernel']}: no main loop found in the SASS"
+
+
+def test_explain_prints_the_static_report():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "attnc.cli", "explain", "specs/causal.attn", "--N", "64",
+                           "--section", "ir", "--target", "sm90", "--dtype", "bf16", "--head-dim", "64"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("kernel") and "regs" in line)
+    rows = [line.split() for line in lines[header + 1:header + 4]]
+    assert [r[0] for r in rows] == ["attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"]
+    assert all(r[4] == "wgmma" for r in rows)
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_kernels_compile_for_sm90(sm90, name):
-    results = sm90[name]
-    assert set(results) == {"fwd", "dq", "dkdv"}
-    for kernel, r in results.items():
-        assert r["shared"] <= 227 * 1024, (kernel, r)  # fits an H100's shared memory per block
-        assert r["ptx_mma"] > 0, (kernel, "no tensor-core instruction in the PTX")
+@pytest.mark.parametrize("kw,match", [(dict(arch=75), "arch 75"), (dict(dtype="float64"), "dtype"),
+                                      (dict(head_dim=512), "head_dim 512")])
+def test_gpu_report_refuses_what_it_cannot_report(kw, match):
+    import attnc
+
+    fn = attnc.compile(ROOT / "specs/causal.attn", N=64)
+    with pytest.raises(attnc.AttncError, match=match):
+        fn.gpu_report(**kw)
+    with pytest.raises(attnc.AttncError, match="reference backend"):
+        attnc.compile(ROOT / "specs/causal.attn", backend="reference", N=64).gpu_report()

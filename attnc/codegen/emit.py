@@ -380,7 +380,7 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
     unmodified softmax, whose host scale includes log2(e))."""
     score = ir.score
     call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
-    lines = ['        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]']
+    lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     if masked or score.logit_bias is not None:
         lines += [
             "        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there",
@@ -410,7 +410,7 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
             lines += [keep, "        p = tl.where(keep, p, 0.0)"]
         return lines + [
             "        l_i += tl.sum(p, 1)",
-            '        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")',
+            '        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         ]
     if score.kind == "softplus":
         lines += [
@@ -440,7 +440,7 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         "        alpha = tl.math.exp2(m_i - m_use)",
         "        p = tl.math.exp2(s - m_use[:, None])",
         "        l_i = l_i * alpha + tl.sum(p, 1)",
-        '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")',
+        '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         "        m_i = m_new",
     ]
 

@@ -46,8 +46,9 @@ class _GradEmitter(_Emitter):
             outer = {"exp": self.emit(e), "log": f"1.0 / {a}", "sqrt": f"0.5 / {self.emit(e)}"}[e.fn]
             return self.temp(f"{d} * {outer}")
         if isinstance(e, N.Binary):
-            a, b = self.emit(e.lhs), self.emit(e.rhs)
             da, db = self.deriv(e.lhs, wrt), self.deriv(e.rhs, wrt)
+            a, b = self.emit(e.lhs) if db or e.op in ("min", "max", "/") else None, self.emit(e.rhs) \
+                if da or e.op in ("min", "max", "/") else None  # only the operands the rule reads
             if e.op in ("min", "max"):
                 pick = "<=" if e.op == "min" else ">="
                 return self.temp(f"tl.where({a} {pick} {b}, {da or '0.0'}, {db or '0.0'})")
@@ -113,12 +114,13 @@ def _helpers(score: N.Score) -> list[str]:
     ]
 
 
-def _logits_and_ds(ir: N.Attention, masked: bool) -> list[str]:
-    """The tile's logits s, the weights p (zero where hidden) and ds = d loss / d logit before
-    the row scale, from q, k, v, do and the row vectors in scope."""
+def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True) -> list[str]:
+    """The tile's logits s, the weights p (zero where hidden; only where ds needs them, unless
+    `weights`) and ds = d loss / d logit before the row scale, from q, k, v, do and the row
+    vectors in scope."""
     score = ir.score
     call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
-    lines = ['        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]']
+    lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
@@ -128,7 +130,7 @@ def _logits_and_ds(ir: N.Attention, masked: bool) -> list[str]:
     if masked:
         lines.append(f"        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible({call})")
     hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked else (lambda x: x)
-    lines.append('        dp = tl.dot(do, tl.trans(v), input_precision="ieee")')
+    lines.append('        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)')
     if score.kind == "softmax":
         lines += [f"        p = {hide('tl.exp(s - stat_safe[:, None])')}",
                   "        ds = p * (dp - delta[:, None])"]
@@ -137,10 +139,11 @@ def _logits_and_ds(ir: N.Attention, masked: bool) -> list[str]:
                   f"        p = {hide('tl.sigmoid(x)')}",
                   "        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation"]
     else:  # softplus: w = softplus(s) / L, dw/ds = sigmoid(s) / L, both in log space
-        lines += ["        e, r = _softplus_parts(s)",
-                  "        log_sp = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r))",
-                  f"        p = {hide('tl.exp(log_sp - stat_safe[:, None])')}",
-                  f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])')}"]
+        lines.append("        e, r = _softplus_parts(s)")
+        if weights:
+            lines += ["        log_sp = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r))",
+                      f"        p = {hide('tl.exp(log_sp - stat_safe[:, None])')}"]
+        lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])')}")
     if score.softcap is not None:
         lines.append("        ds = ds * d_cap")
     return lines
@@ -238,7 +241,8 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    b = bh // n_heads",
         "    h = bh % n_heads",
         "    h_kv = h // kv_group",
-        "    b64, h64, h_kv64, bh64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64), bh.to(tl.int64)",
+        "    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)",
+        *(["    bh64 = bh.to(tl.int64)"] if score.kind != "sigmoid" or abi.grad_tables(ir) else []),
         "    Q_base = Q + b64 * stride_qb + h64 * stride_qh",
         "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
         "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
@@ -264,9 +268,9 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
             f"    for t in range(tl.load({ptr} + q_tile), tl.load({ptr} + q_tile + 1)):",
             f"        offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
             *_load_cols("        ", bounded=masked),
-            *_logits_and_ds(ir, masked),
+            *_logits_and_ds(ir, masked, weights=False),
             *_table_grads(ir, masked),
-            '        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")',
+            '        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
         ]
     return lines + [
         "",
@@ -306,7 +310,7 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         "    for g in range(0, kv_group):",
         "        h = h_kv * kv_group + g",
         "        h64 = h.to(tl.int64)",
-        "        bh64 = b64 * n_heads + h64",
+        *(["        bh64 = b64 * n_heads + h64"] if score.kind != "sigmoid" else []),
         "        Q_base = Q + b64 * stride_qb + h64 * stride_qh",
         "        DO_base = DO + b64 * stride_dob + h64 * stride_doh",
     ]
@@ -319,8 +323,8 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
             *_load_rows("            ", bounded=True),
             *_row_vectors(score, "            "),
             *("    " + x for x in _logits_and_ds(ir, masked)),
-            '            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")',
-            '            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")',
+            '            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)',
+            '            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)',
         ]
         lines += ["        # PARTIAL tiles: the mask per element." if masked else "        # FULL tiles: no mask.", *body]
     return lines + [

@@ -46,7 +46,7 @@ def attnc_fwd(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
 
@@ -100,13 +100,13 @@ def attnc_fwd(
                     mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
@@ -119,7 +119,7 @@ def attnc_fwd(
                     mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
         if KV_PERMUTED:
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
@@ -133,7 +133,7 @@ def attnc_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
@@ -159,7 +159,7 @@ def attnc_bwd_dq(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
 
@@ -170,7 +170,8 @@ def attnc_bwd_dq(
     b = bh // n_heads
     h = bh % n_heads
     h_kv = h // kv_group
-    b64, h64, h_kv64, bh64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64), bh.to(tl.int64)
+    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
+    bh64 = bh.to(tl.int64)
     Q_base = Q + b64 * stride_qb + h64 * stride_qh
     K_base = K + b64 * stride_kb + h_kv64 * stride_kh
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
@@ -212,11 +213,11 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
         ds = p * (dp - delta[:, None])
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     # PARTIAL tiles: the mask per element.
     for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
@@ -230,12 +231,12 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
@@ -256,7 +257,7 @@ def attnc_bwd_dkdv(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
     query heads of the group in order (deterministic grouped-query gradients).
@@ -313,12 +314,12 @@ def attnc_bwd_dkdv(
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.exp(s - stat_safe[:, None])
             ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
         # PARTIAL tiles: the mask per element.
         for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
             offs_m = tl.load(PART_T_IDX + t) * BLOCK_M + offs_m0
@@ -336,13 +337,13 @@ def attnc_bwd_dkdv(
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
 
     DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
     DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh

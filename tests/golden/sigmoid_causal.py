@@ -46,7 +46,7 @@ def attnc_fwd(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
 
@@ -99,10 +99,10 @@ def attnc_fwd(
                     mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         p = tl.sigmoid(s + row_bias[:, None])
         l_i += tl.sum(p, 1)
-        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
     # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
     lo = tl.load(PART_PTR + q_tile)
@@ -114,7 +114,7 @@ def attnc_fwd(
                     mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
         if KV_PERMUTED:
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
@@ -124,7 +124,7 @@ def attnc_fwd(
         keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
         p = tl.where(keep, p, 0.0)
         l_i += tl.sum(p, 1)
-        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
     # Sigmoid weights are not normalised; the statistic kept is the row sum of weights.
     out = acc
@@ -148,7 +148,7 @@ def attnc_bwd_dq(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
 
@@ -159,7 +159,7 @@ def attnc_bwd_dq(
     b = bh // n_heads
     h = bh % n_heads
     h_kv = h // kv_group
-    b64, h64, h_kv64, bh64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64), bh.to(tl.int64)
+    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
     Q_base = Q + b64 * stride_qb + h64 * stride_qh
     K_base = K + b64 * stride_kb + h_kv64 * stride_kh
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
@@ -198,12 +198,12 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         x = s + row_bias[:, None]
         p = tl.sigmoid(x)
         ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     # PARTIAL tiles: the mask per element.
     for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
@@ -217,13 +217,13 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         x = s + row_bias[:, None]
         p = tl.where(keep, tl.sigmoid(x), 0.0)
         ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
@@ -244,7 +244,7 @@ def attnc_bwd_dkdv(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
     query heads of the group in order (deterministic grouped-query gradients).
@@ -281,7 +281,6 @@ def attnc_bwd_dkdv(
     for g in range(0, kv_group):
         h = h_kv * kv_group + g
         h64 = h.to(tl.int64)
-        bh64 = b64 * n_heads + h64
         Q_base = Q + b64 * stride_qb + h64 * stride_qh
         DO_base = DO + b64 * stride_dob + h64 * stride_doh
         # FULL tiles: no mask.
@@ -298,13 +297,13 @@ def attnc_bwd_dkdv(
                 q_i = q_i.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             x = s + row_bias[:, None]
             p = tl.sigmoid(x)
             ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
         # PARTIAL tiles: the mask per element.
         for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
             offs_m = tl.load(PART_T_IDX + t) * BLOCK_M + offs_m0
@@ -319,14 +318,14 @@ def attnc_bwd_dkdv(
                 q_i = q_i.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             x = s + row_bias[:, None]
             p = tl.where(keep, tl.sigmoid(x), 0.0)
             ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
 
     DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
     DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh

@@ -89,7 +89,7 @@ def attnc_fwd(
     rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
 
@@ -143,7 +143,7 @@ def attnc_fwd(
                     mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
         if KV_PERMUTED:
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
@@ -157,7 +157,7 @@ def attnc_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
@@ -170,7 +170,7 @@ def attnc_fwd(
                     mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
         if KV_PERMUTED:
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
@@ -186,7 +186,7 @@ def attnc_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
@@ -239,7 +239,7 @@ def attnc_bwd_dq(
     rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
 
@@ -250,7 +250,8 @@ def attnc_bwd_dq(
     b = bh // n_heads
     h = bh % n_heads
     h_kv = h // kv_group
-    b64, h64, h_kv64, bh64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64), bh.to(tl.int64)
+    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
+    bh64 = bh.to(tl.int64)
     Q_base = Q + b64 * stride_qb + h64 * stride_qh
     K_base = K + b64 * stride_kb + h_kv64 * stride_kh
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
@@ -293,9 +294,9 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
         ds = p * (dp - delta[:, None])
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
@@ -307,7 +308,7 @@ def attnc_bwd_dq(
         for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions
             g_ptr = G0 + g_f
             tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     # PARTIAL tiles: the mask per element.
     for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
@@ -321,10 +322,10 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         # rel_bias, read 0: per entry, the sum of ds * d bias / d entry over the tile
@@ -335,7 +336,7 @@ def attnc_bwd_dq(
         for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions
             g_ptr = G0 + g_f
             tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision="ieee")
+        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
@@ -357,7 +358,7 @@ def attnc_bwd_dkdv(
     rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
     query heads of the group in order (deterministic grouped-query gradients).
@@ -414,13 +415,13 @@ def attnc_bwd_dkdv(
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.exp(s - stat_safe[:, None])
             ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
         # PARTIAL tiles: the mask per element.
         for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
             offs_m = tl.load(PART_T_IDX + t) * BLOCK_M + offs_m0
@@ -438,14 +439,14 @@ def attnc_bwd_dkdv(
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * row_scale[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
             keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision="ieee")
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
 
     DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
     DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh

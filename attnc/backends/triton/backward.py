@@ -16,7 +16,7 @@ from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
 from .host import HostState
-from .launch import ADDR_LIMIT, _extent, common_values, to_kernel_order
+from .launch import ADDR_LIMIT, _extent, common_values, launch_options, to_kernel_order
 
 # The bias tables' partial gradients, one row per dQ program, are refused beyond this.
 MAX_TABLE_GRAD_BYTES = 4 << 30
@@ -61,8 +61,9 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
                  **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
                  "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx}
     with launch_guard():
-        c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"))
-        c.module.attnc_bwd_dkdv[(s.kv_tiles, B * Hkv)](**abi.bind(ir, dkdv_args, "dkdv"))
+        c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v))
+        c.module.attnc_bwd_dkdv[(s.kv_tiles, B * Hkv)](**abi.bind(ir, dkdv_args, "dkdv"),
+                                                      **launch_options("dkdv", q, v))
     table_grads = {}
     for n, rows in grads.items():
         t = tensors[ir.tensors[n].name]

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ...codegen import abi
+from ...codegen.target import dot_precision, launch_config
 from ...ir import nodes as N
 from ...ir.scores import sink_logits, softcap_value
 from ...analysis.tiles import Schedule
@@ -53,7 +54,17 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
         # int64 only for huge slices (or strided views spanning a huge storage).
         "ADDR64": any(_extent(t, dims=(2, 3)) >= ADDR_LIMIT for t in (q, k, v)),
         "Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity,
+        "DOT_PRECISION": dot_precision(q.dtype),
     }
+
+
+def launch_options(kernel: str, q, v) -> dict:
+    """Warps and stages of a native launch (codegen/target.launch_config); none in the interpreter."""
+    if q.device.type != "cuda":
+        return {}
+    major, minor = torch.cuda.get_device_capability(q.device)
+    warps, stages = launch_config(kernel, major * 10 + minor, max(q.shape[3], v.shape[3]))
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def to_kernel_order(state: HostState, lay, q, k, v, device):
@@ -91,7 +102,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
     kwargs = abi.bind(ir, values)
     with launch_guard():  # the interpreter is not reentrant across threads
-        c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs)
+        c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs, **launch_options("fwd", q, v))
     if not lay.q_identity and not kernel_order:  # back to row-major: token order[p] is at position p
         q_inverse = state.orders(device)[2]
         out, stat = out.index_select(2, q_inverse), stat.index_select(2, q_inverse)

@@ -1,0 +1,223 @@
+"""Static GPU reports: the generated kernels compiled for a GPU target, on any machine.
+
+Triton compiles a kernel for a GPUTarget without a GPU (`triton.compile` on an ASTSource), and
+its wheel ships ptxas and cuobjdump. From them, per kernel: registers and spills (ptxas -v on
+the PTX), shared memory (Triton's metadata), whether the matmuls use tensor cores (HGMMA is
+wgmma, HMMA is mma, in the SASS), and the instruction count of each main loop (a backward branch
+in the SASS delimits a loop body).
+
+A process in Triton's interpreter mode cannot compile natively (its kernels and Triton's own
+helpers are interpreted functions), so there the compile runs in a child process with
+TRITON_INTERPRET=0. The child renders the kernel source from the spec text itself, through the
+verified cache path: nothing but attnc's own rendering is executed.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import AttncError
+from ..ir import nodes as N
+from . import abi
+
+KERNELS = {"fwd": "attnc_fwd", "dq": "attnc_bwd_dq", "dkdv": "attnc_bwd_dkdv"}
+DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# Shared memory one block may use (opt-in maximum), bytes: A100, RTX 30xx, RTX 40xx / L40, H100.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+_FLOAT32 = {"Stat", "Delta", "ROW_SCALE", "ROW_BIAS", "SINK"}
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot's input precision for q, k, v of `dtype`. float32 follows PyTorch's own setting, as
+    its matmuls do: "highest" (the default) computes exactly (IEEE), "high" and "medium" allow
+    TF32 tensor cores. 16-bit inputs always use tensor cores; the setting does not apply."""
+    import torch
+
+    if dtype != torch.float32:
+        return "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of a kernel, chosen statically from the reports (bench/results/
+    kernel-quality-*.md): the forward takes 4 warps up to head dim 64 and 8 above (with 4, its
+    accumulator leaves no registers at D = 128 and spills); the backward kernels hold more tiles
+    live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV,
+    1 at D = 256 below sm_90's shared memory. `arch` None: no GPU (the interpreter ignores both)."""
+    warps = 4 if kernel == "fwd" and head_dim <= 64 else 8
+    stages = 2 if kernel == "dkdv" else 3
+    if head_dim > 128 and (arch or 90) < 90:
+        stages = 1
+    return warps, stages
+
+
+def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: int, block_n: int,
+              precision: str = "ieee") -> tuple[dict, dict]:
+    """Triton's (signature, constexprs) of one kernel for q, k, v of `dtype` ('fp16', 'bf16',
+    'fp32') and head dim `head_dim` (also Dv), from the ABI; `precision`: tl.dot's input
+    precision (launch.dot_precision)."""
+    pow2 = max(16, 1 << (head_dim - 1).bit_length())
+    sig, const = {}, {}
+    for a in abi.kernel_args(ir, kernel):
+        if a.kind == abi.PTR:
+            if a.name in _DATA:
+                sig[a.name] = "*" + dtype
+            elif a.name in _FLOAT32 or a.name.endswith("_grad"):
+                sig[a.name] = "*fp32"
+            elif a.name.startswith("rt") and a.name.endswith("_ptr"):  # float32 tables, int32 ids
+                sig[a.name] = "*fp32" if ir.tensors[int(a.name[2:].split("_")[0])].dtype == N.FLOAT else "*i32"
+            else:
+                sig[a.name] = "*i32"  # schedule lists and orders
+        elif a.kind == abi.INT:
+            sig[a.name] = "i32"
+        elif a.kind == abi.FLOAT:
+            sig[a.name] = "fp32"
+        else:
+            sig[a.name] = "constexpr"
+            const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
+                             "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision}.get(a.name, False)
+    return sig, const
+
+
+def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype: str, head_dim: int, block_m: int,
+               block_n: int, num_warps: int | None = None, num_stages: int | None = None, sass: bool = False
+               ) -> list[dict]:
+    """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
+    'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop, in program
+    order), cubin (bytes), and with sass=True the SASS text. float32 follows
+    torch.get_float32_matmul_precision(), as the launch does; warps and stages are the launch's
+    (`launch_config`) unless given."""
+    if arch not in SHARED_LIMIT:
+        raise AttncError(f"arch {arch} is not a target attnc reports on; choose one of {sorted(SHARED_LIMIT)}")
+    if dtype not in DTYPES.values():
+        raise AttncError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not 1 <= head_dim <= 256:
+        raise AttncError(f"head_dim {head_dim} is outside 1..256")
+    import torch
+
+    precision = dot_precision({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    configs = {}
+    for kernel in KERNELS:
+        warps, stages = launch_config(kernel, arch, head_dim)
+        configs[kernel] = (num_warps or warps, num_stages or stages)
+    job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
+               configs=configs, precision=precision)
+    from ..settings import settings
+
+    if settings().interpret:
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        done = subprocess.run([sys.executable, "-m", "attnc.codegen.target"], input=json.dumps(job), env=env,
+                              capture_output=True, text=True, timeout=1800,
+                              cwd=str(Path(__file__).resolve().parents[2]))
+        if done.returncode != 0:
+            raise AttncError(f"compiling for sm_{arch} failed:\n{done.stderr[-4000:]}")
+        compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    else:
+        compiled = _compile_all(job, ir)
+    return [_describe(kernel, entry, arch, *configs[kernel], sass) for kernel, entry in compiled.items()]
+
+
+def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
+    """{kernel: {shared, ptxas (its -v log), cubin (base64)}}, compiled natively in this process."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..settings import settings
+    from .cache import load_module
+
+    if ir is None:
+        from ..frontend import parse
+        from ..ir.lower import lower
+
+        ir = lower(parse(job["spec"]))
+    module, _, _ = load_module(ir, settings().cache_dir)
+    out = {}
+    for kernel, name in KERNELS.items():
+        sig, const = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
+                               job["precision"])
+        k = triton.compile(ASTSource(getattr(module, name), sig, const),
+                           target=GPUTarget("cuda", job["arch"], 32),
+                           options={"num_warps": job["configs"][kernel][0], "num_stages": job["configs"][kernel][1]})
+        with tempfile.TemporaryDirectory(prefix="attnc-report-") as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(k.asm["ptx"])
+            gpu = f"sm_{job['arch']}a" if job["arch"] >= 90 else f"sm_{job['arch']}"
+            info = subprocess.run([_ptxas(job["arch"]), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp) / "v.o")],
+                                  capture_output=True, text=True)
+        out[kernel] = {"shared": int(k.metadata.shared), "ptxas": info.stdout + info.stderr,
+                       "cubin": base64.b64encode(k.asm["cubin"]).decode()}
+    return out
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (its wheel ships one per CUDA generation)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _describe(kernel: str, entry: dict, arch: int, num_warps: int, num_stages: int, sass: bool) -> dict:
+    cubin = base64.b64decode(entry["cubin"])
+    with tempfile.TemporaryDirectory(prefix="attnc-report-") as tmp:
+        cub = Path(tmp) / "k.cubin"
+        cub.write_bytes(cubin)
+        text = subprocess.run([_tool("cuobjdump"), "-sass", str(cub)], capture_output=True, text=True).stdout
+    log = entry["ptxas"]
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    tensor = "wgmma" if "HGMMA" in text else "mma" if "HMMA" in text else "none"
+    out = {"kernel": KERNELS[kernel], "registers": int(regs.group(1)) if regs else None,
+           "spill_bytes": max(spills, default=0), "shared_bytes": entry["shared"], "tensor_cores": tensor,
+           "num_warps": num_warps, "num_stages": num_stages, "loops": main_loops(text), "cubin": cubin}
+    if sass:
+        out["sass"] = text
+    return out
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)")
+
+
+def main_loops(sass: str) -> list[int]:
+    """SASS instructions in each outermost loop body, in program order. A loop is a backward
+    branch (to an address at or before the branch); loops nested in another count towards it."""
+    spans = set()
+    for line in sass.splitlines():
+        m = _INSN.search(line)
+        if not m:
+            continue
+        b = _BRANCH.search(m.group(2))
+        at = int(m.group(1), 16)
+        if b and int(b.group(1), 16) < at:
+            spans.add((int(b.group(1), 16), at))
+    outer = sorted(s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and o != s for o in spans))
+    return [(end - start) // 16 + 1 for start, end in outer]  # 16-byte instructions (sm_70 and later)
+
+
+def _child() -> None:
+    job = json.loads(sys.stdin.read())
+    print(json.dumps(_compile_all(job)))
+
+
+if __name__ == "__main__":
+    _child()
