@@ -32,6 +32,33 @@ def _param_values(extra: list[str]) -> dict[str, int | float]:
     return out
 
 
+def cmd_bench(args, extra) -> int:
+    import itertools
+
+    import torch
+
+    from .benchmark import format_rows, run
+    from .runtime import compile
+
+    sweeps: dict[str, list] = {}
+    for flag, value in zip(extra[::2], extra[1::2]):  # --N 1024,2048: one run per value
+        sweeps[flag] = value.split(",")
+    if len(extra) % 2:
+        raise AttncError(f"parameter {extra[-1]} needs a value")
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    for values in itertools.product(*sweeps.values()):
+        params = _param_values([x for pair in zip(sweeps, values) for x in pair])
+        fn = compile(args.file, tiles=_tiles(args.tiles), layout=args.layout, **params)
+        print(f"\n{fn.ir.name}({fn.compiled.bound.describe()}): batch {args.batch}, {args.heads} heads, head dim "
+              f"{args.head_dim}, {dtype}, {'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU (interpreter)'}, "
+              f"layout {fn.layout.name}")
+        rows = run(fn, args.batch, args.heads, args.head_dim, getattr(torch, dtype),
+                   backward=not args.forward_only, repeats=1 if args.smoke else args.repeats)
+        print(format_rows(rows))
+    return 0
+
+
 def _tiles(text: str) -> tuple[int, int]:
     try:
         m, n = text.lower().split("x")
@@ -131,27 +158,10 @@ def _plot(compiled, path: str) -> None:
     print(f"tile map written to {path}", file=sys.stderr)
 
 
-def random_tensors(fn, heads: int, gen, device) -> dict:
-    """Plausible runtime tensors for `attnc run`: sorted small ids for integer tensors (document
-    ids), N(0, 0.5^2) tables for score modifiers, of the smallest shape the spec accepts."""
-    import torch
-
-    from .ir import nodes as N
-
-    out = {}
-    extents = fn._extents(heads)
-    for decl in fn.ir.tensors:
-        shape = extents.get(decl.name, (1,) * decl.rank)
-        if decl.dtype == N.FLOAT:
-            out[decl.name] = (torch.randn(shape, generator=gen) * 0.5).to(device)
-        else:
-            ids = torch.randint(0, 4, shape, generator=gen)
-            out[decl.name] = (ids.sort(dim=-1).values if decl.rank == 1 else ids).to(device)
-    return out
-
-
 def cmd_run(args, extra) -> int:
     import torch
+
+    from .benchmark import random_tensors
 
     from .analysis.tiles import tile_picture
     from .pipeline import build
@@ -244,6 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
     p.add_argument("--backend", choices=["triton", "reference"], default="triton",
                    help="reference: the dense evaluator (routing specs have no kernel yet)")
+    p = sub.add_parser("bench", help="time forward and forward+backward against SDPA and FlexAttention",
+                       description="Parameters follow the file as --NAME VALUE; a comma list sweeps it, "
+                                   "e.g. --N 4096,8192.")
+    p.add_argument("file")
+    p.add_argument("--tiles", default="64x64")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="default: bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--layout", default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny repeats on CPU: checks that the command works")
     args, extra = parser.parse_known_args(argv)
     try:
         if args.cmd == "check":
@@ -252,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.cmd == "explain":
             return cmd_explain(args, extra)
+        if args.cmd == "bench":
+            return cmd_bench(args, extra)
         return cmd_run(args, extra)
     except AttncError as err:
         print(err, file=sys.stderr)
