@@ -12,27 +12,24 @@ Writes kernel-quality-<date>.md and .json.
 """
 from __future__ import annotations
 
+import argparse
+import base64
+import datetime as dt
+import json
 import os
-
-os.environ["TRITON_INTERPRET"] = "0"  # native compiles: before anything imports Triton
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-import argparse  # noqa: E402
-import base64  # noqa: E402
-import datetime as dt  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
-# Small sizes: the kernels do not depend on them (sizes are runtime arguments).
+# Small sizes: the kernels do not depend on them (sizes are runtime arguments). Also the
+# bindings of tests/test_gpu_compile.py (importing this module has no side effects).
 PARAMS = {"causal": dict(N=64), "cross_causal": dict(M=64, N=64), "sliding_window": dict(N=64, W=16),
           "natten2d": dict(H=16, W=16), "longformer": dict(N=64, W=5, G=3), "gna3d_video": dict(T=4, H=16, W=16),
           "streaming_sink": dict(N=64, W=16, S=4), "swin_shifted": dict(H=14, W=14), "swin_bias": dict(H=14, W=14),
@@ -67,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated spec names")
     ap.add_argument("--out", help="directory for kernel-quality-<date>.md/.json")
     args = ap.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "0"  # native compiles: before anything imports Triton
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import torch
     import triton
 

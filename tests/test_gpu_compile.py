@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from attnc.codegen.target import SHARED_LIMIT
+from bench.kernel_quality import PARAMS
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"sm90": (90, "bfloat16", 64, "wgmma"), "sm80": (80, "float16", 64, "mma")}
@@ -43,12 +44,6 @@ KNOWN_SPILLS = {
     ("sm80", "swin_bias", "attnc_bwd_dkdv"): 4,
     ("sm80", "swin_shifted", "attnc_bwd_dq"): 16,
 }
-PARAMS = {"causal": dict(N=64), "cross_causal": dict(M=64, N=64), "sliding_window": dict(N=64, W=16),
-          "natten2d": dict(H=16, W=16), "longformer": dict(N=64, W=5, G=3), "gna3d_video": dict(T=4, H=16, W=16),
-          "streaming_sink": dict(N=64, W=16, S=4), "swin_shifted": dict(H=14, W=14), "swin_bias": dict(H=14, W=14),
-          "maxvit_grid": dict(H=8, W=8, G=2), "sigmoid_causal": dict(N=64), "softplus": dict(N=64),
-          "scale_dit": dict(H=12, W=8), "document_causal": dict(N=64), "alibi_causal": dict(N=64),
-          "softcap_sink": dict(N=64, W=16)}
 
 _SCRIPT = r'''
 import json, sys
