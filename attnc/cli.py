@@ -118,7 +118,7 @@ def cmd_explain(args, extra) -> int:
 
 def _report(compiled, args) -> None:
     """The static GPU report (codegen/target.py) as a table, and with --sass the main loops' SASS."""
-    from .codegen.target import DTYPES, SHARED_LIMIT, gpu_report
+    from .codegen.target import DTYPES, SHARED_LIMIT
 
     arch = int(args.target.lower().removeprefix("sm_").removeprefix("sm"))
     dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
@@ -127,8 +127,9 @@ def _report(compiled, args) -> None:
     s = compiled.schedule
     print(f"\n== static GPU report: sm_{arch}, {dtype}, head dim {args.head_dim}, tiles {s.block_m}x{s.block_n} "
           f"(compiled without a GPU) " + "=" * 8, file=sys.stderr, flush=True)
-    rows = gpu_report(compiled.spec.text, compiled.spec.ir, arch, DTYPES[dtype], args.head_dim, s.block_m, s.block_n,
-                      sass=args.sass)
+    from .runtime import AttentionFn
+
+    rows = AttentionFn(compiled).gpu_report(arch, dtype, args.head_dim, sass=args.sass)
     print(f"{'kernel':16} {'regs':>5} {'spill B':>8} {'shared KB':>10} {'tensor cores':>13} {'warps':>6} {'stages':>7}  loops")
     for r in rows:
         over = " (over the limit)" if r["shared_bytes"] > SHARED_LIMIT[arch] else ""

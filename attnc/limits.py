@@ -36,6 +36,10 @@ MAX_DENSE_MASK_BYTES = 4 * GiB
 # One dense [B, H, Nq, Nk] tensor of the reference backend (scores, weights), in its dtype.
 MAX_REFERENCE_BYTES = 4 * GiB
 
+# The partial gradients of one bias table in the backward pass: one row per (batch, head,
+# query tile), float32.
+MAX_TABLE_GRAD_BYTES = 4 * GiB
+
 # Pairs evaluated at once by the numpy evaluator (mask_block works in row chunks of this size),
 # so that its int64 intermediates stay small whatever the output size.
 EVAL_CHUNK_PAIRS = 1 << 22

@@ -99,9 +99,10 @@ class AttentionFn:
         name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(name, name)
         if name not in DTYPES:
             raise AttncError(f"dtype {dtype!r}: choose torch.float16, torch.bfloat16 or torch.float32")
-        s = self.compiled.schedule
+        s, lay = self.compiled.schedule, self.compiled.layout
+        flags = {"Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity, "INT64": bool(self.compiled.int64)}
         return gpu_report(self.spec.text, self.ir, int(arch), DTYPES[name], int(head_dim), s.block_m, s.block_n,
-                          num_warps=num_warps, num_stages=num_stages, sass=sass)
+                          num_warps=num_warps, num_stages=num_stages, sass=sass, flags=flags)
 
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
@@ -156,6 +157,11 @@ class AttentionFn:
 
     def _ordered(self, tensors: dict) -> list[torch.Tensor]:
         """The runtime tensors in declaration order (the custom op takes a list)."""
+        names = {t.name for t in self.ir.tensors}
+        unknown = [n for n in tensors if n not in names]  # eager calls caught these already; traced ones not
+        if unknown:
+            raise AttncError(f"'{self.ir.name}' reads no runtime tensor '{unknown[0]}'",
+                             hint=suggest(unknown[0], names) or f"it reads: {', '.join(sorted(names)) or 'none'}")
         missing = [t.name for t in self.ir.tensors if t.name not in tensors]
         if missing:
             raise AttncError(f"'{self.ir.name}' reads runtime tensor '{missing[0]}'; pass it as {missing[0]}=tensor")
@@ -217,12 +223,12 @@ class AttentionFn:
                                      hint="kernels read integer tensors as int32")
             if floating and t.numel() and (torch.isnan(t).any() or (t == float("inf")).any()):
                 raise AttncError(f"runtime tensor '{name}' contains NaN or +inf",
-                                 hint="-inf is allowed: it hides a pair (or silences a sink)")
+                                 hint="-inf is allowed: it hides a pair (a logit of -cap under a soft-cap) or silences a sink")
             # finite beyond float32 would be inf (or nan) in kernels
             if floating and t.numel() and (big := torch.isfinite(t) & (t.abs() > MAX_FLOAT)).any():
                 raise AttncError(f"runtime tensor '{name}' holds {t[big].flatten()[0].item():.4g}; kernels read "
                                  f"tables in float32 (finite up to 3.4e38), so values must lie within ±{MAX_FLOAT:.0e}",
-                                 hint="-inf is allowed: it hides a pair (or silences a sink)")
+                                 hint="-inf is allowed: it hides a pair (a logit of -cap under a soft-cap) or silences a sink")
             out[name] = t
         check_divisors(  # a mask divisor read from a tensor: no 0 where read
             self.compiled.bound, out, self.compiled.spec)

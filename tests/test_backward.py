@@ -498,3 +498,75 @@ def test_torch_compile_causal(device):
 @kernels_only
 def test_torch_compile_alibi_with_a_table(device):
     _compiled_vs_eager("alibi_causal", dict(N=40), _slopes, device)
+
+
+# -- regressions from review ------------------------------------------------------------------------
+NAN_AT_HIDDEN = """attention nan_at_hidden(N) {
+    q, kv = seq(N)
+    mask  = causal
+    bias  = log(q.i - k.i + 1)
+    score = SCORE
+}"""
+
+
+@pytest.mark.parametrize("score", ["softmax(softcap = 5.0)", "sigmoid(bias = -3.0)"])
+def test_a_bias_that_is_nan_where_hidden_leaves_gradients_finite(score, device):
+    """log(q.i - k.i + 1) is nan at hidden pairs (k after q): the soft-cap's and sigmoid's
+    derivatives there must not turn zero gradients into nan, on either backend."""
+    _check(NAN_AT_HIDDEN.replace("SCORE", score), dict(N=40), torch.float32, device, tiles=(16, 16))
+
+
+def test_padding_rows_of_full_tiles_add_nothing_to_dk_dv(device):
+    """The bias is nan on the padding rows past N of the last q tile (log of a negative), and that
+    tile is FULL: dK/dV sums over rows, so the padding must contribute exact zeros."""
+    spec = "attention pad(N) {\n    q, kv = seq(N)\n    bias = log(N - q.i)\n}"
+    kern, _ = _check(spec, dict(N=40), torch.float32, device, tiles=(32, 32))
+    assert all(torch.isfinite(t).all() for t in kern.values())
+
+
+def test_gradients_at_zero_follow_torch_conventions(device):
+    """abs'(0) = 0 and max splits a tie evenly, as torch does: zero-initialised tables (the
+    module's default) meet both on the first step."""
+    spec = """attention at_zero(N) {
+        q, kv = seq(N)
+        mask  = causal
+        bias  = -abs(t[head]) * (q.i - k.i) + max(u[0], u[1])
+    }"""
+    _check(spec, dict(N=40), torch.float32, device, tiles=(16, 16),
+           tables=lambda hq, g: {"t": torch.zeros(hq), "u": torch.zeros(2)})
+
+
+def test_tables_that_want_no_gradient_get_none_and_cost_nothing(device):
+    fn = attnc.compile(SPECS / "swin_bias.attn", tiles=(32, 32), H=7, W=7)
+    q, k, v = (torch.randn(1, 2, 49, 16, generator=_gen(s)).to(device) for s in range(3))
+    table = torch.randn(13, 13, generator=_gen(3)).to(device)  # frozen: no requires_grad
+    leaf = q.clone().requires_grad_()
+    fn(leaf, k, v, rel_bias=table).sum().backward()
+    ref_q = q.cpu().double().requires_grad_()
+    attnc.compile(SPECS / "swin_bias.attn", backend="reference", H=7, W=7)(
+        ref_q, k.cpu().double(), v.cpu().double(), rel_bias=table.cpu().double()).sum().backward()
+    assert table.grad is None
+    torch.testing.assert_close(leaf.grad.cpu().double(), ref_q.grad, rtol=0, atol=1e-5)
+
+
+@kernels_only
+def test_torch_compile_with_strided_inputs_and_a_permuting_layout(device):
+    """Compiled graphs check the backward's output strides against its fake implementation:
+    q, k, v as transposed views, a layout that permutes, and a transposed table."""
+    torch._dynamo.reset()
+    fn = attnc.compile(SPECS / "swin_bias.attn", tiles=(16, 16), layout="boxes", H=7, W=14)
+    assert fn.layout.name != "row_major"
+
+    def f(x, table):
+        q = x.view(1, 98, 2, 16).transpose(1, 2)
+        return fn(q, q, q, rel_bias=table.t()).square().sum()
+
+    x = torch.randn(1, 98, 32, generator=_gen(0)).to(device)
+    table = torch.randn(13, 13, generator=_gen(1)).to(device)
+    grads = []
+    for call in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        leaves = [x.clone().requires_grad_(), table.clone().requires_grad_()]
+        call(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

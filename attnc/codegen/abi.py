@@ -113,7 +113,9 @@ def _data(ir: N.Attention, kernel: str) -> list[Arg]:
     for n in grad_tables(ir):
         grads += [Arg(table_name(n, "grad"), PTR, f"float32 [programs, numel of table {n}]: each dQ program's "
                       "own partial gradient of the table", f"gradient {n}"),
-                  Arg(table_name(n, "gstride"), INT, f"numel of table {n}", f"gradient {n}")]
+                  Arg(table_name(n, "gstride"), INT, f"numel of table {n}", f"gradient {n}"),
+                  Arg(table_name(n, "want"), CONSTEXPR, f"table {n} wants its gradient (else the buffer is a "
+                      "dummy and the kernel skips it)", f"gradient {n}")]
     return [q, k, v, *back, Arg("DQ", PTR, "dq [B, Hq, Nq, D]", "data"), *grads]
 
 

@@ -40,7 +40,8 @@ class _GradEmitter(_Emitter):
             d = self.deriv(e.operand, wrt)
             if e.op == "neg":
                 return self.temp(f"-{d}")
-            return self.temp(f"tl.where({self.emit(e.operand)} >= 0, {d}, -{d})")  # abs
+            x = self.emit(e.operand)  # abs; abs'(0) = 0, as torch has it
+            return self.temp(f"tl.where({x} > 0, {d}, tl.where({x} < 0, -{d}, 0.0))")
         if isinstance(e, N.Call):
             a, d = self.emit(e.args[0]), self.deriv(e.args[0], wrt)
             outer = {"exp": self.emit(e), "log": f"1.0 / {a}", "sqrt": f"0.5 / {self.emit(e)}"}[e.fn]
@@ -49,9 +50,10 @@ class _GradEmitter(_Emitter):
             da, db = self.deriv(e.lhs, wrt), self.deriv(e.rhs, wrt)
             a, b = self.emit(e.lhs) if db or e.op in ("min", "max", "/") else None, self.emit(e.rhs) \
                 if da or e.op in ("min", "max", "/") else None  # only the operands the rule reads
-            if e.op in ("min", "max"):
-                pick = "<=" if e.op == "min" else ">="
-                return self.temp(f"tl.where({a} {pick} {b}, {da or '0.0'}, {db or '0.0'})")
+            if e.op in ("min", "max"):  # a tie splits the gradient evenly, as torch does
+                first = "<" if e.op == "min" else ">"
+                da, db = da or "0.0", db or "0.0"
+                return self.temp(f"tl.where({a} {first} {b}, {da}, tl.where({a} == {b}, 0.5 * ({da} + {db}), {db}))")
             terms = {"+": [da, db], "-": [da, db and f"-{db}"],
                      "*": [da and f"{da} * {b}", db and f"{a} * {db}"],
                      "/": [da and f"{da} / {b}", db and f"-{a} * {db} / ({b} * {b})"]}[e.op]
@@ -114,10 +116,11 @@ def _helpers(score: N.Score) -> list[str]:
     ]
 
 
-def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True) -> list[str]:
+def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bool = False) -> list[str]:
     """The tile's logits s, the weights p (zero where hidden; only where ds needs them, unless
     `weights`) and ds = d loss / d logit before the row scale, from q, k, v, do and the row
-    vectors in scope."""
+    vectors in scope. `rows`: a FULL tile whose q tile may run past the last query (dK/dV sums
+    over rows, so padding rows must add exact zeros even where a bias is not finite there)."""
     score = ir.score
     call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
     lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
@@ -129,7 +132,9 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True) -> list[
                   "        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz"]
     if masked:
         lines.append(f"        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible({call})")
-    hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked else (lambda x: x)
+    elif rows:
+        lines.append("        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)")
+    hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked or rows else (lambda x: x)
     lines.append('        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)')
     if score.kind == "softmax":
         lines += [f"        p = {hide('tl.exp(s - stat_safe[:, None])')}",
@@ -146,6 +151,9 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True) -> list[
         lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])')}")
     if score.softcap is not None:
         lines.append("        ds = ds * d_cap")
+    if (masked or rows) and score.logit_bias is not None and (score.softcap is not None or score.kind != "softmax"):
+        # factors computed at hidden pairs (a bias may be nan there) must not reach ds
+        lines.append("        ds = tl.where(keep, ds, 0.0)")
     return lines
 
 
@@ -157,15 +165,15 @@ def _table_grads(ir: N.Attention, masked: bool) -> list[str]:
     lines = ["        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)"] if slots and not masked else []
     for n, r in slots:
         lines += [
-            f"        # {ir.tensors[n].name}, read {r}: per entry, the sum of ds * d bias / d entry over the tile",
-            f"        g_at, g_w = bias_grad_{n}_{r}({call})",
-        ]
-        lines += ["        g_val = tl.where(keep, ds * g_w, 0.0)",
-                  "        g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))",
-                  "        g_hi = tl.max(tl.where(keep, g_at, -1))",
-            "        for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions",
-            f"            g_ptr = G{n} + g_f",
-            "            tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))",
+            f"        if {abi.table_name(n, 'want')}:  # {ir.tensors[n].name}, read {r}: per entry, the sum of "
+            "ds * d bias / d entry over the tile",
+            f"            g_at, g_w = bias_grad_{n}_{r}({call})",
+            "            g_val = tl.where(keep, ds * g_w, 0.0)",
+            "            g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))",
+            "            g_hi = tl.max(tl.where(keep, g_at, -1))",
+            "            for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions",
+            f"                g_ptr = G{n} + g_f",
+            "                tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))",
         ]
     return lines
 
@@ -322,7 +330,8 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
             # A FULL tile's kv side is in bounds, but its q tile may run past the last query.
             *_load_rows("            ", bounded=True),
             *_row_vectors(score, "            "),
-            *("    " + x for x in _logits_and_ds(ir, masked)),
+            # Without a bias, padding rows (q = 0, lse = -inf) have p = 0 exactly; a bias may be nan there.
+            *("    " + x for x in _logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None)),
             '            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)',
             '            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)',
         ]

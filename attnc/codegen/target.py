@@ -59,10 +59,11 @@ def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, in
 
 
 def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: int, block_n: int,
-              precision: str = "ieee") -> tuple[dict, dict]:
+              precision: str = "ieee", flags: dict | None = None) -> tuple[dict, dict]:
     """Triton's (signature, constexprs) of one kernel for q, k, v of `dtype` ('fp16', 'bf16',
     'fp32') and head dim `head_dim` (also Dv), from the ABI; `precision`: tl.dot's input
-    precision (launch.dot_precision)."""
+    precision (dot_precision); `flags`: the boolean constexprs the launch sets (Q_PERMUTED,
+    KV_PERMUTED, INT64; the rest False)."""
     pow2 = max(16, 1 << (head_dim - 1).bit_length())
     sig, const = {}, {}
     for a in abi.kernel_args(ir, kernel):
@@ -82,13 +83,14 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
         else:
             sig[a.name] = "constexpr"
             const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
-                             "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision}.get(a.name, False)
+                             "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
+                             **(flags or {})}.get(a.name, a.name.endswith("_want"))
     return sig, const
 
 
 def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype: str, head_dim: int, block_m: int,
-               block_n: int, num_warps: int | None = None, num_stages: int | None = None, sass: bool = False
-               ) -> list[dict]:
+               block_n: int, num_warps: int | None = None, num_stages: int | None = None, sass: bool = False,
+               flags: dict | None = None) -> list[dict]:
     """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
     'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop, in program
     order), cubin (bytes), and with sass=True the SASS text. float32 follows
@@ -108,15 +110,18 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype: str, head_dim:
         warps, stages = launch_config(kernel, arch, head_dim)
         configs[kernel] = (num_warps or warps, num_stages or stages)
     job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-               configs=configs, precision=precision)
+               configs=configs, precision=precision, flags=flags or {})
     from ..settings import settings
 
     if settings().interpret:
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        done = subprocess.run([sys.executable, "-m", "attnc.codegen.target"], input=json.dumps(job), env=env,
-                              capture_output=True, text=True, timeout=1800,
-                              cwd=str(Path(__file__).resolve().parents[2]))
+        try:
+            done = subprocess.run([sys.executable, "-m", "attnc.codegen.target"], input=json.dumps(job), env=env,
+                                  capture_output=True, text=True, timeout=1800,
+                                  cwd=str(Path(__file__).resolve().parents[2]))
+        except subprocess.TimeoutExpired:
+            raise AttncError(f"compiling for sm_{arch} took more than 30 minutes; gave up") from None
         if done.returncode != 0:
             raise AttncError(f"compiling for sm_{arch} failed:\n{done.stderr[-4000:]}")
         compiled = json.loads(done.stdout.strip().splitlines()[-1])
@@ -143,7 +148,7 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     out = {}
     for kernel, name in KERNELS.items():
         sig, const = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
-                               job["precision"])
+                               job["precision"], job.get("flags"))
         k = triton.compile(ASTSource(getattr(module, name), sig, const),
                            target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["configs"][kernel][0], "num_stages": job["configs"][kernel][1]})
@@ -153,6 +158,8 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
             gpu = f"sm_{job['arch']}a" if job["arch"] >= 90 else f"sm_{job['arch']}"
             info = subprocess.run([_ptxas(job["arch"]), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp) / "v.o")],
                                   capture_output=True, text=True)
+        if info.returncode != 0:
+            raise AttncError(f"ptxas could not assemble {KERNELS[kernel]} for sm_{job['arch']}:\n{info.stderr[-2000:]}")
         out[kernel] = {"shared": int(k.metadata.shared), "ptxas": info.stdout + info.stderr,
                        "cubin": base64.b64encode(k.asm["cubin"]).decode()}
     return out

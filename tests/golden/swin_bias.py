@@ -226,7 +226,7 @@ def bias_grad_0_0(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_
 @triton.jit
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
-    rt0_grad, rt0_gstride,
+    rt0_grad, rt0_gstride, rt0_want: tl.constexpr,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
     FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -300,14 +300,14 @@ def attnc_bwd_dq(
         p = tl.exp(s - stat_safe[:, None])
         ds = p * (dp - delta[:, None])
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-        # rel_bias, read 0: per entry, the sum of ds * d bias / d entry over the tile
-        g_at, g_w = bias_grad_0_0(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
-        g_val = tl.where(keep, ds * g_w, 0.0)
-        g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))
-        g_hi = tl.max(tl.where(keep, g_at, -1))
-        for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions
-            g_ptr = G0 + g_f
-            tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))
+        if rt0_want:  # rel_bias, read 0: per entry, the sum of ds * d bias / d entry over the tile
+            g_at, g_w = bias_grad_0_0(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
+            g_val = tl.where(keep, ds * g_w, 0.0)
+            g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))
+            g_hi = tl.max(tl.where(keep, g_at, -1))
+            for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions
+                g_ptr = G0 + g_f
+                tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))
         dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     # PARTIAL tiles: the mask per element.
@@ -328,14 +328,14 @@ def attnc_bwd_dq(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
-        # rel_bias, read 0: per entry, the sum of ds * d bias / d entry over the tile
-        g_at, g_w = bias_grad_0_0(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
-        g_val = tl.where(keep, ds * g_w, 0.0)
-        g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))
-        g_hi = tl.max(tl.where(keep, g_at, -1))
-        for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions
-            g_ptr = G0 + g_f
-            tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))
+        if rt0_want:  # rel_bias, read 0: per entry, the sum of ds * d bias / d entry over the tile
+            g_at, g_w = bias_grad_0_0(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
+            g_val = tl.where(keep, ds * g_w, 0.0)
+            g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))
+            g_hi = tl.max(tl.where(keep, g_at, -1))
+            for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions
+                g_ptr = G0 + g_f
+                tl.store(g_ptr, tl.load(g_ptr) + tl.sum(tl.where(g_at == g_f, g_val, 0.0)))
         dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
@@ -417,8 +417,9 @@ def attnc_bwd_dkdv(
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64)
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p = tl.exp(s - stat_safe[:, None])
+            p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)

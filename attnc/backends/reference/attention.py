@@ -89,7 +89,9 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
     extra = logit_bias(bound, hq, tensors, d, q)
     if extra is not None:
         _check_visible_bias(bound, extra, mask)
-        s = s + extra
+        # A bias may be nan or inf where the mask hides the pair: keep it out of everything
+        # after (a soft-cap's or sigmoid's derivative there would turn a zero gradient into nan).
+        s = torch.where(mask, s + extra, torch.zeros((), dtype=s.dtype, device=s.device))
     cap = softcap_value(bound, d)
     if cap is not None:
         s = cap * torch.tanh(s / cap)

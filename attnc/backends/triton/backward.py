@@ -18,15 +18,13 @@ from ..inputs import host_ints
 from .host import HostState
 from .launch import ADDR_LIMIT, _extent, common_values, launch_options, to_kernel_order
 
-# The bias tables' partial gradients, one row per dQ program, are refused beyond this.
-MAX_TABLE_GRAD_BYTES = 4 << 30
-
-
 def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
-             kernel_order: bool = False):
+             kernel_order: bool = False, want_q: bool = True, want_kv: bool = True, want: set | None = None):
     """(dq, dk, dv, {float tensor: gradient}), from the forward's inputs and results (row-major,
     or kernel order with kernel_order=True) and the gradients of its outputs: dout, and dstat,
-    the gradient of the logsumexp (softmax only; None for none)."""
+    the gradient of the logsumexp (softmax only; None for none). Only what is wanted is
+    computed: dq with want_q, dk and dv with want_kv (else None), the tables named in `want`
+    (every float table when None)."""
     ir, lay = c.spec.ir, c.layout
     B, Hq, Nq, D = q.shape
     Hkv = k.shape[1]
@@ -49,41 +47,46 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     shared = {**common_values(c, state, s, q, k, v, tensors, sink, natural=True),
               "DO": dout, "Stat": stat, "Delta": delta, **abi.stride_values("do", dout)}
     shared["ADDR64"] = shared["ADDR64"] or _extent(dout, dims=(2, 3)) >= ADDR_LIMIT
-    grads = {n: _grad_rows(ir, n, shared, B * Hq * s.q_tiles, device) for n in abi.grad_tables(ir)}
+    wanted = [n for n in abi.grad_tables(ir) if want is None or ir.tensors[n].name in want]
+    grads = {n: _grad_rows(ir, n, shared, B * Hq * s.q_tiles, device) for n in wanted}
     full_ptr, full_idx, part_ptr, part_idx = state.tables(device, s)
     dq_args = {**shared, "Q": q, "K": k, "V": v, "DQ": dq, **abi.stride_values("dq", dq),
                "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx}
-    for n, rows in grads.items():
+    for n in abi.grad_tables(ir):  # a table nobody wants: a dummy buffer the kernel never touches
+        rows = grads.get(n, delta.new_zeros((1, 1)))
         dq_args[abi.table_name(n, "grad")] = rows
         dq_args[abi.table_name(n, "gstride")] = int(rows.shape[1])
+        dq_args[abi.table_name(n, "want")] = n in grads
     ft_ptr, ft_idx, pt_ptr, pt_idx = state.transposed(device, s)
     dkdv_args = {**shared, "Q": q, "K": k, "V": v, "DK": dk, "DV": dv,
                  **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
                  "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx}
     with launch_guard():
-        c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v))
-        c.module.attnc_bwd_dkdv[(s.kv_tiles, B * Hkv)](**abi.bind(ir, dkdv_args, "dkdv"),
-                                                      **launch_options("dkdv", q, v))
+        if want_q or grads:
+            c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v))
+        if want_kv:
+            c.module.attnc_bwd_dkdv[(s.kv_tiles, B * Hkv)](**abi.bind(ir, dkdv_args, "dkdv"),
+                                                          **launch_options("dkdv", q, v))
     table_grads = {}
     for n, rows in grads.items():
         t = tensors[ir.tensors[n].name]
         table_grads[ir.tensors[n].name] = rows.sum(0)[: t.numel()].view(t.shape).to(t.dtype)
     if sink is not None:
-        _sink_table_grads(c, tensors, sink_grad(sink, stat, delta), Hq, D, table_grads)
+        _sink_table_grads(c, tensors, sink_grad(sink, stat, delta), Hq, D, table_grads, want)
     if not kernel_order:
         orders = state.orders(device)
         if not lay.q_identity:
             dq = dq.index_select(2, orders[2])
         if not lay.kv_identity:
             dk, dv = dk.index_select(2, orders[3]), dv.index_select(2, orders[3])
-    return dq, dk, dv, table_grads
+    return dq if want_q else None, dk if want_kv else None, dv if want_kv else None, table_grads
 
 
 def _grad_rows(ir: N.Attention, n: int, shared: dict, programs: int, device) -> torch.Tensor:
     """Zeroed float32 [programs, numel] partial gradients of bias table n, one row per dQ program."""
     numel = max(1, shared[abi.table_name(n, "ptr")].numel())
     limits.check_bytes(f"the partial gradients of '{ir.tensors[n].name}' (one row per query tile and head)",
-                       (programs, numel), 4, MAX_TABLE_GRAD_BYTES, "MAX_TABLE_GRAD_BYTES")
+                       (programs, numel), 4, limits.MAX_TABLE_GRAD_BYTES, "MAX_TABLE_GRAD_BYTES")
     return torch.zeros((programs, numel), dtype=torch.float32, device=device)
 
 
@@ -95,11 +98,12 @@ def sink_grad(sink, stat, delta) -> torch.Tensor:
     return -(weight * delta).sum(dim=(0, 2)).to(sink.dtype)
 
 
-def _sink_table_grads(c: Compiled, tensors: dict, dsink, heads: int, head_dim: int, grads: dict) -> None:
+def _sink_table_grads(c: Compiled, tensors: dict, dsink, heads: int, head_dim: int, grads: dict,
+                      want: set | None) -> None:
     """Carry d loss / d sink on to the float tables the sink expression reads: a vector-Jacobian
     product of the sink's torch evaluation (torch.func, which works inside a custom op)."""
     reads = {x.tensor for x in N.walk(c.spec.ir.score.sink) if isinstance(x, N.Lookup)}
-    names = [n for n, t in tensors.items() if n in reads and t.dtype.is_floating_point]
+    names = [n for n, t in tensors.items() if n in reads and t.dtype.is_floating_point and (want is None or n in want)]
     if not names:
         return
     like = dsink.new_empty(0)

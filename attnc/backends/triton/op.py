@@ -61,30 +61,34 @@ def _(q, k, v, tensors, handle, kernel_order, checked):
 @torch.library.custom_op("attnc::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, dstat: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, out: torch.Tensor, stat: torch.Tensor, tensors: list[torch.Tensor],
-                       handle: int, kernel_order: bool) -> list[torch.Tensor]:
-    """[dq, dk, dv, then per runtime tensor its gradient (zeros for a float tensor nothing
-    differentiable reads, an empty tensor for integer ones)]."""
+                       handle: int, kernel_order: bool, wanted: list[bool]) -> list[torch.Tensor]:
+    """[dq, dk, dv, then per runtime tensor its gradient], contiguous, each where `wanted`
+    ([q, k, v, *tensors]) asks for it and an empty tensor elsewhere (integer tensors included)."""
     from .backward import backward
 
     fn = _fn(handle)
     named = fn._named(tensors)
+    want = {name for name, w in zip(named, wanted[3:]) if w}
     dq, dk, dv, grads = backward(fn.compiled, fn._host, q, k, v, out, stat, dout.contiguous(), dstat, named,
-                                 kernel_order)
-    rest = [grads[name] if name in grads else (torch.zeros_like(t) if t.dtype.is_floating_point else t.new_empty(0))
-            for name, t in named.items()]
-    return [dq, dk, dv, *rest]
+                                 kernel_order, want_q=wanted[0], want_kv=wanted[1] or wanted[2], want=want)
+    firsts = [x.contiguous() if w and x is not None else q.new_empty(0) for x, w in zip((dq, dk, dv), wanted)]
+    rest = [(grads[name].contiguous() if name in grads else torch.zeros_like(t, memory_format=torch.contiguous_format))
+            if w else t.new_empty(0) for (name, t), w in zip(named.items(), wanted[3:])]
+    return [*firsts, *rest]
 
 
 @attention_backward.register_fake
-def _(dout, dstat, q, k, v, out, stat, tensors, handle, kernel_order):
-    rest = [torch.empty_like(t) if t.dtype.is_floating_point else t.new_empty(0) for t in tensors]
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *rest]
+def _(dout, dstat, q, k, v, out, stat, tensors, handle, kernel_order, wanted):
+    # Contiguous, like the real outputs (compiled graphs check strides against these).
+    return [x.new_empty(x.shape) if w else x.new_empty(0) for x, w in zip([q, k, v, *tensors], wanted)]
 
 
 def _setup(ctx, inputs, output):
     q, k, v, tensors, handle, kernel_order, _ = inputs
     out, stat = output
     ctx.save_for_backward(q, k, v, out, stat, *tensors)
+    ctx.wanted = [bool(x.requires_grad) for x in (q, k, v)] + \
+        [bool(t.requires_grad and t.dtype.is_floating_point) for t in tensors]
     ctx.handle, ctx.kernel_order = handle, kernel_order
     # Keep the callable (and so its registry entry) alive until backward. Under torch.compile
     # with dynamic shapes the handle may be traced as a symbolic int: nothing to hold there.
@@ -95,9 +99,9 @@ def _backward(ctx, dout, dstat):
     q, k, v, out, stat, *tensors = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = attention_backward(dout, dstat, q, k, v, out, stat, tensors, ctx.handle, ctx.kernel_order)
-    table_grads = [g if t.dtype.is_floating_point else None for g, t in zip(grads[3:], tensors)]
-    return grads[0], grads[1], grads[2], table_grads, None, None, None
+    grads = attention_backward(dout, dstat, q, k, v, out, stat, tensors, ctx.handle, ctx.kernel_order, ctx.wanted)
+    grads = [g if w else None for g, w in zip(grads, ctx.wanted)]
+    return grads[0], grads[1], grads[2], grads[3:], None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup)
