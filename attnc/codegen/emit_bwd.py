@@ -266,8 +266,11 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
     ]
     for n in abi.grad_tables(ir):
+        # This program's own row; a table passed per head holds this head's slice only (offsets
+        # there include h * hs, subtracted here; hs is 0 for a shared table).
+        head = f" - h64 * {abi.table_name(n, 'hs')}" if ir.tensors[n].per_head else ""
         lines.append(f"    G{n} = {abi.table_name(n, 'grad')} + (bh64 * tl.num_programs(0) + q_tile) * "
-                     f"{abi.table_name(n, 'gstride')}  # this program's own row")
+                     f"{abi.table_name(n, 'gstride')}{head}")
     for masked in (False, True):
         ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
         lines += [

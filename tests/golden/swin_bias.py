@@ -280,7 +280,7 @@ def attnc_bwd_dq(
     stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
     delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    G0 = rt0_grad + (bh64 * tl.num_programs(0) + q_tile) * rt0_gstride  # this program's own row
+    G0 = rt0_grad + (bh64 * tl.num_programs(0) + q_tile) * rt0_gstride - h64 * rt0_hs
 
     # FULL tiles: no mask, no bounds checks.
     for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):

@@ -70,7 +70,11 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     table_grads = {}
     for n, rows in grads.items():
         t = tensors[ir.tensors[n].name]
-        table_grads[ir.tensors[n].name] = rows.sum(0)[: t.numel()].view(t.shape).to(t.dtype)
+        if _per_head(ir, n, t):  # rows are (batch, head, q tile) in order: sum batch and tiles per head
+            g = rows.view(B, Hq, -1, rows.shape[1]).sum(dim=(0, 2))
+        else:
+            g = rows.sum(0)
+        table_grads[ir.tensors[n].name] = g.reshape(-1)[: t.numel()].view(t.shape).to(t.dtype)
     if sink is not None:
         _sink_table_grads(c, tensors, sink_grad(sink, stat, delta), Hq, D, table_grads, want)
     if not kernel_order:
@@ -83,11 +87,17 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
 
 
 def _grad_rows(ir: N.Attention, n: int, shared: dict, programs: int, device) -> torch.Tensor:
-    """Zeroed float32 [programs, numel] partial gradients of bias table n, one row per dQ program."""
-    numel = max(1, shared[abi.table_name(n, "ptr")].numel())
+    """Zeroed float32 [programs, numel] partial gradients of bias table n, one row per dQ program:
+    the whole table, or one head's slice of a table passed per head ([heads, ...])."""
+    table = shared[abi.table_name(n, "ptr")]
+    numel = max(1, table.numel() // (table.shape[0] if _per_head(ir, n, table) else 1))
     limits.check_bytes(f"the partial gradients of '{ir.tensors[n].name}' (one row per query tile and head)",
                        (programs, numel), 4, limits.MAX_TABLE_GRAD_BYTES, "MAX_TABLE_GRAD_BYTES")
     return torch.zeros((programs, numel), dtype=torch.float32, device=device)
+
+
+def _per_head(ir: N.Attention, n: int, table: torch.Tensor) -> bool:
+    return ir.tensors[n].per_head and table.dim() == ir.tensors[n].rank + 1
 
 
 def sink_grad(sink, stat, delta) -> torch.Tensor:
