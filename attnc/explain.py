@@ -33,8 +33,21 @@ def explain(c: Compiled, sections=None) -> str:
             f"integer width in kernel: {'int64' if c.int64 else 'int32'}",
         ]
     if "kernel" in sections and c.kernel_source is not None:
-        out += [_rule(f"generated kernel ({c.kernel_path})"), c.kernel_source.rstrip()]
+        out += [_rule("launch config on a GPU (warps x stages, codegen/target.launch_config)"),
+                *launch_lines(),
+                _rule(f"generated kernels ({c.kernel_path})"), c.kernel_source.rstrip()]
     return "\n".join(out)
+
+
+def launch_lines() -> list[str]:
+    from .codegen.target import KERNELS, launch_config
+
+    lines = []
+    for kernel, name in KERNELS.items():
+        cells = [f"D={d}: {'x'.join(map(str, launch_config(kernel, arch, d)))}" for arch, d in
+                 ((90, 64), (90, 128), (90, 256), (80, 256))]
+        lines.append(f"{name:16} sm_90 {', '.join(cells[:3])}; sm_80 {cells[3]} (else as sm_90)")
+    return lines
 
 
 def _rule(title: str) -> str:
