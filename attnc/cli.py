@@ -40,11 +40,10 @@ def cmd_bench(args, extra) -> int:
     from .benchmark import format_rows, run
     from .runtime import compile
 
-    sweeps: dict[str, list] = {}
-    for flag, value in zip(extra[::2], extra[1::2]):  # --N 1024,2048: one run per value
-        sweeps[flag] = value.split(",")
-    if len(extra) % 2:
-        raise AttncError(f"parameter {extra[-1]} needs a value")
+    tokens = [part for x in extra for part in (x.split("=", 1) if x.startswith("--") else [x])]  # --N=64 too
+    if len(tokens) % 2:
+        raise AttncError(f"parameter {tokens[-1]} needs a value")
+    sweeps = {flag: value.split(",") for flag, value in zip(tokens[::2], tokens[1::2])}  # --N 1024,2048: a run each
     gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     for values in itertools.product(*sweeps.values()):
@@ -118,12 +117,10 @@ def cmd_explain(args, extra) -> int:
 
 def _report(compiled, args) -> None:
     """The static GPU report (codegen/target.py) as a table, and with --sass the main loops' SASS."""
-    from .codegen.target import DTYPES, SHARED_LIMIT
+    from .codegen.target import SHARED_LIMIT, dtype_name
 
     arch = int(args.target.lower().removeprefix("sm_").removeprefix("sm"))
-    dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
-    if dtype not in DTYPES:
-        raise AttncError(f"--dtype {args.dtype}: choose bf16, fp16 or fp32")
+    dtype = dtype_name(args.dtype)
     s = compiled.schedule
     print(f"\n== static GPU report: sm_{arch}, {dtype}, head dim {args.head_dim}, tiles {s.block_m}x{s.block_n} "
           f"(compiled without a GPU) " + "=" * 8, file=sys.stderr, flush=True)

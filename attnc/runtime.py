@@ -91,17 +91,13 @@ class AttentionFn:
         per kernel with kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
         'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop) and
         cubin; with sass=True also the SASS. See codegen/target.py."""
-        from .codegen.target import DTYPES, gpu_report
+        from .codegen.target import gpu_report
 
         if self.compiled.schedule is None:
             raise AttncError("the reference backend has no kernels; compile with backend='triton'")
-        name = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
-        name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(name, name)
-        if name not in DTYPES:
-            raise AttncError(f"dtype {dtype!r}: choose torch.float16, torch.bfloat16 or torch.float32")
         s, lay = self.compiled.schedule, self.compiled.layout
         flags = {"Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity, "INT64": bool(self.compiled.int64)}
-        return gpu_report(self.spec.text, self.ir, int(arch), DTYPES[name], int(head_dim), s.block_m, s.block_n,
+        return gpu_report(self.spec.text, self.ir, int(arch), dtype, int(head_dim), s.block_m, s.block_n,
                           num_warps=num_warps, num_stages=num_stages, sass=sass, flags=flags)
 
     def __repr__(self) -> str:
@@ -157,15 +153,18 @@ class AttentionFn:
 
     def _ordered(self, tensors: dict) -> list[torch.Tensor]:
         """The runtime tensors in declaration order (the custom op takes a list)."""
-        names = {t.name for t in self.ir.tensors}
-        unknown = [n for n in tensors if n not in names]  # eager calls caught these already; traced ones not
-        if unknown:
-            raise AttncError(f"'{self.ir.name}' reads no runtime tensor '{unknown[0]}'",
-                             hint=suggest(unknown[0], names) or f"it reads: {', '.join(sorted(names)) or 'none'}")
+        self._refuse_unknown(tensors)  # eager calls checked already; traced ones did not
         missing = [t.name for t in self.ir.tensors if t.name not in tensors]
         if missing:
             raise AttncError(f"'{self.ir.name}' reads runtime tensor '{missing[0]}'; pass it as {missing[0]}=tensor")
         return [tensors[t.name] for t in self.ir.tensors]
+
+    def _refuse_unknown(self, given: dict) -> None:
+        names = [t.name for t in self.ir.tensors]
+        for name in given:
+            if name not in names:
+                hint = suggest(name, names) or (f"it reads: {', '.join(names)}" if names else "it reads none")
+                raise AttncError(f"'{self.ir.name}' reads no runtime tensor '{name}'", hint=hint)
 
     def _named(self, tensors: list) -> dict[str, torch.Tensor]:
         return {decl.name: t for decl, t in zip(self.ir.tensors, tensors, strict=True)}
@@ -177,10 +176,7 @@ class AttentionFn:
         backend differentiates through float tables). With heads=None (fn.mask), only the
         integer tensors the mask reads are required."""
         decls = {t.name: t for t in self.ir.tensors}
-        for name in given:
-            if name not in decls:
-                hint = suggest(name, decls) or (f"it reads: {', '.join(decls)}" if decls else "it reads none")
-                raise AttncError(f"'{self.ir.name}' reads no runtime tensor '{name}'", hint=hint)
+        self._refuse_unknown(given)
         extents = self.compiled.tensor_extents if heads is None else self._extents(heads)
         out = {}
         for name, decl in decls.items():

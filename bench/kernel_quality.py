@@ -13,12 +13,10 @@ Writes kernel-quality-<date>.md and .json.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,20 +40,12 @@ QUICK = [(90, "bf16", 128), (80, "fp16", 64)]
 
 def yardstick(arch: int, dtype: str, head_dim: int) -> int:
     """The yardstick's loop under the launch config attnc gives its own forward kernel."""
-    from attnc.codegen.target import _describe, _ptxas, launch_config
+    from attnc.codegen.target import assembled, describe, launch_config
     from bench.yardstick import compile_yardstick
 
     warps, stages = launch_config("fwd", arch, head_dim)
     k = compile_yardstick(arch, dtype, head_dim, num_warps=warps, num_stages=stages)
-    ptx = Path("/tmp") / f"attnc-yardstick-{os.getpid()}.ptx"
-    ptx.write_text(k.asm["ptx"])
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    info = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", str(ptx), "-o", os.devnull],
-                          capture_output=True, text=True)
-    ptx.unlink()
-    entry = {"shared": k.metadata.shared, "ptxas": info.stdout + info.stderr,
-             "cubin": base64.b64encode(k.asm["cubin"]).decode()}
-    return _describe("fwd", entry, arch, warps, stages, False)["loops"][0]
+    return describe("fa2_fwd", assembled(k, arch), warps, stages)["loops"][0]
 
 
 def main(argv=None) -> int:

@@ -84,9 +84,6 @@ def table_values(ir: N.Attention, tensors: dict) -> dict:
     return out
 
 
-KERNELS = ("fwd", "dq", "dkdv")
-
-
 def grad_tables(ir: N.Attention) -> list[int]:
     """Numbers of the float runtime tensors the logit bias reads: the dQ kernel accumulates their
     gradients (a sink's gradient is computed on the host from the row statistics)."""

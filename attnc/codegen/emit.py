@@ -247,6 +247,8 @@ def _prelude(score: N.Score) -> list[str]:
     ]
     if score.softcap is not None:
         lines += ["", "", *_SOFTCAP]
+    if score.kind == "softplus":
+        lines += ["", "", *_LOG_SOFTPLUS]
     return lines
 
 
@@ -267,6 +269,22 @@ _SOFTCAP = [
     "    e = tl.exp(-2.0 * ax)",
     "    big = cap * ((1.0 - e) / (1.0 + e))",
     "    return tl.where(ax < 0.25, s * series, tl.where(s < 0.0, -big, big))",
+]
+
+
+# Shared by the forward and backward kernels.
+_LOG_SOFTPLUS = [
+    "@triton.jit",
+    "def _log_softplus(s):",
+    '    """(log softplus(s), log1p(exp(-|s|))), exact where softplus underflows: with e = exp(-|s|)',
+    "    and r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0), softplus(s) = e * r",
+    "    for s < 0 and |s| + e * r otherwise (the branch not taken never sees the log of a negative).",
+    '    """',
+    "    e = tl.exp(-tl.abs(s))",
+    "    u = 1.0 + e",
+    "    tiny = u == 1.0",
+    "    r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))",
+    "    return tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)), e * r",
 ]
 
 
@@ -414,15 +432,8 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         ]
     if score.kind == "softplus":
         lines += [
-            "        # log softplus(s), exact where softplus underflows: with e = exp(-|s|) and",
-            "        # r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0),",
-            "        # softplus(s) = e * r for s < 0 and s + e * r otherwise (|s| there: the branch not",
-            "        # taken never sees the log of a negative).",
-            "        e = tl.exp(-tl.abs(s))",
-            "        u = 1.0 + e",
-            "        tiny = u == 1.0",
-            "        r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))",
-            f"        s = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)) * {LOG2E}  # base 2",
+            "        log_sp, l1p = _log_softplus(s)",
+            f"        s = log_sp * {LOG2E}  # base 2",
         ]
     elif score.modified:
         lines.append(f"        s = s * {LOG2E}  # to base 2 after the modifiers")

@@ -48,8 +48,9 @@ class _GradEmitter(_Emitter):
             return self.temp(f"{d} * {outer}")
         if isinstance(e, N.Binary):
             da, db = self.deriv(e.lhs, wrt), self.deriv(e.rhs, wrt)
-            a, b = self.emit(e.lhs) if db or e.op in ("min", "max", "/") else None, self.emit(e.rhs) \
-                if da or e.op in ("min", "max", "/") else None  # only the operands the rule reads
+            both = e.op in ("min", "max", "/")  # else only the operands the rule reads
+            a = self.emit(e.lhs) if db or both else None
+            b = self.emit(e.rhs) if da or both else None
             if e.op in ("min", "max"):  # a tie splits the gradient evenly, as torch does
                 first = "<" if e.op == "min" else ">"
                 da, db = da or "0.0", db or "0.0"
@@ -100,22 +101,6 @@ def emit_grad_functions(ir: N.Attention) -> list[list[str]]:
     return out
 
 
-def _helpers(score: N.Score) -> list[str]:
-    if score.kind != "softplus":
-        return []
-    return [
-        "@triton.jit",
-        "def _softplus_parts(s):",
-        '    """e = exp(-|s|) and r = log1p(e) / e (log1p written out, Goldberg; r -> 1 as e -> 0), so',
-        "    that log1p(e) = e * r and log softplus(s) = s + log(r) (s < 0), log(s + e * r) otherwise,",
-        '    exact where softplus underflows (as in the forward)."""',
-        "    e = tl.exp(-tl.abs(s))",
-        "    u = 1.0 + e",
-        "    tiny = u == 1.0",
-        "    return e, tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))",
-    ]
-
-
 def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bool = False) -> list[str]:
     """The tile's logits s, the weights p (zero where hidden; only where ds needs them, unless
     `weights`) and ds = d loss / d logit before the row scale, from q, k, v, do and the row
@@ -144,11 +129,10 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
                   f"        p = {hide('tl.sigmoid(x)')}",
                   "        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation"]
     else:  # softplus: w = softplus(s) / L, dw/ds = sigmoid(s) / L, both in log space
-        lines.append("        e, r = _softplus_parts(s)")
+        lines.append("        log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p")
         if weights:
-            lines += ["        log_sp = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r))",
-                      f"        p = {hide('tl.exp(log_sp - stat_safe[:, None])')}"]
-        lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])')}")
+            lines.append(f"        p = {hide('tl.exp(log_sp - stat_safe[:, None])')}")
+        lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])')}")
     if score.softcap is not None:
         lines.append("        ds = ds * d_cap")
     if (masked or rows) and score.logit_bias is not None and (score.softcap is not None or score.kind != "softmax"):
@@ -193,9 +177,10 @@ def _row_vectors(score: N.Score, indent: str) -> list[str]:
     return lines
 
 
-def _load_rows(indent: str, bounded: bool) -> list[str]:
-    """q and do of the q tile at offs_m, and the row-major tokens there."""
-    rows = "(offs_m[:, None] < Nq) & " if bounded else ""
+def _load_rows(indent: str) -> list[str]:
+    """q and do of the q tile at offs_m (bounded: even a FULL tile's q tile may run past the last
+    query), and the row-major tokens there."""
+    rows = "(offs_m[:, None] < Nq) & "
     return [
         f"{indent}q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
         f"{indent}            mask={rows}(offs_d[None, :] < HEAD_DIM), other=0.0)",
@@ -261,7 +246,7 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    if ADDR64:",
         "        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)",
         *_OFFSETS,
-        *_load_rows("    ", bounded=True),
+        *_load_rows("    "),
         *_row_vectors(score, "    "),
         "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
     ]
@@ -330,8 +315,7 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         body = [
             f"        for t in range(tl.load({ptr} + kv_tile), tl.load({ptr} + kv_tile + 1)):",
             f"            offs_m = tl.load({idx} + t) * BLOCK_M + offs_m0",
-            # A FULL tile's kv side is in bounds, but its q tile may run past the last query.
-            *_load_rows("            ", bounded=True),
+            *_load_rows("            "),
             *_row_vectors(score, "            "),
             # Without a bias, padding rows (q = 0, lse = -inf) have p = 0 exactly; a bias may be nan there.
             *("    " + x for x in _logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None)),
@@ -352,5 +336,4 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
 
 def emit_backward(ir: N.Attention) -> list[list[str]]:
     """The backward parts of the kernel module (after the forward's helpers and functions)."""
-    return [*([_helpers(ir.score)] if _helpers(ir.score) else []), *emit_grad_functions(ir),
-            _dq_kernel(ir), _dkdv_kernel(ir)]
+    return [*emit_grad_functions(ir), _dq_kernel(ir), _dkdv_kernel(ir)]

@@ -34,6 +34,16 @@ _DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 _FLOAT32 = {"Stat", "Delta", "ROW_SCALE", "ROW_BIAS", "SINK"}
 
 
+def dtype_name(dtype) -> str:
+    """Triton's name ('fp16', 'bf16', 'fp32') of a torch dtype or of any of its names
+    (torch.bfloat16, 'bfloat16', 'bf16')."""
+    name = str(dtype).removeprefix("torch.")
+    short = DTYPES.get(name, name)
+    if short not in DTYPES.values():
+        raise AttncError(f"dtype {dtype!r}: choose float16 (fp16), bfloat16 (bf16) or float32 (fp32)")
+    return short
+
+
 def dot_precision(dtype) -> str:
     """tl.dot's input precision for q, k, v of `dtype`. float32 follows PyTorch's own setting, as
     its matmuls do: "highest" (the default) computes exactly (IEEE), "high" and "medium" allow
@@ -88,7 +98,7 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
     return sig, const
 
 
-def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype: str, head_dim: int, block_m: int,
+def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int, block_m: int,
                block_n: int, num_warps: int | None = None, num_stages: int | None = None, sass: bool = False,
                flags: dict | None = None) -> list[dict]:
     """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
@@ -98,13 +108,12 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype: str, head_dim:
     (`launch_config`) unless given."""
     if arch not in SHARED_LIMIT:
         raise AttncError(f"arch {arch} is not a target attnc reports on; choose one of {sorted(SHARED_LIMIT)}")
-    if dtype not in DTYPES.values():
-        raise AttncError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dtype = dtype_name(dtype)
     if not 1 <= head_dim <= 256:
         raise AttncError(f"head_dim {head_dim} is outside 1..256")
     import torch
 
-    precision = dot_precision({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    precision = dot_precision(getattr(torch, {v: k for k, v in DTYPES.items()}[dtype]))
     configs = {}
     for kernel in KERNELS:
         warps, stages = launch_config(kernel, arch, head_dim)
@@ -127,7 +136,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype: str, head_dim:
         compiled = json.loads(done.stdout.strip().splitlines()[-1])
     else:
         compiled = _compile_all(job, ir)
-    return [_describe(kernel, entry, arch, *configs[kernel], sass) for kernel, entry in compiled.items()]
+    return [describe(KERNELS[kernel], entry, *configs[kernel], sass) for kernel, entry in compiled.items()]
 
 
 def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
@@ -152,17 +161,23 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
         k = triton.compile(ASTSource(getattr(module, name), sig, const),
                            target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["configs"][kernel][0], "num_stages": job["configs"][kernel][1]})
-        with tempfile.TemporaryDirectory(prefix="attnc-report-") as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(k.asm["ptx"])
-            gpu = f"sm_{job['arch']}a" if job["arch"] >= 90 else f"sm_{job['arch']}"
-            info = subprocess.run([_ptxas(job["arch"]), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp) / "v.o")],
-                                  capture_output=True, text=True)
-        if info.returncode != 0:
-            raise AttncError(f"ptxas could not assemble {KERNELS[kernel]} for sm_{job['arch']}:\n{info.stderr[-2000:]}")
-        out[kernel] = {"shared": int(k.metadata.shared), "ptxas": info.stdout + info.stderr,
-                       "cubin": base64.b64encode(k.asm["cubin"]).decode()}
+        out[kernel] = assembled(k, job["arch"])
     return out
+
+
+def assembled(k, arch: int) -> dict:
+    """{shared, ptxas (its -v log: registers, spills), cubin (base64)} of a kernel Triton compiled
+    for sm_`arch`: what `describe` reads (bench/yardstick.py's kernel goes through it too)."""
+    with tempfile.TemporaryDirectory(prefix="attnc-report-") as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(k.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        info = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(tmp) / "v.o")],
+                              capture_output=True, text=True)
+    if info.returncode != 0:
+        raise AttncError(f"ptxas could not assemble {k.name} for sm_{arch}:\n{info.stderr[-2000:]}")
+    return {"shared": int(k.metadata.shared), "ptxas": info.stdout + info.stderr,
+            "cubin": base64.b64encode(k.asm["cubin"]).decode()}
 
 
 def _ptxas(arch: int) -> str:
@@ -183,7 +198,8 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _describe(kernel: str, entry: dict, arch: int, num_warps: int, num_stages: int, sass: bool) -> dict:
+def describe(name: str, entry: dict, num_warps: int, num_stages: int, sass: bool = False) -> dict:
+    """The report of one assembled kernel (see gpu_report)."""
     cubin = base64.b64decode(entry["cubin"])
     with tempfile.TemporaryDirectory(prefix="attnc-report-") as tmp:
         cub = Path(tmp) / "k.cubin"
@@ -193,7 +209,7 @@ def _describe(kernel: str, entry: dict, arch: int, num_warps: int, num_stages: i
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     tensor = "wgmma" if "HGMMA" in text else "mma" if "HMMA" in text else "none"
-    out = {"kernel": KERNELS[kernel], "registers": int(regs.group(1)) if regs else None,
+    out = {"kernel": name, "registers": int(regs.group(1)) if regs else None,
            "spill_bytes": max(spills, default=0), "shared_bytes": entry["shared"], "tensor_cores": tensor,
            "num_warps": num_warps, "num_stages": num_stages, "loops": main_loops(text), "cubin": cubin}
     if sass:

@@ -20,6 +20,19 @@ def _floormod(a, b):
 
 
 @triton.jit
+def _log_softplus(s):
+    """(log softplus(s), log1p(exp(-|s|))), exact where softplus underflows: with e = exp(-|s|)
+    and r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0), softplus(s) = e * r
+    for s < 0 and |s| + e * r otherwise (the branch not taken never sees the log of a negative).
+    """
+    e = tl.exp(-tl.abs(s))
+    u = 1.0 + e
+    tiny = u == 1.0
+    r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))
+    return tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)), e * r
+
+
+@triton.jit
 def visible(q_i, k_i, h, head_dim, p_N, INT64: tl.constexpr):
     """mask = true
 
@@ -100,15 +113,8 @@ def attnc_fwd(
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        # log softplus(s), exact where softplus underflows: with e = exp(-|s|) and
-        # r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0),
-        # softplus(s) = e * r for s < 0 and s + e * r otherwise (|s| there: the branch not
-        # taken never sees the log of a negative).
-        e = tl.exp(-tl.abs(s))
-        u = 1.0 + e
-        tiny = u == 1.0
-        r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))
-        s = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)) * 1.4426950408889634  # base 2
+        log_sp, l1p = _log_softplus(s)
+        s = log_sp * 1.4426950408889634  # base 2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         alpha = tl.math.exp2(m_i - m_use)
@@ -133,15 +139,8 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # log softplus(s), exact where softplus underflows: with e = exp(-|s|) and
-        # r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0),
-        # softplus(s) = e * r for s < 0 and s + e * r otherwise (|s| there: the branch not
-        # taken never sees the log of a negative).
-        e = tl.exp(-tl.abs(s))
-        u = 1.0 + e
-        tiny = u == 1.0
-        r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))
-        s = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)) * 1.4426950408889634  # base 2
+        log_sp, l1p = _log_softplus(s)
+        s = log_sp * 1.4426950408889634  # base 2
         keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -160,17 +159,6 @@ def attnc_fwd(
     tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Stat + bh.to(tl.int64) * Nq + offs_m, stat, mask=offs_m < Nq)
-
-
-@triton.jit
-def _softplus_parts(s):
-    """e = exp(-|s|) and r = log1p(e) / e (log1p written out, Goldberg; r -> 1 as e -> 0), so
-    that log1p(e) = e * r and log softplus(s) = s + log(r) (s < 0), log(s + e * r) otherwise,
-    exact where softplus underflows (as in the forward)."""
-    e = tl.exp(-tl.abs(s))
-    u = 1.0 + e
-    tiny = u == 1.0
-    return e, tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))
 
 
 @triton.jit
@@ -243,8 +231,8 @@ def attnc_bwd_dq(
             k_i = k_i.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        e, r = _softplus_parts(s)
-        ds = (dp - delta[:, None]) * tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])
+        log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
+        ds = (dp - delta[:, None]) * tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])
         dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     # PARTIAL tiles: the mask per element.
@@ -262,8 +250,8 @@ def attnc_bwd_dq(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        e, r = _softplus_parts(s)
-        ds = (dp - delta[:, None]) * tl.where(keep, tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None]), 0.0)
+        log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
+        ds = (dp - delta[:, None]) * tl.where(keep, tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None]), 0.0)
         dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
     tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
@@ -344,10 +332,9 @@ def attnc_bwd_dkdv(
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            e, r = _softplus_parts(s)
-            log_sp = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r))
+            log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
             p = tl.exp(log_sp - stat_safe[:, None])
-            ds = (dp - delta[:, None]) * tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None])
+            ds = (dp - delta[:, None]) * tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
         # PARTIAL tiles: the mask per element.
@@ -370,10 +357,9 @@ def attnc_bwd_dkdv(
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            e, r = _softplus_parts(s)
-            log_sp = tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r))
+            log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
             p = tl.where(keep, tl.exp(log_sp - stat_safe[:, None]), 0.0)
-            ds = (dp - delta[:, None]) * tl.where(keep, tl.exp(tl.minimum(s, 0.0) - e * r - stat_safe[:, None]), 0.0)
+            ds = (dp - delta[:, None]) * tl.where(keep, tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
 

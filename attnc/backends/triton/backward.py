@@ -18,6 +18,7 @@ from ..inputs import host_ints
 from .host import HostState
 from .launch import ADDR_LIMIT, _extent, common_values, launch_options, to_kernel_order
 
+
 def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
              kernel_order: bool = False, want_q: bool = True, want_kv: bool = True, want: set | None = None):
     """(dq, dk, dv, {float tensor: gradient}), from the forward's inputs and results (row-major,
