@@ -91,14 +91,27 @@ class AttentionFn:
         per kernel with kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
         'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop) and
         cubin; with sass=True also the SASS. See codegen/target.py."""
+        from .codegen.abi import kernel_params, param_name
         from .codegen.target import gpu_report
 
         if self.compiled.schedule is None:
             raise AttncError("the reference backend has no kernels; compile with backend='triton'")
         s, lay = self.compiled.schedule, self.compiled.layout
         flags = {"Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity, "INT64": bool(self.compiled.int64)}
+        bound = self.compiled.bound
+        values = {"Nq": bound.nq, "Nk": bound.nk,
+                  **{param_name(p.name): bound.env[p.name] for p in kernel_params(self.ir) if p.type == N.INT}}
         return gpu_report(self.spec.text, self.ir, int(arch), dtype, int(head_dim), s.block_m, s.block_n,
-                          num_warps=num_warps, num_stages=num_stages, sass=sass, flags=flags)
+                          num_warps=num_warps, num_stages=num_stages, sass=sass, flags=flags, values=values)
+
+    def to_flex(self, *, block_size: int = 128, **tensors: torch.Tensor):
+        """The same pattern for PyTorch FlexAttention: a FlexExport with `mask_mod`, `score_mod`
+        (None where the score has no Flex form) and a `block_mask` built from attnc's own tile
+        map (no N^2 evaluation). Runtime tensors of the spec are passed by name. See
+        docs/coming_from_flex.md."""
+        from .interop.flex import export
+
+        return export(self, block_size=block_size, **tensors)
 
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"

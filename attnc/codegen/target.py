@@ -68,16 +68,43 @@ def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, in
     return warps, stages
 
 
-def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: int, block_n: int,
-              precision: str = "ieee", flags: dict | None = None) -> tuple[dict, dict]:
-    """Triton's (signature, constexprs) of one kernel for q, k, v of `dtype` ('fp16', 'bf16',
-    'fp32') and head dim `head_dim` (also Dv), from the ABI; `precision`: tl.dot's input
-    precision (dot_precision); `flags`: the boolean constexprs the launch sets (Q_PERMUTED,
-    KV_PERMUTED, INT64; the rest False)."""
-    pow2 = max(16, 1 << (head_dim - 1).bit_length())
-    sig, const = {}, {}
+def launch_values(ir: N.Attention, kernel: str, head_dim: int, values: dict | None) -> dict[str, int]:
+    """The integer arguments Triton sees when the kernel is launched on contiguous [B, H, N, D]
+    tensors (8 query heads, as many kv heads) with `values`: the binding's `Nq`, `Nk` and
+    parameters (kernel argument names). A table's last stride is 1 (contiguous); its sizes, and
+    anything else not known before a call, are left out (no specialisation)."""
+    values = dict(values or {})
+    nq, nk = values.get("Nq"), values.get("Nk")
+    out = {"n_heads": 8, "kv_group": 1, "head_dim": head_dim, **values}
     for a in abi.kernel_args(ir, kernel):
+        if a.name.startswith("stride_"):
+            n = nq if a.name[7:-1] in ("q", "o", "do", "dq") else nk
+            per = {"d": 1, "m": head_dim, "n": head_dim, "h": None if n is None else n * head_dim}[a.name[-1]] \
+                if a.name[-1] in "dmnh" else None
+            if a.name[-1] == "b" and n is not None:
+                per = 8 * n * head_dim
+            if per is not None:
+                out[a.name] = per
+        elif a.name.startswith("rt") and a.name[-2:] == f"s{ir.tensors[int(a.name[2:].split('_')[0])].rank - 1}":
+            out[a.name] = 1
+    return out
+
+
+def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: int, block_n: int,
+              precision: str = "ieee", flags: dict | None = None,
+              values: dict | None = None) -> tuple[dict, dict, dict]:
+    """Triton's (signature, constexprs, attrs) of one kernel for q, k, v of `dtype` ('fp16',
+    'bf16', 'fp32') and head dim `head_dim` (also Dv), from the ABI; `precision`: tl.dot's input
+    precision (dot_precision); `flags`: the boolean constexprs the launch sets (Q_PERMUTED,
+    KV_PERMUTED, INT64; the rest False). Specialised as Triton's launcher specialises the
+    arguments of a launch (`launch_values`): an integer equal to 1 becomes the constant 1, one
+    divisible by 16 and every pointer (torch allocations are aligned) carry tt.divisibility 16."""
+    pow2 = max(16, 1 << (head_dim - 1).bit_length())
+    known = launch_values(ir, kernel, head_dim, values)
+    sig, const, attrs = {}, {}, {}
+    for i, a in enumerate(abi.kernel_args(ir, kernel)):
         if a.kind == abi.PTR:
+            attrs[(i,)] = [["tt.divisibility", 16]]
             if a.name in _DATA:
                 sig[a.name] = "*" + dtype
             elif a.name in _FLOAT32 or a.name.endswith("_grad"):
@@ -87,7 +114,13 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
             else:
                 sig[a.name] = "*i32"  # schedule lists and orders
         elif a.kind == abi.INT:
-            sig[a.name] = "i32"
+            v = known.get(a.name)
+            if v == 1:
+                sig[a.name], const[a.name] = "constexpr", 1
+            else:
+                sig[a.name] = "i32"
+                if v is not None and v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         elif a.kind == abi.FLOAT:
             sig[a.name] = "fp32"
         else:
@@ -95,17 +128,18 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
             const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
                              "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
                              **(flags or {})}.get(a.name, a.name.endswith("_want"))
-    return sig, const
+    return sig, const, attrs
 
 
 def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int, block_m: int,
                block_n: int, num_warps: int | None = None, num_stages: int | None = None, sass: bool = False,
-               flags: dict | None = None) -> list[dict]:
+               flags: dict | None = None, values: dict | None = None) -> list[dict]:
     """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
     'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop, in program
     order), cubin (bytes), and with sass=True the SASS text. float32 follows
     torch.get_float32_matmul_precision(), as the launch does; warps and stages are the launch's
-    (`launch_config`) unless given."""
+    (`launch_config`) unless given. Arguments are specialised as a launch on contiguous tensors
+    with `values` (the binding's sizes and parameters) specialises them (`signature`)."""
     if arch not in SHARED_LIMIT:
         raise AttncError(f"arch {arch} is not a target attnc reports on; choose one of {sorted(SHARED_LIMIT)}")
     dtype = dtype_name(dtype)
@@ -119,7 +153,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
         warps, stages = launch_config(kernel, arch, head_dim)
         configs[kernel] = (num_warps or warps, num_stages or stages)
     job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-               configs=configs, precision=precision, flags=flags or {})
+               configs=configs, precision=precision, flags=flags or {}, values=values or {})
     from ..settings import settings
 
     if settings().interpret:
@@ -156,9 +190,9 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     module, _, _ = load_module(ir, settings().cache_dir)
     out = {}
     for kernel, name in KERNELS.items():
-        sig, const = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
-                               job["precision"], job.get("flags"))
-        k = triton.compile(ASTSource(getattr(module, name), sig, const),
+        sig, const, attrs = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
+                                      job["precision"], job.get("flags"), job.get("values"))
+        k = triton.compile(ASTSource(getattr(module, name), sig, const, attrs),
                            target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["configs"][kernel][0], "num_stages": job["configs"][kernel][1]})
         out[kernel] = assembled(k, job["arch"])
