@@ -56,6 +56,7 @@ def test_parameters_named_like_placeholders_compile_and_match_reference(device):
                                   "specs/scale_dit.attn", PLACEHOLDERS])
 def test_emitted_signatures_are_the_abi(spec):
     ir = attnc.parse(spec).ir
+    from attnc.codegen import parts
     from attnc.codegen.emit import emit_forward
 
     tree = ast.parse(emit_forward(ir, "# test"))
@@ -67,7 +68,7 @@ def test_emitted_signatures_are_the_abi(spec):
         assert (ast.unparse(a.annotation) if a.annotation else None) == \
             ("tl.constexpr" if d.kind == abi.CONSTEXPR else None), d.name
     pair = [a.arg for a in funcs["visible"].args.args]
-    assert pair == ["q_i", "k_i"] + abi.pair_call_args(ir)
+    assert pair == ["q_i", "k_i"] + abi.pair_call_args(ir) + parts.names(ir)
     # Every call of a per-pair function passes exactly those arguments.
     calls = [c for c in ast.walk(funcs["attnc_fwd"]) if isinstance(c, ast.Call)
              and isinstance(c.func, ast.Name) and c.func.id in ("visible", "logit_bias")]

@@ -125,6 +125,9 @@ def _schedule(kernel: str) -> list[Arg]:
         Arg(f"PART{t}_IDX", PTR, f"PARTIAL tiles {whom}: tile indices, int32", "schedule"),
         Arg("Q_ORDER", PTR, "layout.q_perm, int32: kernel position -> row-major token", "schedule"),
         Arg("KV_ORDER", PTR, "layout.kv_perm, int32", "schedule"),
+        Arg("ROW_PARTS", PTR, "token parts of the queries [q parts, Nq] by kernel position (codegen/parts.py), "
+            "int32, int64 where the IR's ranges need it", "schedule"),
+        Arg("COL_PARTS", PTR, "token parts of the keys [k parts, Nk] by kernel position", "schedule"),
     ]
 
 

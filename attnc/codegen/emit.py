@@ -11,223 +11,13 @@ nothing a spec names can rewrite the kernel).
 from __future__ import annotations
 
 from ..ir import nodes as N
-from ..ir.printer import format_expr, format_score, format_space
+from ..ir.printer import format_score
 from . import abi
+from .pairs import emit_pair_function, emit_visible, pair_call
+from .parts import load_lines
 
-_OPS = {"+": "+", "-": "-", "*": "*", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
-        "and": "&", "or": "|"}
 LOG2E = "1.4426950408889634"
 LN2 = "0.6931471805599453"
-
-
-def int_params(ir: N.Attention) -> list[str]:
-    """Kernel argument names carrying the integer parameters, in declaration order."""
-    return [abi.param_name(p.name) for p in ir.params if p.type == N.INT]
-
-
-class _Emitter:
-    """Emits an expression as a list of assignments, sharing repeated subexpressions."""
-
-    def __init__(self, ir: N.Attention, indent: str = "    ", key: str = "k", count: int = 0):
-        self.ir = ir
-        self.indent = indent
-        self.key = key  # name prefix of key coordinates: 'k', or 'k0', 'k1', ... per segment
-        self.lines: list[str] = []
-        self.memo: dict[N.Expr, str] = {}
-        self.count = count
-        self.uses_tile0 = False  # needs `tile0`, a zero of the tile's shape
-
-    def temp(self, code: str) -> str:
-        name = f"t{self.count}"
-        self.count += 1
-        self.lines.append(f"{self.indent}{name} = {code}")
-        return name
-
-    def emit(self, e: N.Expr) -> str:
-        if e in self.memo:
-            return self.memo[e]
-        out = self._emit(e)
-        self.memo[e] = out
-        return out
-
-    def _emit(self, e: N.Expr) -> str:
-        if isinstance(e, N.Const):
-            return repr(e.value)
-        if isinstance(e, N.Param):
-            return abi.param_name(e.name)
-        if isinstance(e, N.HeadDim):
-            return "head_dim"
-        if isinstance(e, N.Head):
-            return "h"
-        if isinstance(e, N.Lookup):
-            n, offset, inside = self.lookup_offset(e)
-            other = "0.0" if e.type == N.FLOAT else "0"
-            # Padding rows and columns of a tile may index past the tensor: those loads are masked.
-            # Offsets are int64 when INT64 is set (the launcher sets it for tables of 2**31 elements).
-            return self.temp(f"tl.load({abi.table_name(n, 'ptr')} + {offset}, mask={inside}, other={other})  # {e.tensor}[...]")
-        if isinstance(e, N.Coord):
-            return f"{self.key if e.side == 'k' else 'q'}_{e.axis}"
-        if isinstance(e, N.Window):
-            line = self.ir.line_of("mask")
-            where = f" (spec line {line})" if line else ""
-            self.lines.append(f"{self.indent}# {format_expr(e)}{where}")
-            return self.temp(self.emit_inline(e.expand()))
-        return self.temp(self.emit_inline(e))
-
-    def lookup_offset(self, e: N.Lookup) -> tuple[int, str, str]:
-        """(tensor number, element offset, in-bounds condition) of a runtime tensor read."""
-        n = [t.name for t in self.ir.tensors].index(e.tensor)
-        # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
-        # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
-        # scalar and tile conditions.
-        idx = []
-        for i in e.indices:
-            if _varies_per_pair(i):
-                idx.append(self.emit(i))
-            else:
-                idx.append(self.temp(f"{self.emit(i)} + tile0"))
-                self.uses_tile0 = True
-        size, stride = (lambda d: abi.table_name(n, f"n{d}")), (lambda d: abi.table_name(n, f"s{d}"))
-        offset = " + ".join(f"{i} * {stride(d)}" for d, i in enumerate(idx))
-        if self.ir.tensors[n].per_head:
-            offset += f" + h * {abi.table_name(n, 'hs')}"
-        inside = " & ".join(f"({i} >= 0) & ({i} < {size(d)})" for d, i in enumerate(idx))
-        return n, offset, inside
-
-    def emit_inline(self, e: N.Expr) -> str:
-        if isinstance(e, N.Unary):
-            x = self.emit(e.operand)
-            return {"not": f"~{x}", "neg": f"-{x}", "abs": f"tl.abs({x})"}[e.op]
-        if isinstance(e, N.Binary):
-            a, b = self.emit(e.lhs), self.emit(e.rhs)
-            if e.op in ("min", "max"):
-                return f"tl.{e.op}imum({a}, {b})"
-            if e.op in ("//", "%"):
-                if _nonneg(e.lhs) and _positive(e.rhs):
-                    return f"{a} {e.op} {b}"  # C and floor semantics agree here
-                return f"{'_floordiv' if e.op == '//' else '_floormod'}({a}, {b})"
-            if e.op == "/":
-                return f"(({a}) * 1.0 / {b})"  # true division, also of integers
-            return f"({a} {_OPS[e.op]} {b})"
-        if isinstance(e, N.Call):
-            return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
-        return self.emit(e)
-
-
-def _varies_per_pair(e: N.Expr) -> bool:
-    return any(isinstance(x, (N.Coord, N.Window)) for x in N.walk(e))
-
-
-def _nonneg(e: N.Expr) -> bool:
-    if isinstance(e, N.Const):
-        return e.value >= 0
-    if isinstance(e, (N.Coord, N.HeadDim)):
-        return True
-    if isinstance(e, N.Unary):
-        return e.op == "abs"
-    if isinstance(e, N.Binary):
-        if e.op in ("+", "*", "min"):
-            return _nonneg(e.lhs) and _nonneg(e.rhs)
-        if e.op == "max":
-            return _nonneg(e.lhs) or _nonneg(e.rhs)
-        if e.op in ("//", "%"):
-            return _nonneg(e.lhs) and _positive(e.rhs)
-    return False
-
-
-def _positive(e: N.Expr) -> bool:
-    return isinstance(e, N.Const) and e.value > 0
-
-
-def _decode(space: N.Space, name: str, used: set[str], em: _Emitter) -> list[str]:
-    """Coordinates `{name}_{axis}` of tokens from the flat index `{name}_i` (row-major)."""
-    out = []
-    rest = f"{name}_i"
-    axes = space.axes
-    if space.kind == "seq" or not (used & set(axes)):
-        return out
-    for pos in range(len(axes) - 1, -1, -1):
-        axis = axes[pos]
-        size = em.emit(space.dims[pos])
-        out.append(f"    {name}_{axis} = {rest} % {size}")
-        if pos:
-            out.append(f"    {name}_r{pos} = {rest} // {size}")
-            rest = f"{name}_r{pos}"
-    return out
-
-
-def _coords_used(e: N.Expr) -> set[tuple[str, str]]:
-    return {(x.side, x.axis) for x in N.walk(e, expand_windows=True) if isinstance(x, N.Coord)}
-
-
-def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produce=None,
-                       emitter=None) -> list[str]:
-    """A @triton.jit function of one (query, key) tile pair ([M, 1] and [1, N] flat indices):
-    the mask (`visible`), the logit bias, or (with `produce`, which returns the codes of several
-    outputs from an emitter and the expression) values derived from the bias, such as its
-    gradient. On a segmented key space each segment gets its own decoded coordinates and its
-    specialised expression, selected by the key's flat index."""
-    emitter = emitter or _Emitter
-    head = [
-        "@triton.jit",
-        f"def {name}({', '.join(['q_i', 'k_i'] + abi.pair_params(ir))}):",
-        f'    """{doc} = {format_expr(expr)}',
-        "",
-        f"    spec line {ir.line_of('mask' if expr is ir.mask else 'bias') or '-'}; "
-        f"q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
-        '    """',
-        "    if INT64:  # widen every integer input, so that no intermediate can wrap",
-        *(f"        {a} = tl.cast({a}, tl.int64)" for a in ["h"] + int_params(ir) + ["head_dim"]),
-    ]
-    is_bool = expr.type == N.BOOL and produce is None
-    if isinstance(expr, N.Const) and is_bool:
-        # Constant masks still return a tile so callers can combine it with bounds checks.
-        return head + [f"    return k_i {'>=' if expr.value else '<'} 0"]
-    produce = produce or (lambda em, sub: [em.emit(sub)])
-    top = emitter(ir)
-    q_used = {a for s, a in _coords_used(expr) if s == "q"}
-    body = _decode(ir.q, "q", q_used, top)
-    parts = N.parts(ir.kv)
-    if isinstance(ir.kv, N.Segments):  # segment bounds first, so every segment shares them
-        bounds = [(top.emit(o), top.emit(sp.size())) for o, (_, sp) in zip(ir.kv.offsets(), parts)]
-    results = []
-    count = top.count
-    uses_tile0 = False
-    for j, (seg, space) in enumerate(parts):
-        sub = N.specialise(expr, seg)
-        key = "k" if seg is None else f"k{j}"
-        em = emitter(ir, key=key, count=count)
-        em.memo = dict(top.memo)
-        if seg is not None:
-            offset, size = bounds[j]
-            em.lines.append(f"    # segment {seg}: {format_space(space)}")
-            em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
-            em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
-        em.lines += _decode(space, key, {a for s, a in _coords_used(sub) if s == "k"}, em)
-        results.append((j, produce(em, sub)))
-        body += em.lines
-        count = em.count
-        uses_tile0 = uses_tile0 or em.uses_tile0
-    sizes = top.lines + (["    tile0 = (q_i + k_i) * 0  # broadcasts tile-invariant indices"] if uses_tile0 else [])
-    outputs = []
-    for o in range(len(results[0][1])):
-        if len(parts) == 1:
-            result = results[0][1][o]
-        elif is_bool:
-            result = " | ".join(f"in{j}" if r[o] == "True" else f"(in{j} & {r[o]})" for j, r in results
-                                if r[o] != "False")
-            result = result or "k_i < 0"
-        else:
-            result = "0.0"
-            for j, r in reversed(results):
-                result = f"tl.where(in{j}, {r[o]}, {result})"
-        outputs.append(result)
-    return head + sizes + body + [f"    return {', '.join(outputs)}"]
-
-
-def emit_visible(ir: N.Attention) -> list[str]:
-    """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
-    return emit_pair_function(ir, "visible", ir.mask, "mask")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -258,7 +48,7 @@ _SOFTCAP = [
     "@triton.jit",
     "def _softcap(s, cap):",
     '    """cap * tanh(s / cap) without cancellation, so that a huge cap returns s itself."""',
-    "    ax = tl.abs(s / cap)",
+    "    ax = tl.abs(s * (1.0 / cap))  # one scalar division, not one per element",
     "    # |x| < 1/4: s * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped",
     "    # |x|, so that the branch not taken cannot overflow).",
     "    a = tl.minimum(ax, 0.25)",
@@ -267,24 +57,40 @@ _SOFTCAP = [
     "             + y * (0.021869488536155203 + y * -0.008863235529902197))))",
     "    # otherwise tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) <= exp(-1/2): no cancellation, no overflow.",
     "    e = tl.exp(-2.0 * ax)",
-    "    big = cap * ((1.0 - e) / (1.0 + e))",
+    "    big = cap * tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # the GPU's reciprocal: 2 ulp",
     "    return tl.where(ax < 0.25, s * series, tl.where(s < 0.0, -big, big))",
 ]
 
 
-# Shared by the forward and backward kernels.
+# log1p(e) / e = 1 + e * Q(e) on [0, 1]: Q of degree 9, least squares on Chebyshev nodes; relative
+# error 4e-9 in exact arithmetic, 1.3e-7 (about one float32 ulp) evaluated in float32. Exactly 1 at
+# e = 0, so that log softplus(s) -> s holds to the last bit where softplus underflows.
+_R_COEFFS = (-0.49999999587939126, 0.3333324756623421, -0.2499702423062591, 0.19959356987749888,
+             -0.1637851242828527, 0.1307133733860227, -0.09202977205983144, 0.04993130856795476,
+             -0.017512306580961198, 0.0028738971656582317)
+
+
+def _horner(x: str, coeffs) -> str:
+    out = repr(coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        out = f"({c!r} + {x} * {out})"
+    return out
+
+
+# Shared by the forward and backward kernels. No division and no precise log or exp: one exp2 and
+# one log2 (single instructions on a GPU) around a polynomial.
 _LOG_SOFTPLUS = [
     "@triton.jit",
-    "def _log_softplus(s):",
-    '    """(log softplus(s), log1p(exp(-|s|))), exact where softplus underflows: with e = exp(-|s|)',
-    "    and r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0), softplus(s) = e * r",
-    "    for s < 0 and |s| + e * r otherwise (the branch not taken never sees the log of a negative).",
+    "def _log2_softplus(s):",
+    '    """(log2 softplus(s), log1p(exp(-|s|))), exact where softplus underflows: with e = exp(-|s|)',
+    "    and r = log1p(e) / e in [ln 2, 1], softplus(s) = e * r for s < 0, whose log2 is",
+    "    s log2(e) + log2(r), and |s| + e * r otherwise (both arguments of log2 are positive).",
     '    """',
-    "    e = tl.exp(-tl.abs(s))",
-    "    u = 1.0 + e",
-    "    tiny = u == 1.0",
-    "    r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))",
-    "    return tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)), e * r",
+    "    a = tl.abs(s)",
+    f"    e = tl.math.exp2(a * -{LOG2E})",
+    f"    r = 1.0 + e * {_horner('e', _R_COEFFS)}",
+    "    l1p = e * r",
+    f"    return tl.math.log2(tl.where(s < 0.0, r, a + l1p)) + tl.minimum(s, 0.0) * {LOG2E}, l1p",
 ]
 
 
@@ -313,8 +119,9 @@ def _docstring(score: N.Score) -> list[str]:
     ]
 
 
-def _setup(score: N.Score) -> list[str]:
-    """Program ids, base pointers, offsets, the q tile, its tokens and row scores."""
+def _setup(ir: N.Attention) -> list[str]:
+    """Program ids, base pointers, offsets, the q tile, its tokens, token parts and row scores."""
+    score = ir.score
     return [
         "    q_tile = tl.program_id(0)",
         "    bh = tl.program_id(1)",
@@ -342,10 +149,15 @@ def _setup(score: N.Score) -> list[str]:
         "        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]",
         "    if INT64:",
         "        q_i = q_i.to(tl.int64)",
+        *load_lines(ir, "q", "    "),
         "    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)",
     ] + ([  # only sigmoid adds a per-row bias after the modifiers
         "    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)",
-    ] if score.kind == "sigmoid" else [])
+    ] if score.kind == "sigmoid" else []) + ([
+        "    # Unmodified sigmoid: the exponent -(s * scale + bias) log2(e) is one FMA per element.",
+        f"    row_scale = row_scale * -{LOG2E}",
+        f"    row_bias = row_bias * -{LOG2E}",
+    ] if score.kind == "sigmoid" and not score.modified else [])
 
 
 def _init_state(score: N.Score) -> list[str]:
@@ -357,6 +169,12 @@ def _init_state(score: N.Score) -> list[str]:
         ]
     elif score.kind == "sigmoid":  # weights are not normalised: no running maximum
         state = ["    l_i = tl.zeros([BLOCK_M], tl.float32)"]
+    elif score.kind == "softplus":  # the running max and log2 of the scale (_softplus_accumulate)
+        state = [
+            '    mx_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
+            '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
+            "    l_i = tl.zeros([BLOCK_M], tl.float32)",
+        ]
     else:
         state = [
             '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
@@ -397,7 +215,7 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
     """s: the tile's logits after the logit bias and the soft-cap (natural units, or base 2 for an
     unmodified softmax, whose host scale includes log2(e))."""
     score = ir.score
-    call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
+    call = pair_call(ir)
     lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     if masked or score.logit_bias is not None:
         lines += [
@@ -406,6 +224,7 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
             "            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]",
             "        if INT64:",
             "            k_i = k_i.to(tl.int64)",
+            *load_lines(ir, "k", "        "),
         ]
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
@@ -420,10 +239,13 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
     log softplus(s), so its weights are normalised in log space. Sigmoid weights are not
     normalised and need no running max."""
     score = ir.score
-    keep = f"        keep = (offs_n[None, :] < Nk) & visible({', '.join(['q_i', 'k_i'] + abi.pair_call_args(ir))})"
+    keep = f"        keep = (offs_n[None, :] < Nk) & visible({pair_call(ir)})"
     lines = []
     if score.kind == "sigmoid":
-        lines.append("        p = tl.sigmoid(s + row_bias[:, None])")
+        # 1 / (1 + 2^-x log2(e)) with the GPU's approximate reciprocal (2 ulp), not a full-precision
+        # division: tl.sigmoid's costs a dozen instructions per element.
+        x = "s + row_bias[:, None]" if not score.modified else f"(s + row_bias[:, None]) * -{LOG2E}"
+        lines.append(f"        p = tl.fdiv(1.0, 1.0 + tl.math.exp2({x}), ieee_rounding=False)")
         if masked:
             lines += [keep, "        p = tl.where(keep, p, 0.0)"]
         return lines + [
@@ -431,11 +253,8 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
             '        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         ]
     if score.kind == "softplus":
-        lines += [
-            "        log_sp, l1p = _log_softplus(s)",
-            f"        s = log_sp * {LOG2E}  # base 2",
-        ]
-    elif score.modified:
+        return lines + _softplus_accumulate(masked, keep)
+    if score.modified:
         lines.append(f"        s = s * {LOG2E}  # to base 2 after the modifiers")
     if masked:
         lines += [keep, '        s = tl.where(keep, s, float("-inf"))']
@@ -453,6 +272,27 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         "        l_i = l_i * alpha + tl.sum(p, 1)",
         '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         "        m_i = m_new",
+    ]
+
+
+def _softplus_accumulate(masked: bool, keep: str) -> list[str]:
+    """Softplus weights in the linear domain, no log in the loop: with m the row's running max
+    logit, acc and l are kept in units of c = exp(min(m, 0)) (m_i holds log2 c), so that nothing
+    underflows when every logit is very negative. Per element, with t = exp(-|s|) / c and
+    e = t c = exp(-|s|): softplus(s) / c = t r(e) + max(s, 0), r(e) = log1p(e) / e (for s < 0,
+    c = exp(min(m, 0)) and t r(e) = exp(s - min(m, 0)) r; for s >= 0, c = 1 and t = e)."""
+    lines = [keep, '        s = tl.where(keep, s, float("-inf"))'] if masked else []
+    return lines + [
+        "        mx_new = tl.maximum(mx_i, tl.max(s, 1))",
+        f'        m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * {LOG2E})',
+        "        alpha = tl.math.exp2(m_i - m_new)",
+        f"        t = tl.math.exp2(tl.abs(s) * -{LOG2E} - m_new[:, None])",
+        "        e = t * tl.math.exp2(m_new)[:, None]",
+        f"        p = t * (1.0 + e * {_horner('e', _R_COEFFS)}) + tl.maximum(s, 0.0)",
+        "        l_i = l_i * alpha + tl.sum(p, 1)",
+        '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
+        "        m_i = m_new",
+        "        mx_i = mx_new",
     ]
 
 
@@ -487,7 +327,7 @@ def emit_kernel(ir: N.Attention) -> list[str]:
         *abi.signature(ir),
         "):",
         *_docstring(ir.score),
-        *_setup(ir.score),
+        *_setup(ir),
         *_init_state(ir.score),
         "",
         *_tile_loop(ir, masked=False),

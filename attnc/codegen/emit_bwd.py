@@ -22,7 +22,9 @@ from __future__ import annotations
 from ..ir import nodes as N
 from ..ir.printer import format_score
 from . import abi
-from .emit import _Emitter, emit_pair_function
+from .emit import LOG2E
+from .pairs import _Emitter, emit_pair_function, pair_call
+from .parts import load_lines
 
 _INF = 'float("inf")'
 
@@ -107,13 +109,13 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
     vectors in scope. `rows`: a FULL tile whose q tile may run past the last query (dK/dV sums
     over rows, so padding rows must add exact zeros even where a bias is not finite there)."""
     score = ir.score
-    call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
+    call = pair_call(ir)
     lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
         lines += ["        s = _softcap(s, softcap)",
-                  "        t_cap = s / softcap",
+                  "        t_cap = s * (1.0 / softcap)",
                   "        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz"]
     if masked:
         lines.append(f"        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible({call})")
@@ -129,9 +131,9 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
                   f"        p = {hide('tl.sigmoid(x)')}",
                   "        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation"]
     else:  # softplus: w = softplus(s) / L, dw/ds = sigmoid(s) / L, both in log space
-        lines.append("        log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p")
+        lines.append("        log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p")
         if weights:
-            lines.append(f"        p = {hide('tl.exp(log_sp - stat_safe[:, None])')}")
+            lines.append(f"        p = {hide(f'tl.math.exp2(log2_sp - stat_safe[:, None] * {LOG2E})')}")
         lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])')}")
     if score.softcap is not None:
         lines.append("        ds = ds * d_cap")
@@ -143,7 +145,7 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
 
 def _table_grads(ir: N.Attention, masked: bool) -> list[str]:
     """Add the tile's contribution to this program's row of every bias table's gradient."""
-    call = ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir))
+    call = pair_call(ir)
     slots = _grad_slots(ir)
     # A FULL tile's q tile may run past the last query: those rows read no table entry.
     lines = ["        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)"] if slots and not masked else []
@@ -177,7 +179,7 @@ def _row_vectors(score: N.Score, indent: str) -> list[str]:
     return lines
 
 
-def _load_rows(indent: str) -> list[str]:
+def _load_rows(ir: N.Attention, indent: str) -> list[str]:
     """q and do of the q tile at offs_m (bounded: even a FULL tile's q tile may run past the last
     query), and the row-major tokens there."""
     rows = "(offs_m[:, None] < Nq) & "
@@ -191,10 +193,11 @@ def _load_rows(indent: str) -> list[str]:
         f"{indent}    q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]",
         f"{indent}if INT64:",
         f"{indent}    q_i = q_i.to(tl.int64)",
+        *load_lines(ir, "q", indent),
     ]
 
 
-def _load_cols(indent: str, bounded: bool) -> list[str]:
+def _load_cols(ir: N.Attention, indent: str, bounded: bool) -> list[str]:
     """k and v of the kv tile at offs_n, and the row-major tokens there."""
     cols = "(offs_n[:, None] < Nk) & " if bounded else ""
     return [
@@ -207,6 +210,7 @@ def _load_cols(indent: str, bounded: bool) -> list[str]:
         f"{indent}    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]",
         f"{indent}if INT64:",
         f"{indent}    k_i = k_i.to(tl.int64)",
+        *load_lines(ir, "k", indent),
     ]
 
 
@@ -246,7 +250,7 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    if ADDR64:",
         "        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)",
         *_OFFSETS,
-        *_load_rows("    "),
+        *_load_rows(ir, "    "),
         *_row_vectors(score, "    "),
         "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
     ]
@@ -263,7 +267,7 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
             "    # PARTIAL tiles: the mask per element." if masked else "    # FULL tiles: no mask, no bounds checks.",
             f"    for t in range(tl.load({ptr} + q_tile), tl.load({ptr} + q_tile + 1)):",
             f"        offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
-            *_load_cols("        ", bounded=masked),
+            *_load_cols(ir, "        ", bounded=masked),
             *_logits_and_ds(ir, masked, weights=False),
             *_table_grads(ir, masked),
             '        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
@@ -300,7 +304,7 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         "    if ADDR64:",
         "        offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)",
         *_OFFSETS,
-        *_load_cols("    ", bounded=True),
+        *_load_cols(ir, "    ", bounded=True),
         "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
         "    for g in range(0, kv_group):",
@@ -315,7 +319,7 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         body = [
             f"        for t in range(tl.load({ptr} + kv_tile), tl.load({ptr} + kv_tile + 1)):",
             f"            offs_m = tl.load({idx} + t) * BLOCK_M + offs_m0",
-            *_load_rows("            "),
+            *_load_rows(ir, "            "),
             *_row_vectors(score, "            "),
             # Without a bias, padding rows (q = 0, lse = -inf) have p = 0 exactly; a bias may be nan there.
             *("    " + x for x in _logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None)),

@@ -20,7 +20,7 @@ def _floormod(a, b):
 
 
 @triton.jit
-def visible(q_i, k_i, h, head_dim, p_M, p_N, INT64: tl.constexpr):
+def visible(q_i, k_i, h, head_dim, p_M, p_N, INT64: tl.constexpr, qp0):
     """mask = k.i <= q.i + (N - M)
 
     spec line 6; q = seq(M), kv = seq(N).
@@ -30,17 +30,15 @@ def visible(q_i, k_i, h, head_dim, p_M, p_N, INT64: tl.constexpr):
         p_M = tl.cast(p_M, tl.int64)
         p_N = tl.cast(p_N, tl.int64)
         head_dim = tl.cast(head_dim, tl.int64)
-    t0 = (p_N - p_M)
-    t1 = (q_i + t0)
-    t2 = (k_i <= t1)
-    return t2
+    t0 = (k_i <= qp0)
+    return t0
 
 
 @triton.jit
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -88,6 +86,10 @@ def attnc_fwd(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    # qp0 = q.i + (N - M)
+    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp0 = qp0.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -128,7 +130,7 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_M, p_N, INT64)
+        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_M, p_N, INT64, qp0)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -152,7 +154,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -197,6 +199,10 @@ def attnc_bwd_dq(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    # qp0 = q.i + (N - M)
+    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp0 = qp0.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -235,7 +241,7 @@ def attnc_bwd_dq(
         if INT64:
             k_i = k_i.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_M, p_N, INT64)
+        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_M, p_N, INT64, qp0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -249,7 +255,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -312,6 +318,10 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
+            # qp0 = q.i + (N - M)
+            qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp0 = qp0.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -335,13 +345,17 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
+            # qp0 = q.i + (N - M)
+            qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp0 = qp0.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_M, p_N, INT64)
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_M, p_N, INT64, qp0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])

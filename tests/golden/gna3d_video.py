@@ -20,7 +20,7 @@ def _floormod(a, b):
 
 
 @triton.jit
-def visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64: tl.constexpr):
+def visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64: tl.constexpr, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5):
     """mask = window[t < T](kernel=3, dilation=1, stride=1, causal=true) and window[y < H](kernel=7, dilation=1, stride=2, causal=false) and window[x < W](kernel=7, dilation=1, stride=2, causal=false)
 
     spec line 5; q = grid(T, H, W), kv = grid(T, H, W).
@@ -31,77 +31,34 @@ def visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64: tl.constexpr):
         p_H = tl.cast(p_H, tl.int64)
         p_W = tl.cast(p_W, tl.int64)
         head_dim = tl.cast(head_dim, tl.int64)
-    q_x = q_i % p_W
-    q_r2 = q_i // p_W
-    q_y = q_r2 % p_H
-    q_r1 = q_r2 // p_H
-    q_t = q_r1 % p_T
-    k_x = k_i % p_W
-    k_r2 = k_i // p_W
-    k_y = k_r2 % p_H
-    k_r1 = k_r2 // p_H
-    k_t = k_r1 % p_T
     # window[t < T](kernel=3, dilation=1, stride=1, causal=true) (spec line 5)
-    t0 = k_t % 1
-    t1 = q_t % 1
-    t2 = (t0 == t1)
-    t3 = (p_T - t1)
-    t4 = (t3 - 1)
-    t5 = tl.minimum(q_t, t4)
-    t6 = (t5 - 2)
-    t7 = tl.maximum(t6, 0)
-    t8 = (t7 <= k_t)
-    t9 = (t2 & t8)
-    t10 = (k_t <= q_t)
-    t11 = (t9 & t10)
+    t0 = (kp0 == qp0)
+    t1 = (qp1 <= kp1)
+    t2 = (t0 & t1)
+    t3 = (kp1 <= qp2)
+    t4 = (t2 & t3)
     # window[y < H](kernel=7, dilation=1, stride=2, causal=false) (spec line 5)
-    t12 = k_y % 1
-    t13 = q_y % 1
-    t14 = (t12 == t13)
-    t15 = q_y // 2
-    t16 = (t15 * 2)
-    t17 = (t16 + 1)
-    t18 = (p_H - t13)
-    t19 = (t18 - 1)
-    t20 = tl.minimum(t17, t19)
-    t21 = (t20 - 3)
-    t22 = (t18 - 7)
-    t23 = tl.minimum(t21, t22)
-    t24 = tl.maximum(t23, 0)
-    t25 = (t24 <= k_y)
-    t26 = (t14 & t25)
-    t27 = (t24 + 7)
-    t28 = (k_y < t27)
-    t29 = (t26 & t28)
-    t30 = (t11 & t29)
+    t5 = (kp2 == qp3)
+    t6 = (qp4 <= kp3)
+    t7 = (t5 & t6)
+    t8 = (kp3 < qp5)
+    t9 = (t7 & t8)
+    t10 = (t4 & t9)
     # window[x < W](kernel=7, dilation=1, stride=2, causal=false) (spec line 5)
-    t31 = k_x % 1
-    t32 = q_x % 1
-    t33 = (t31 == t32)
-    t34 = q_x // 2
-    t35 = (t34 * 2)
-    t36 = (t35 + 1)
-    t37 = (p_W - t32)
-    t38 = (t37 - 1)
-    t39 = tl.minimum(t36, t38)
-    t40 = (t39 - 3)
-    t41 = (t37 - 7)
-    t42 = tl.minimum(t40, t41)
-    t43 = tl.maximum(t42, 0)
-    t44 = (t43 <= k_x)
-    t45 = (t33 & t44)
-    t46 = (t43 + 7)
-    t47 = (k_x < t46)
-    t48 = (t45 & t47)
-    t49 = (t30 & t48)
-    return t49
+    t11 = (kp4 == qp6)
+    t12 = (qp7 <= kp5)
+    t13 = (t11 & t12)
+    t14 = (kp5 < qp8)
+    t15 = (t13 & t14)
+    t16 = (t10 & t15)
+    return t16
 
 
 @triton.jit
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -149,6 +106,42 @@ def attnc_fwd(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    # qp0 = q.t % 1
+    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp0 = qp0.to(tl.int64)
+    # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp1 = qp1.to(tl.int64)
+    # qp2 = q.t
+    qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp2 = qp2.to(tl.int64)
+    # qp3 = q.y % 1
+    qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp3 = qp3.to(tl.int64)
+    # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+    qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp4 = qp4.to(tl.int64)
+    # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+    qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp5 = qp5.to(tl.int64)
+    # qp6 = q.x % 1
+    qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp6 = qp6.to(tl.int64)
+    # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
+    qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp7 = qp7.to(tl.int64)
+    # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
+    qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp8 = qp8.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -189,7 +182,31 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64)
+        # kp0 = k.t % 1
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.t
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        # kp2 = k.y % 1
+        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp2 = kp2.to(tl.int64)
+        # kp3 = k.y
+        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp3 = kp3.to(tl.int64)
+        # kp4 = k.x % 1
+        kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp4 = kp4.to(tl.int64)
+        # kp5 = k.x
+        kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp5 = kp5.to(tl.int64)
+        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -213,7 +230,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -258,6 +275,42 @@ def attnc_bwd_dq(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    # qp0 = q.t % 1
+    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp0 = qp0.to(tl.int64)
+    # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp1 = qp1.to(tl.int64)
+    # qp2 = q.t
+    qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp2 = qp2.to(tl.int64)
+    # qp3 = q.y % 1
+    qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp3 = qp3.to(tl.int64)
+    # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+    qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp4 = qp4.to(tl.int64)
+    # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+    qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp5 = qp5.to(tl.int64)
+    # qp6 = q.x % 1
+    qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp6 = qp6.to(tl.int64)
+    # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
+    qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp7 = qp7.to(tl.int64)
+    # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
+    qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp8 = qp8.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -277,6 +330,30 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
+        # kp0 = k.t % 1
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.t
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        # kp2 = k.y % 1
+        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp2 = kp2.to(tl.int64)
+        # kp3 = k.y
+        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp3 = kp3.to(tl.int64)
+        # kp4 = k.x % 1
+        kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp4 = kp4.to(tl.int64)
+        # kp5 = k.x
+        kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp5 = kp5.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
@@ -295,8 +372,32 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
+        # kp0 = k.t % 1
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.t
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        # kp2 = k.y % 1
+        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp2 = kp2.to(tl.int64)
+        # kp3 = k.y
+        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp3 = kp3.to(tl.int64)
+        # kp4 = k.x % 1
+        kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp4 = kp4.to(tl.int64)
+        # kp5 = k.x
+        kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp5 = kp5.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64)
+        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -310,7 +411,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -353,6 +454,30 @@ def attnc_bwd_dkdv(
         k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         k_i = k_i.to(tl.int64)
+    # kp0 = k.t % 1
+    kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp0 = kp0.to(tl.int64)
+    # kp1 = k.t
+    kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp1 = kp1.to(tl.int64)
+    # kp2 = k.y % 1
+    kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp2 = kp2.to(tl.int64)
+    # kp3 = k.y
+    kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp3 = kp3.to(tl.int64)
+    # kp4 = k.x % 1
+    kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp4 = kp4.to(tl.int64)
+    # kp5 = k.x
+    kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp5 = kp5.to(tl.int64)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, kv_group):
@@ -373,6 +498,42 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
+            # qp0 = q.t % 1
+            qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp0 = qp0.to(tl.int64)
+            # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+            qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp1 = qp1.to(tl.int64)
+            # qp2 = q.t
+            qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp2 = qp2.to(tl.int64)
+            # qp3 = q.y % 1
+            qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp3 = qp3.to(tl.int64)
+            # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+            qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp4 = qp4.to(tl.int64)
+            # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+            qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp5 = qp5.to(tl.int64)
+            # qp6 = q.x % 1
+            qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp6 = qp6.to(tl.int64)
+            # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
+            qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp7 = qp7.to(tl.int64)
+            # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
+            qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp8 = qp8.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -396,13 +557,49 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
+            # qp0 = q.t % 1
+            qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp0 = qp0.to(tl.int64)
+            # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+            qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp1 = qp1.to(tl.int64)
+            # qp2 = q.t
+            qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp2 = qp2.to(tl.int64)
+            # qp3 = q.y % 1
+            qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp3 = qp3.to(tl.int64)
+            # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+            qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp4 = qp4.to(tl.int64)
+            # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+            qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp5 = qp5.to(tl.int64)
+            # qp6 = q.x % 1
+            qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp6 = qp6.to(tl.int64)
+            # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
+            qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp7 = qp7.to(tl.int64)
+            # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
+            qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp8 = qp8.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64)
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])

@@ -20,7 +20,7 @@ def _floormod(a, b):
 
 
 @triton.jit
-def visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64: tl.constexpr):
+def visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64: tl.constexpr, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3):
     """mask = window[y < H](kernel=kernel, dilation=dilation, stride=1, causal=false) and window[x < W](kernel=kernel, dilation=dilation, stride=1, causal=false)
 
     spec line 5; q = grid(H, W), kv = grid(H, W).
@@ -32,64 +32,27 @@ def visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64: tl.con
         p_kernel = tl.cast(p_kernel, tl.int64)
         p_dilation = tl.cast(p_dilation, tl.int64)
         head_dim = tl.cast(head_dim, tl.int64)
-    q_x = q_i % p_W
-    q_r1 = q_i // p_W
-    q_y = q_r1 % p_H
-    k_x = k_i % p_W
-    k_r1 = k_i // p_W
-    k_y = k_r1 % p_H
     # window[y < H](kernel=kernel, dilation=dilation, stride=1, causal=false) (spec line 5)
-    t0 = _floormod(k_y, p_dilation)
-    t1 = _floormod(q_y, p_dilation)
-    t2 = (t0 == t1)
-    t3 = _floordiv(q_y, p_dilation)
-    t4 = (p_H - t1)
-    t5 = (t4 + p_dilation)
-    t6 = (t5 - 1)
-    t7 = _floordiv(t6, p_dilation)
-    t8 = (t7 - 1)
-    t9 = tl.minimum(t3, t8)
-    t10 = _floordiv(p_kernel, 2)
-    t11 = (t9 - t10)
-    t12 = (t7 - p_kernel)
-    t13 = tl.minimum(t11, t12)
-    t14 = tl.maximum(t13, 0)
-    t15 = _floordiv(k_y, p_dilation)
-    t16 = (t14 <= t15)
-    t17 = (t2 & t16)
-    t18 = (t14 + p_kernel)
-    t19 = (t15 < t18)
-    t20 = (t17 & t19)
+    t0 = (kp0 == qp0)
+    t1 = (qp1 <= kp1)
+    t2 = (t0 & t1)
+    t3 = (kp1 < qp2)
+    t4 = (t2 & t3)
     # window[x < W](kernel=kernel, dilation=dilation, stride=1, causal=false) (spec line 5)
-    t21 = _floormod(k_x, p_dilation)
-    t22 = _floormod(q_x, p_dilation)
-    t23 = (t21 == t22)
-    t24 = _floordiv(q_x, p_dilation)
-    t25 = (p_W - t22)
-    t26 = (t25 + p_dilation)
-    t27 = (t26 - 1)
-    t28 = _floordiv(t27, p_dilation)
-    t29 = (t28 - 1)
-    t30 = tl.minimum(t24, t29)
-    t31 = (t30 - t10)
-    t32 = (t28 - p_kernel)
-    t33 = tl.minimum(t31, t32)
-    t34 = tl.maximum(t33, 0)
-    t35 = _floordiv(k_x, p_dilation)
-    t36 = (t34 <= t35)
-    t37 = (t23 & t36)
-    t38 = (t34 + p_kernel)
-    t39 = (t35 < t38)
-    t40 = (t37 & t39)
-    t41 = (t20 & t40)
-    return t41
+    t5 = (kp2 == qp3)
+    t6 = (qp4 <= kp3)
+    t7 = (t5 & t6)
+    t8 = (kp3 < qp5)
+    t9 = (t7 & t8)
+    t10 = (t4 & t9)
+    return t10
 
 
 @triton.jit
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -137,6 +100,30 @@ def attnc_fwd(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    # qp0 = q.y % dilation
+    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp0 = qp0.to(tl.int64)
+    # qp1 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp1 = qp1.to(tl.int64)
+    # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+    qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp2 = qp2.to(tl.int64)
+    # qp3 = q.x % dilation
+    qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp3 = qp3.to(tl.int64)
+    # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+    qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp4 = qp4.to(tl.int64)
+    # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+    qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp5 = qp5.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -177,7 +164,23 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64)
+        # kp0 = k.y % dilation
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.y // dilation
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        # kp2 = k.x % dilation
+        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp2 = kp2.to(tl.int64)
+        # kp3 = k.x // dilation
+        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp3 = kp3.to(tl.int64)
+        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -201,7 +204,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -246,6 +249,30 @@ def attnc_bwd_dq(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
+    # qp0 = q.y % dilation
+    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp0 = qp0.to(tl.int64)
+    # qp1 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp1 = qp1.to(tl.int64)
+    # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+    qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp2 = qp2.to(tl.int64)
+    # qp3 = q.x % dilation
+    qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp3 = qp3.to(tl.int64)
+    # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+    qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp4 = qp4.to(tl.int64)
+    # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+    qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+    if INT64:
+        qp5 = qp5.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -265,6 +292,22 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
+        # kp0 = k.y % dilation
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.y // dilation
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        # kp2 = k.x % dilation
+        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp2 = kp2.to(tl.int64)
+        # kp3 = k.x // dilation
+        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp3 = kp3.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
@@ -283,8 +326,24 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
+        # kp0 = k.y % dilation
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.y // dilation
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        # kp2 = k.x % dilation
+        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp2 = kp2.to(tl.int64)
+        # kp3 = k.x // dilation
+        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp3 = kp3.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64)
+        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -298,7 +357,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -341,6 +400,22 @@ def attnc_bwd_dkdv(
         k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         k_i = k_i.to(tl.int64)
+    # kp0 = k.y % dilation
+    kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp0 = kp0.to(tl.int64)
+    # kp1 = k.y // dilation
+    kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp1 = kp1.to(tl.int64)
+    # kp2 = k.x % dilation
+    kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp2 = kp2.to(tl.int64)
+    # kp3 = k.x // dilation
+    kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    if INT64:
+        kp3 = kp3.to(tl.int64)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, kv_group):
@@ -361,6 +436,30 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
+            # qp0 = q.y % dilation
+            qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp0 = qp0.to(tl.int64)
+            # qp1 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+            qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp1 = qp1.to(tl.int64)
+            # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+            qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp2 = qp2.to(tl.int64)
+            # qp3 = q.x % dilation
+            qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp3 = qp3.to(tl.int64)
+            # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+            qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp4 = qp4.to(tl.int64)
+            # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+            qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp5 = qp5.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -384,13 +483,37 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
+            # qp0 = q.y % dilation
+            qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp0 = qp0.to(tl.int64)
+            # qp1 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+            qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp1 = qp1.to(tl.int64)
+            # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+            qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp2 = qp2.to(tl.int64)
+            # qp3 = q.x % dilation
+            qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp3 = qp3.to(tl.int64)
+            # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+            qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp4 = qp4.to(tl.int64)
+            # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
+            qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+            if INT64:
+                qp5 = qp5.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64)
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])

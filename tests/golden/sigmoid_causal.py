@@ -37,7 +37,7 @@ def visible(q_i, k_i, h, head_dim, p_N, INT64: tl.constexpr):
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -86,6 +86,9 @@ def attnc_fwd(
         q_i = q_i.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
+    # Unmodified sigmoid: the exponent -(s * scale + bias) log2(e) is one FMA per element.
+    row_scale = row_scale * -1.4426950408889634
+    row_bias = row_bias * -1.4426950408889634
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
@@ -100,7 +103,7 @@ def attnc_fwd(
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        p = tl.sigmoid(s + row_bias[:, None])
+        p = tl.fdiv(1.0, 1.0 + tl.math.exp2(s + row_bias[:, None]), ieee_rounding=False)
         l_i += tl.sum(p, 1)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
@@ -120,7 +123,7 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        p = tl.sigmoid(s + row_bias[:, None])
+        p = tl.fdiv(1.0, 1.0 + tl.math.exp2(s + row_bias[:, None]), ieee_rounding=False)
         keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
         p = tl.where(keep, p, 0.0)
         l_i += tl.sum(p, 1)
@@ -138,7 +141,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -233,7 +236,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,

@@ -22,7 +22,7 @@ def _floormod(a, b):
 @triton.jit
 def _softcap(s, cap):
     """cap * tanh(s / cap) without cancellation, so that a huge cap returns s itself."""
-    ax = tl.abs(s / cap)
+    ax = tl.abs(s * (1.0 / cap))  # one scalar division, not one per element
     # |x| < 1/4: s * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped
     # |x|, so that the branch not taken cannot overflow).
     a = tl.minimum(ax, 0.25)
@@ -31,7 +31,7 @@ def _softcap(s, cap):
              + y * (0.021869488536155203 + y * -0.008863235529902197))))
     # otherwise tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) <= exp(-1/2): no cancellation, no overflow.
     e = tl.exp(-2.0 * ax)
-    big = cap * ((1.0 - e) / (1.0 + e))
+    big = cap * tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # the GPU's reciprocal: 2 ulp
     return tl.where(ax < 0.25, s * series, tl.where(s < 0.0, -big, big))
 
 
@@ -57,7 +57,7 @@ def visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64: tl.
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -175,7 +175,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -242,7 +242,7 @@ def attnc_bwd_dq(
             k_i = k_i.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         s = _softcap(s, softcap)
-        t_cap = s / softcap
+        t_cap = s * (1.0 / softcap)
         d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
@@ -264,7 +264,7 @@ def attnc_bwd_dq(
             k_i = k_i.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         s = _softcap(s, softcap)
-        t_cap = s / softcap
+        t_cap = s * (1.0 / softcap)
         d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -281,7 +281,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -352,7 +352,7 @@ def attnc_bwd_dkdv(
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             s = _softcap(s, softcap)
-            t_cap = s / softcap
+            t_cap = s * (1.0 / softcap)
             d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.exp(s - stat_safe[:, None])
@@ -379,7 +379,7 @@ def attnc_bwd_dkdv(
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             s = _softcap(s, softcap)
-            t_cap = s / softcap
+            t_cap = s * (1.0 / softcap)
             d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
             keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

@@ -20,16 +20,16 @@ def _floormod(a, b):
 
 
 @triton.jit
-def _log_softplus(s):
-    """(log softplus(s), log1p(exp(-|s|))), exact where softplus underflows: with e = exp(-|s|)
-    and r = log1p(e) / e (log1p written out (Goldberg), r -> 1 as e -> 0), softplus(s) = e * r
-    for s < 0 and |s| + e * r otherwise (the branch not taken never sees the log of a negative).
+def _log2_softplus(s):
+    """(log2 softplus(s), log1p(exp(-|s|))), exact where softplus underflows: with e = exp(-|s|)
+    and r = log1p(e) / e in [ln 2, 1], softplus(s) = e * r for s < 0, whose log2 is
+    s log2(e) + log2(r), and |s| + e * r otherwise (both arguments of log2 are positive).
     """
-    e = tl.exp(-tl.abs(s))
-    u = 1.0 + e
-    tiny = u == 1.0
-    r = tl.where(tiny, 1.0, tl.log(u) / tl.where(tiny, 1.0, u - 1.0))
-    return tl.where(s < 0.0, s + tl.log(r), tl.log(tl.abs(s) + e * r)), e * r
+    a = tl.abs(s)
+    e = tl.math.exp2(a * -1.4426950408889634)
+    r = 1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))
+    l1p = e * r
+    return tl.math.log2(tl.where(s < 0.0, r, a + l1p)) + tl.minimum(s, 0.0) * 1.4426950408889634, l1p
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def visible(q_i, k_i, h, head_dim, p_N, INT64: tl.constexpr):
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -98,6 +98,7 @@ def attnc_fwd(
     if INT64:
         q_i = q_i.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+    mx_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -113,15 +114,16 @@ def attnc_fwd(
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        log_sp, l1p = _log_softplus(s)
-        s = log_sp * 1.4426950408889634  # base 2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        mx_new = tl.maximum(mx_i, tl.max(s, 1))
+        m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * 1.4426950408889634)
+        alpha = tl.math.exp2(m_i - m_new)
+        t = tl.math.exp2(tl.abs(s) * -1.4426950408889634 - m_new[:, None])
+        e = t * tl.math.exp2(m_new)[:, None]
+        p = t * (1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))) + tl.maximum(s, 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        mx_i = mx_new
 
     # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
     lo = tl.load(PART_PTR + q_tile)
@@ -139,18 +141,18 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        log_sp, l1p = _log_softplus(s)
-        s = log_sp * 1.4426950408889634  # base 2
         keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        mx_new = tl.maximum(mx_i, tl.max(s, 1))
+        m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * 1.4426950408889634)
+        alpha = tl.math.exp2(m_i - m_new)
+        t = tl.math.exp2(tl.abs(s) * -1.4426950408889634 - m_new[:, None])
+        e = t * tl.math.exp2(m_new)[:, None]
+        p = t * (1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))) + tl.maximum(s, 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        mx_i = mx_new
 
     # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -165,7 +167,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -231,7 +233,7 @@ def attnc_bwd_dq(
             k_i = k_i.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
+        log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
         ds = (dp - delta[:, None]) * tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])
         dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -250,7 +252,7 @@ def attnc_bwd_dq(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
+        log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
         ds = (dp - delta[:, None]) * tl.where(keep, tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None]), 0.0)
         dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -262,7 +264,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -332,8 +334,8 @@ def attnc_bwd_dkdv(
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
-            p = tl.exp(log_sp - stat_safe[:, None])
+            log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
+            p = tl.math.exp2(log2_sp - stat_safe[:, None] * 1.4426950408889634)
             ds = (dp - delta[:, None]) * tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -357,8 +359,8 @@ def attnc_bwd_dkdv(
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
             keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            log_sp, l1p = _log_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
-            p = tl.where(keep, tl.exp(log_sp - stat_safe[:, None]), 0.0)
+            log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p
+            p = tl.where(keep, tl.math.exp2(log2_sp - stat_safe[:, None] * 1.4426950408889634), 0.0)
             ds = (dp - delta[:, None]) * tl.where(keep, tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)

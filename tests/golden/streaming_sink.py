@@ -44,7 +44,7 @@ def visible(q_i, k_i, h, head_dim, p_N, p_W, p_S, INT64: tl.constexpr):
 def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -156,7 +156,7 @@ def attnc_fwd(
 def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER,
+    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -253,7 +253,7 @@ def attnc_bwd_dq(
 def attnc_bwd_dkdv(
     Q, K, V, DO, Stat, Delta, DK, DV,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
-    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER,
+    FULL_T_PTR, FULL_T_IDX, PART_T_PTR, PART_T_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,

@@ -14,6 +14,8 @@ import torch
 from ...analysis.data import data_schedule
 from ...analysis.layout import inverse
 from ...analysis.tiles import Schedule
+from ...codegen.parts import token_parts
+from ...ir.evaluate import decode, evaluate
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
 
@@ -31,6 +33,7 @@ class HostState:
         self._orders: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._transposed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._parts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cached(self, cache: dict, key, make):
         with self._lock:
@@ -64,6 +67,12 @@ class HostState:
         return self._cached(self._orders, device, lambda: _on_device(
             (lay.q_perm, lay.kv_perm, inverse(lay.q_perm), inverse(lay.kv_perm)), device))
 
+    def parts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token parts (codegen/parts.py) of the queries [q parts, Nq] and of the keys
+        [k parts, Nk], by kernel position, on `device`, once."""
+        return self._cached(self._parts, device, lambda: tuple(
+            _as_tensor(a, device, self.c.int64) for a in token_part_values(self.c)))
+
     def transposed(self, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, ...]:
         """The schedule per kv tile (for dK/dV) on `device`, like `tables`."""
         def make():
@@ -94,6 +103,40 @@ class HostState:
         if schedule is not self.c.schedule:  # counts under this call's data
             return make(schedule.row_counts)
         return self._cached(self._scores, (head_dim, device, natural), lambda: make(self.c.schedule.row_counts))
+
+
+def token_part_values(c: Compiled) -> tuple[np.ndarray, np.ndarray]:
+    """Each token part's value at every kernel position, from the IR's own evaluator. Parts are
+    integer arithmetic of parameters and coordinates (no guards, no tables): a division by zero
+    can only be where a guard of the mask makes the value unused, so nothing is checked here."""
+    bound, lay = c.bound, c.layout
+    ir = bound.ir
+    every = token_parts(ir)
+    rows = np.zeros((sum(p.side == "q" for p in every), bound.nq), np.int64)
+    cols = np.zeros((sum(p.side == "k" for p in every), bound.nk), np.int64)
+    q_tok = np.asarray(lay.q_perm, np.int64)
+    q_coords = {("q", a): v for a, v in decode(bound.q_dims, ir.q.axes, q_tok).items()}
+    k_tok = np.asarray(lay.kv_perm, np.int64)
+    for part in every:
+        if part.side == "q":
+            rows[part.index] = _values(part.expr, bound.env, q_coords, len(q_tok))
+            continue
+        seg = next(s for s in bound.kv_parts if s.name == part.segment)
+        inside = (k_tok >= seg.offset) & (k_tok < seg.offset + seg.size)
+        local = np.where(inside, k_tok - seg.offset, 0)
+        k_coords = {("k", a): v for a, v in decode(seg.dims, seg.space.axes, local).items()}
+        cols[part.index] = np.where(inside, _values(part.expr, bound.env, k_coords, len(k_tok)), 0)
+    return rows, cols
+
+
+def _values(expr, env, coords, n: int) -> np.ndarray:
+    nowhere = np.zeros(n, dtype=bool)  # live nowhere: divisions by zero give unused values, no error
+    return np.broadcast_to(np.asarray(evaluate(expr, env, coords, live=nowhere), np.int64), (n,))
+
+
+def _as_tensor(a: np.ndarray, device: torch.device, wide: bool) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64 if wide else np.int32)).to(device)
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=device)  # a valid pointer
 
 
 def _on_device(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -40,7 +40,7 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
     tables = {decl.name: _table(decl, tensors[decl.name]) for decl in ir.tensors}
     return {
         "ROW_SCALE": scale, "ROW_BIAS": bias, "SINK": sink, "softcap": softcap_value(c.bound, D) or 0.0,
-        "Q_ORDER": q_order, "KV_ORDER": kv_order,
+        "Q_ORDER": q_order, "KV_ORDER": kv_order, **dict(zip(("ROW_PARTS", "COL_PARTS"), state.parts(device))),
         **abi.stride_values("q", q), **abi.stride_values("k", k), **abi.stride_values("v", v),
         "n_heads": Hq, "kv_group": Hq // Hkv, "Nq": Nq, "Nk": int(s.nk), "head_dim": D,
         **{abi.param_name(p.name): (int if p.type == N.INT else float)(c.bound.env[p.name]) for p in abi.kernel_params(ir)},

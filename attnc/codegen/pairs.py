@@ -1,0 +1,242 @@
+"""IR expressions -> Triton device functions of one (query tile, key tile) pair: the mask
+(`visible`), the logit bias, and (through `produce`) values derived from them such as the bias's
+gradient. Shared by the forward kernel (emit.py) and the backward kernels (emit_bwd.py).
+
+Names in the source come from the IR's validated identifiers, never from raw spec text.
+"""
+from __future__ import annotations
+
+from ..ir import nodes as N
+from ..ir.printer import format_expr, format_space
+from . import abi
+from .parts import names as part_names, token_parts
+
+_OPS = {"+": "+", "-": "-", "*": "*", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
+        "and": "&", "or": "|"}
+
+def int_params(ir: N.Attention) -> list[str]:
+    """Kernel argument names carrying the integer parameters, in declaration order."""
+    return [abi.param_name(p.name) for p in ir.params if p.type == N.INT]
+
+
+class _Emitter:
+    """Emits an expression as a list of assignments, sharing repeated subexpressions."""
+
+    def __init__(self, ir: N.Attention, indent: str = "    ", key: str = "k", count: int = 0):
+        self.ir = ir
+        self.indent = indent
+        self.key = key  # name prefix of key coordinates: 'k', or 'k0', 'k1', ... per segment
+        self.lines: list[str] = []
+        self.memo: dict[N.Expr, str] = {}
+        self.count = count
+        self.uses_tile0 = False  # needs `tile0`, a zero of the tile's shape
+
+    def temp(self, code: str) -> str:
+        name = f"t{self.count}"
+        self.count += 1
+        self.lines.append(f"{self.indent}{name} = {code}")
+        return name
+
+    def emit(self, e: N.Expr) -> str:
+        if e in self.memo:
+            return self.memo[e]
+        out = self._emit(e)
+        self.memo[e] = out
+        return out
+
+    def _emit(self, e: N.Expr) -> str:
+        if isinstance(e, N.Const):
+            return repr(e.value)
+        if isinstance(e, N.Param):
+            return abi.param_name(e.name)
+        if isinstance(e, N.HeadDim):
+            return "head_dim"
+        if isinstance(e, N.Head):
+            return "h"
+        if isinstance(e, N.Lookup):
+            n, offset, inside = self.lookup_offset(e)
+            other = "0.0" if e.type == N.FLOAT else "0"
+            # Padding rows and columns of a tile may index past the tensor: those loads are masked.
+            # Offsets are int64 when INT64 is set (the launcher sets it for tables of 2**31 elements).
+            return self.temp(f"tl.load({abi.table_name(n, 'ptr')} + {offset}, mask={inside}, other={other})  # {e.tensor}[...]")
+        if isinstance(e, N.Coord):
+            return f"{self.key if e.side == 'k' else 'q'}_{e.axis}"
+        if isinstance(e, N.Window):
+            line = self.ir.line_of("mask")
+            where = f" (spec line {line})" if line else ""
+            self.lines.append(f"{self.indent}# {format_expr(e)}{where}")
+            return self.temp(self.emit_inline(e.expand()))
+        return self.temp(self.emit_inline(e))
+
+    def lookup_offset(self, e: N.Lookup) -> tuple[int, str, str]:
+        """(tensor number, element offset, in-bounds condition) of a runtime tensor read."""
+        n = [t.name for t in self.ir.tensors].index(e.tensor)
+        # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
+        # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
+        # scalar and tile conditions.
+        idx = []
+        for i in e.indices:
+            if _varies_per_pair(i):
+                idx.append(self.emit(i))
+            else:
+                idx.append(self.temp(f"{self.emit(i)} + tile0"))
+                self.uses_tile0 = True
+        size, stride = (lambda d: abi.table_name(n, f"n{d}")), (lambda d: abi.table_name(n, f"s{d}"))
+        offset = " + ".join(f"{i} * {stride(d)}" for d, i in enumerate(idx))
+        if self.ir.tensors[n].per_head:
+            offset += f" + h * {abi.table_name(n, 'hs')}"
+        inside = " & ".join(f"({i} >= 0) & ({i} < {size(d)})" for d, i in enumerate(idx))
+        return n, offset, inside
+
+    def emit_inline(self, e: N.Expr) -> str:
+        if isinstance(e, N.Unary):
+            x = self.emit(e.operand)
+            return {"not": f"~{x}", "neg": f"-{x}", "abs": f"tl.abs({x})"}[e.op]
+        if isinstance(e, N.Binary):
+            a, b = self.emit(e.lhs), self.emit(e.rhs)
+            if e.op in ("min", "max"):
+                return f"tl.{e.op}imum({a}, {b})"
+            if e.op in ("//", "%"):
+                if _nonneg(e.lhs) and _positive(e.rhs):
+                    return f"{a} {e.op} {b}"  # C and floor semantics agree here
+                return f"{'_floordiv' if e.op == '//' else '_floormod'}({a}, {b})"
+            if e.op == "/":
+                return f"(({a}) * 1.0 / {b})"  # true division, also of integers
+            return f"({a} {_OPS[e.op]} {b})"
+        if isinstance(e, N.Call):
+            return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
+        return self.emit(e)
+
+
+def _varies_per_pair(e: N.Expr) -> bool:
+    return any(isinstance(x, (N.Coord, N.Window)) for x in N.walk(e))
+
+
+def _nonneg(e: N.Expr) -> bool:
+    if isinstance(e, N.Const):
+        return e.value >= 0
+    if isinstance(e, (N.Coord, N.HeadDim)):
+        return True
+    if isinstance(e, N.Unary):
+        return e.op == "abs"
+    if isinstance(e, N.Binary):
+        if e.op in ("+", "*", "min"):
+            return _nonneg(e.lhs) and _nonneg(e.rhs)
+        if e.op == "max":
+            return _nonneg(e.lhs) or _nonneg(e.rhs)
+        if e.op in ("//", "%"):
+            return _nonneg(e.lhs) and _positive(e.rhs)
+    return False
+
+
+def _positive(e: N.Expr) -> bool:
+    return isinstance(e, N.Const) and e.value > 0
+
+
+def _decode(space: N.Space, name: str, used: set[str], em: _Emitter) -> list[str]:
+    """Coordinates `{name}_{axis}` of tokens from the flat index `{name}_i` (row-major)."""
+    out = []
+    rest = f"{name}_i"
+    axes = space.axes
+    if space.kind == "seq" or not (used & set(axes)):
+        return out
+    for pos in range(len(axes) - 1, -1, -1):
+        axis = axes[pos]
+        size = em.emit(space.dims[pos])
+        out.append(f"    {name}_{axis} = {rest} % {size}")
+        if pos:
+            out.append(f"    {name}_r{pos} = {rest} // {size}")
+            rest = f"{name}_r{pos}"
+    return out
+
+
+def _coords_used(e: N.Expr, known: dict) -> set[tuple[str, str]]:
+    """Coordinates read outside the token parts in `known` (those arrive computed)."""
+    out, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x in known:
+            continue
+        if isinstance(x, N.Coord):
+            out.add((x.side, x.axis))
+        stack.extend((x.expand(),) if isinstance(x, N.Window) else N.children(x))
+    return out
+
+
+def pair_call(ir: N.Attention) -> str:
+    """The arguments a kernel passes to a per-pair function (q_i, k_i, the head, kernel
+    arguments, then the token parts loaded for the tile: parts.load_lines)."""
+    return ", ".join(["q_i", "k_i"] + abi.pair_call_args(ir) + part_names(ir))
+
+
+def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produce=None,
+                       emitter=None) -> list[str]:
+    """A @triton.jit function of one (query, key) tile pair ([M, 1] and [1, N] flat indices):
+    the mask (`visible`), the logit bias, or (with `produce`, which returns the codes of several
+    outputs from an emitter and the expression) values derived from the bias, such as its
+    gradient. On a segmented key space each segment gets its own decoded coordinates and its
+    specialised expression, selected by the key's flat index."""
+    emitter = emitter or _Emitter
+    head = [
+        "@triton.jit",
+        f"def {name}({', '.join(['q_i', 'k_i'] + abi.pair_params(ir) + part_names(ir))}):",
+        f'    """{doc} = {format_expr(expr)}',
+        "",
+        f"    spec line {ir.line_of('mask' if expr is ir.mask else 'bias') or '-'}; "
+        f"q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
+        '    """',
+        "    if INT64:  # widen every integer input, so that no intermediate can wrap",
+        *(f"        {a} = tl.cast({a}, tl.int64)" for a in ["h"] + int_params(ir) + ["head_dim"]),
+    ]
+    is_bool = expr.type == N.BOOL and produce is None
+    if isinstance(expr, N.Const) and is_bool:
+        # Constant masks still return a tile so callers can combine it with bounds checks.
+        return head + [f"    return k_i {'>=' if expr.value else '<'} 0"]
+    produce = produce or (lambda em, sub: [em.emit(sub)])
+    top = emitter(ir)
+    every = token_parts(ir)
+    top.memo.update({p.expr: p.name for p in every if p.side == "q"})
+    q_used = {a for s, a in _coords_used(expr, top.memo) if s == "q"}
+    body = _decode(ir.q, "q", q_used, top)
+    parts = N.parts(ir.kv)
+    if isinstance(ir.kv, N.Segments):  # segment bounds first, so every segment shares them
+        bounds = [(top.emit(o), top.emit(sp.size())) for o, (_, sp) in zip(ir.kv.offsets(), parts)]
+    results = []
+    count = top.count
+    uses_tile0 = False
+    for j, (seg, space) in enumerate(parts):
+        sub = N.specialise(expr, seg)
+        key = "k" if seg is None else f"k{j}"
+        em = emitter(ir, key=key, count=count)
+        em.memo = dict(top.memo)
+        em.memo.update({p.expr: p.name for p in every if p.side == "k" and p.segment == seg})
+        if seg is not None:
+            offset, size = bounds[j]
+            em.lines.append(f"    # segment {seg}: {format_space(space)}")
+            em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
+            em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
+        em.lines += _decode(space, key, {a for s, a in _coords_used(sub, em.memo) if s == "k"}, em)
+        results.append((j, produce(em, sub)))
+        body += em.lines
+        count = em.count
+        uses_tile0 = uses_tile0 or em.uses_tile0
+    sizes = top.lines + (["    tile0 = (q_i + k_i) * 0  # broadcasts tile-invariant indices"] if uses_tile0 else [])
+    outputs = []
+    for o in range(len(results[0][1])):
+        if len(parts) == 1:
+            result = results[0][1][o]
+        elif is_bool:
+            result = " | ".join(f"in{j}" if r[o] == "True" else f"(in{j} & {r[o]})" for j, r in results
+                                if r[o] != "False")
+            result = result or "k_i < 0"
+        else:
+            result = "0.0"
+            for j, r in reversed(results):
+                result = f"tl.where(in{j}, {r[o]}, {result})"
+        outputs.append(result)
+    return head + sizes + body + [f"    return {', '.join(outputs)}"]
+
+
+def emit_visible(ir: N.Attention) -> list[str]:
+    """The mask as a @triton.jit predicate over flat q/k indices ([M, 1] and [1, N] tiles)."""
+    return emit_pair_function(ir, "visible", ir.mask, "mask")

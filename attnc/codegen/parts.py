@@ -1,0 +1,98 @@
+"""Token parts: the sub-expressions of the mask and the bias that read one side's coordinates
+only (a query's window start, a key's grid row, `(k.y + 3) // 7`), computed once per token on
+the host and read by the kernels as per-row ([BLOCK_M, 1]) and per-column ([1, BLOCK_N])
+vectors, so that a tile pays per pair only for what truly mixes the two sides.
+
+Without them, every key tile would decode its keys' coordinates with runtime divisors and
+recompute each window bound: integer divisions, dozens of instructions each, per element of
+the tile and per iteration (docs/analysis.md, "Kernel cost"). A part is an integer expression
+of parameters and one side's coordinates; it never reads a runtime tensor, the head or
+head_dim (those change per call), and a bare flat index (`q.i`, the kernel's q_i) is not one.
+Key parts belong to a key segment: they are the segment's own specialised expressions, read
+only where the key lies in that segment.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..ir import nodes as N
+from ..ir.printer import format_expr
+
+
+@dataclass(frozen=True)
+class Part:
+    side: str  # 'q' or 'k'
+    segment: str | None  # the key segment whose expressions hold it (None: q, or one key space)
+    expr: N.Expr
+    index: int  # row of ROW_PARTS ('q') or COL_PARTS ('k')
+
+    @property
+    def name(self) -> str:
+        return f"{self.side}p{self.index}"
+
+
+def _side_of(e: N.Expr) -> str | None:
+    """'q' or 'k' when `e` is an integer expression of that side's coordinates and parameters."""
+    if e.type != N.INT or (isinstance(e, N.Coord) and e.axis == "i"):
+        return None
+    sides = set()
+    for x in N.walk(e, expand_windows=True):
+        if isinstance(x, (N.Lookup, N.Head, N.HeadDim, N.NVisible, N.Member)):
+            return None
+        if isinstance(x, N.Coord):
+            sides.add(x.side)
+    return sides.pop() if len(sides) == 1 else None
+
+
+def _collect(e: N.Expr, found: list[tuple[str, N.Expr]]) -> None:
+    """The maximal one-sided sub-expressions of e, in first-use order (Windows expanded)."""
+    side = _side_of(e)
+    if side is not None:
+        if (side, e) not in found:
+            found.append((side, e))
+        return
+    for child in (e.expand(),) if isinstance(e, N.Window) else N.children(e):
+        _collect(child, found)
+
+
+@functools.lru_cache(maxsize=256)
+def token_parts(ir: N.Attention) -> tuple[Part, ...]:
+    """Every part of the mask and the logit bias (IR only: the kernel source depends on nothing
+    else). Query parts are shared by all key segments."""
+    exprs = [ir.mask] + ([ir.score.logit_bias] if ir.score.logit_bias is not None else [])
+    out: list[Part] = []
+    for seg, _ in N.parts(ir.kv):
+        found: list[tuple[str, N.Expr]] = []
+        for e in exprs:
+            _collect(N.specialise(e, seg), found)
+        for side, e in found:
+            key = None if side == "q" else seg
+            if not any(p.side == side and p.segment == key and p.expr == e for p in out):
+                out.append(Part(side, key, e, sum(p.side == side for p in out)))
+    return tuple(out)
+
+
+def names(ir: N.Attention) -> list[str]:
+    """The parts' names, as the per-pair functions take them after the kernel arguments."""
+    every = token_parts(ir)
+    return [p.name for p in every if p.side == "q"] + [p.name for p in every if p.side == "k"]
+
+
+def load_lines(ir: N.Attention, side: str, indent: str) -> list[str]:
+    """Load this side's parts for the tile at offs_m (q) or offs_n (k): kernel positions, where
+    the host wrote each part's value (int32, widened under INT64). The row offset is int64: the
+    parts of a huge space may reach past 2**31 elements together."""
+    ptr, offs, n, shape = ("ROW_PARTS", "offs_m", "Nq", "[:, None]") if side == "q" else \
+        ("COL_PARTS", "offs_n", "Nk", "[None, :]")
+    lines = []
+    for p in token_parts(ir):
+        if p.side == side:
+            what = format_expr(p.expr)
+            where = f" (keys in {p.segment})" if p.segment else ""
+            lines += [f"{indent}# {p.name} = {what if len(what) <= 80 else what[:77] + '...'}{where}",
+                      f"{indent}{p.name} = tl.load({ptr} + tl.cast({n}, tl.int64) * {p.index} + {offs}, "
+                      f"mask={offs} < {n}, other=0){shape}",
+                      f"{indent}if INT64:",
+                      f"{indent}    {p.name} = {p.name}.to(tl.int64)"]
+    return lines
