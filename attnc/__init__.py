@@ -14,5 +14,6 @@ from .errors import AttncError  # noqa: E402
 from .pipeline import Spec, parse  # noqa: E402
 from .runtime import AttentionFn, compile  # noqa: E402
 from .module import Attention  # noqa: E402
+from . import natten  # noqa: E402  (NATTEN-compatible na1d / na2d / na3d)
 
-__all__ = ["Attention", "AttncError", "AttentionFn", "Spec", "compile", "parse", "__version__"]
+__all__ = ["Attention", "AttncError", "AttentionFn", "Spec", "compile", "natten", "parse", "__version__"]
