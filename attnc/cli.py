@@ -103,9 +103,7 @@ def cmd_explain(args, extra) -> int:
     from .pipeline import build, parse
 
     spec = parse(args.file)
-    # Routing has no kernel yet: explain shows the spec and IR from the reference pipeline.
-    backend = "reference" if spec.ir.route is not None else "triton"
-    compiled = build(spec, _param_values(extra), backend, _tiles(args.tiles), args.layout,
+    compiled = build(spec, _param_values(extra), "triton", _tiles(args.tiles), args.layout,
                      progress=_Progress("analysing tiles"))
     print(explain(compiled, sections=args.section))
     if args.plot:
@@ -147,7 +145,7 @@ def _plot(compiled, path: str) -> None:
 
     s = compiled.schedule
     if s is None:
-        raise AttncError("--plot needs tiles; routed specs run on the reference backend, which has none")
+        raise AttncError("--plot needs tiles; the reference backend has none")
     panels = [(f"layout {compiled.layout.name}", s)]
     if compiled.layout.name != ROW_MAJOR:
         b = compiled.bound
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--picture", action="store_true", help="print the tile map")
     p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
     p.add_argument("--backend", choices=["triton", "reference"], default="triton",
-                   help="reference: the dense evaluator (routing specs have no kernel yet)")
+                   help="reference: the dense evaluator (the oracle)")
     p = sub.add_parser("bench", help="time forward and forward+backward against SDPA and FlexAttention",
                        description="Parameters follow the file as --NAME VALUE; a comma list sweeps it, "
                                    "e.g. --N 4096,8192.")

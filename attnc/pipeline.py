@@ -103,7 +103,6 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
         order = choose(bound, layout, *tiles, analyse=None if backend == "reference" else analyse)
         if backend == "reference":  # the oracle computes densely in row-major order, whatever the layout
             return Compiled(parsed, bound, backend, layout=order, tensor_extents=extents)
-        _check_routable(parsed.ir)
         schedule = order.analysed(bound, *tiles) or analyse(bound, *tiles, order, progress=progress)
     except AttncError as err:
         raise err.with_source(parsed.text, parsed.filename) from None
@@ -112,13 +111,6 @@ def build(spec, params: dict[str, Any], backend: str = "triton", tiles: tuple[in
 
     module, path, source = load_module(parsed.ir, settings().cache_dir)
     return Compiled(parsed, bound, backend, schedule, order, needs_int64(bound), extents, path, source, module)
-
-
-def _check_routable(ir: N.Attention) -> None:
-    if ir.route is not None:
-        raise AttncError(f"'{ir.name}' routes keys by data (top-k); the generated kernels do not route yet",
-                         hint="use backend='reference' (on the command line: --backend reference); routing "
-                              "semantics are defined and tested there")
 
 
 def _check_tiles(tiles) -> tuple[int, int]:

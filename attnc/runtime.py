@@ -92,6 +92,7 @@ class AttentionFn:
         'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop) and
         cubin; with sass=True also the SASS. See codegen/target.py."""
         from .codegen.abi import kernel_params, param_name
+        from .ir.evaluate import evaluate_uniform
         from .codegen.target import gpu_report
 
         if self.compiled.schedule is None:
@@ -101,6 +102,8 @@ class AttentionFn:
         bound = self.compiled.bound
         values = {"Nq": bound.nq, "Nk": bound.nk,
                   **{param_name(p.name): bound.env[p.name] for p in kernel_params(self.ir) if p.type == N.INT}}
+        if self.ir.route is not None:
+            values["ROUTE_K"] = int(evaluate_uniform(self.ir.route.top, bound.env))
         return gpu_report(self.spec.text, self.ir, int(arch), dtype, int(head_dim), s.block_m, s.block_n,
                           num_warps=num_warps, num_stages=num_stages, sass=sass, flags=flags, values=values)
 
@@ -131,7 +134,7 @@ class AttentionFn:
         """Visibility of a routed spec: bool [B, Hq, Nq, Nk] (the mask and the top-k selection)."""
         if self.ir.route is None:
             raise AttncError(f"'{self.ir.name}' has no route; use fn.mask()")
-        from .backends.reference import routed_mask  # routing has no kernels yet: its one definition
+        from .backends.reference import routed_mask  # the definition (kernels select on the fly, per call)
 
         self._check(q, k, k)
         checked = self._check_tensors(tensors, heads=None)

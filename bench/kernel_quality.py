@@ -33,7 +33,8 @@ PARAMS = {"causal": dict(N=64), "cross_causal": dict(M=64, N=64), "sliding_windo
           "streaming_sink": dict(N=64, W=16, S=4), "swin_shifted": dict(H=14, W=14), "swin_bias": dict(H=14, W=14),
           "maxvit_grid": dict(H=8, W=8, G=2), "sigmoid_causal": dict(N=64), "softplus": dict(N=64),
           "scale_dit": dict(H=12, W=8), "document_causal": dict(N=64), "alibi_causal": dict(N=64),
-          "softcap_sink": dict(N=64, W=16)}
+          "softcap_sink": dict(N=64, W=16), "power_attention": dict(N=64, W=8),
+          "biformer": dict(H=8, W=8, R=4, K=2), "moba": dict(N=64, B=16, K=2)}
 FULL = [(a, d, h) for a in (80, 90) for d in ("fp16", "bf16") for h in (64, 128)] + [(90, "bf16", 256), (90, "fp16", 256)]
 QUICK = [(90, "bf16", 128), (80, "fp16", 64)]
 

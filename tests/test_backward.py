@@ -45,7 +45,6 @@ kernels_only = pytest.mark.skipif(KERNEL != "triton", reason="checks the triton 
 
 EPS = {torch.float32: 1e-6, torch.float16: 5e-4}
 DTYPES = [torch.float32, torch.float16]  # the CPU interpreter has no bfloat16
-ROUTED = {"biformer", "moba"}  # routing has no kernels (reference only)
 QKV = ("q", "k", "v")
 
 
@@ -155,11 +154,14 @@ CASES = [
     ("swin_bias-per_head", "swin_bias", dict(H=14, W=14), dict(tables=_rel_bias(True))),
     ("alibi_causal", "alibi_causal", dict(N=70), dict(tables=_slopes, tiles=(16, 16))),
     ("softcap_sink", "softcap_sink", dict(N=70, W=20, cap=3.0), dict(tables=_sinks, b=2)),
+    ("power_attention", "power_attention", dict(N=77, W=5), dict(tiles=(16, 16))),
+    ("biformer", "biformer", dict(H=9, W=10, R=4, K=2), dict()),  # partial regions at the edges
+    ("moba-gqa", "moba", dict(N=70, B=16, K=2), dict(hq=4, hkv=2, tiles=(16, 16))),
 ]
 
 
 def test_every_spec_with_kernels_is_covered():
-    assert {p.stem for p in SPECS.glob("*.attn")} - ROUTED == {spec for _, spec, _, _ in CASES}
+    assert {p.stem for p in SPECS.glob("*.attn")} == {spec for _, spec, _, _ in CASES}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])

@@ -564,7 +564,7 @@ SPEC_TEXTS = [p.read_text() for p in SPEC_FILES]
 _TOKEN = re.compile(r"\s+|#[^\n]*|[A-Za-z_][A-Za-z0-9_]*|[0-9]+(?:\.[0-9]*)?|==|!=|<=|>=|//|.", re.S)
 VOCAB = [
     "(", ")", "{", "}", "[", "]", ",", ";", ".", "=", "==", "!=", "<", "<=", ">", ">=", "+", "-", "*",
-    "/", "//", "%", "and", "or", "not", "true", "false", "attention", "q", "k", "kv", "q.i", "k.i",
+    "/", "//", "%", "<<", ">>", "ilog2", "and", "or", "not", "true", "false", "attention", "q", "k", "kv", "q.i", "k.i",
     "q.x", "k.y", "q.t", "seq", "grid", "seq(N)", "grid(H, W)", "grid(2, H, W)", "window", "window(3)",
     "window(2, stride = 2, causal = true)", "same_block(2)", "causal", "softmax", "softmax(scale = 0.5)",
     "mask", "score", "abs", "min", "max", "sqrt", "log", "exp", "head_dim", "N", "M", "W", "G", "H",

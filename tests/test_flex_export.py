@@ -51,6 +51,7 @@ CASES = [
     ("maxvit_grid", dict(H=12, W=9, G=3)), ("scale_dit", dict(H=12, W=8)),
     ("document_causal", dict(N=100)), ("alibi_causal", dict(N=70)), ("swin_bias", dict(H=14, W=14)),
     ("softcap_sink", dict(N=70, W=16)), ("sigmoid_causal", dict(N=70)), ("softplus", dict(N=45)),
+    ("power_attention", dict(N=77, W=5)),
 ]
 IDS = [f"{n}-" + "-".join(map(str, p.values())) for n, p in CASES]
 _FNS: dict = {}

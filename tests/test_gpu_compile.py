@@ -25,11 +25,11 @@ TARGETS = {"sm90": (90, "bfloat16", 64, "wgmma"), "sm80": (80, "float16", 64, "m
 # Spill bytes measured (triton 3.9, this commit's launch config, arguments specialised as a launch on
 # contiguous tensors specialises them) where a kernel still spills.
 KNOWN_SPILLS = {
-    ("sm90", "natten2d", "attnc_bwd_dkdv"): 48,
-    ("sm90", "gna3d_video", "attnc_bwd_dkdv"): 68,
     ("sm90", "swin_bias", "attnc_bwd_dq"): 104,  # the bias table's gradient loop
-    ("sm80", "gna3d_video", "attnc_bwd_dkdv"): 152,
+    ("sm80", "biformer", "attnc_bwd_dkdv"): 12,
+    ("sm80", "gna3d_video", "attnc_bwd_dkdv"): 8,
     ("sm80", "maxvit_grid", "attnc_bwd_dkdv"): 8,
+    ("sm80", "natten2d", "attnc_bwd_dkdv"): 8,
     ("sm80", "swin_shifted", "attnc_bwd_dkdv"): 8,
     ("sm80", "swin_bias", "attnc_bwd_dq"): 652,  # the bias table's gradient loop
     ("sm80", "swin_bias", "attnc_bwd_dkdv"): 32,
@@ -63,9 +63,8 @@ def reports() -> dict:
     return out
 
 
-def test_every_spec_with_kernels_is_reported():
-    routed = {"biformer", "moba"}
-    assert set(PARAMS) == {p.stem for p in (ROOT / "specs").glob("*.attn")} - routed
+def test_every_spec_is_reported():
+    assert set(PARAMS) == {p.stem for p in (ROOT / "specs").glob("*.attn")}
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

@@ -5,12 +5,16 @@ kernels stay exact against the float64 reference where a part divides by zero at
 guard rules out, and under permuting layouts."""
 import re
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import attnc
 from attnc.backends.triton.host import token_part_values
-from attnc.codegen.parts import token_parts
+from attnc.codegen.parts import token_parts, window_range
+from attnc.ir import nodes as N
+from attnc.ir.evaluate import evaluate
 from bench.kernel_quality import PARAMS
 from tests.conftest import DEVICE
 
@@ -62,3 +66,20 @@ def test_guarded_division_by_zero_in_a_part(layout):
     with torch.no_grad():
         out = fn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)).cpu().double()
     assert torch.allclose(out, _reference(fn, q, k, v), atol=2e-5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(2, 40), data=st.data())
+def test_window_range_test_is_the_window(n, data):
+    """The kernels' one range test (parts.window_range) holds exactly where the window's
+    definition (Window.expand, the reference's) does, for every query and key of an axis."""
+    d = data.draw(st.integers(1, n // 2), label="dilation")
+    k = data.draw(st.integers(2, n // d), label="kernel")
+    s = data.draw(st.integers(1, k), label="stride")
+    causal = data.draw(st.booleans(), label="causal")
+    w = N.Window("i", N.Const(n), N.Const(k), N.Const(d), N.Const(s), causal)
+    coords = {("q", "i"): np.arange(n)[:, None], ("k", "i"): np.arange(n)[None, :]}
+    code, lo, length = (np.asarray(evaluate(x, {}, coords)) for x in window_range(w))
+    inside = (code - lo >= 0) & (code - lo < length)
+    assert (inside == np.asarray(evaluate(w.expand(), {}, coords))).all()
+    assert code.max() < 2 * n and (np.asarray(lo) + np.asarray(length)).max() <= 2 * n  # int32 for n < 2**30

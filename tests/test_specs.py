@@ -11,6 +11,12 @@ from tests import oracles
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
+def _power_mask(N: int, W: int) -> np.ndarray:
+    """PowerAttention (Chen et al., 2025): causal, the W latest keys, and power-of-two distances."""
+    d = np.arange(N)[:, None] - np.arange(N)[None, :]
+    return (d >= 0) & ((d < W) | ((d > 0) & (np.bitwise_and(d, d - 1) == 0)))
+
+
 # (spec file, parameters, oracle mask)
 CASES = [
     ("causal", dict(N=64), lambda p: oracles.causal_mask(p["N"], p["N"])),
@@ -41,6 +47,8 @@ CASES = [
     ("softplus", dict(N=45), lambda p: np.ones((p["N"], p["N"]), dtype=bool)),
     ("scale_dit", dict(H=12, W=8), lambda p: oracles.scale_dit_mask(p["H"], p["W"])),
     ("scale_dit", dict(H=20, W=16), lambda p: oracles.scale_dit_mask(p["H"], p["W"])),
+    ("power_attention", dict(N=90, W=5), lambda p: _power_mask(p["N"], p["W"])),
+    ("power_attention", dict(N=150, W=1), lambda p: _power_mask(p["N"], p["W"])),
 ]
 # Specs checked in tests/test_language.py: runtime tensors, score modifiers, routing.
 ELSEWHERE = {"document_causal", "swin_bias", "alibi_causal", "softcap_sink", "biformer", "moba"}

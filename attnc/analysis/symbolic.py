@@ -7,8 +7,9 @@ means every pair of tokens in box pair p satisfies the expression, `possible[p]`
 may. Both are sound: certain implies all, and none when not possible. The caller decides a tile
 EMPTY when no box pair of it is possible and FULL when all are certain.
 
-Arithmetic is exact per operator (the tightest interval over the operands' intervals), so a
-result is loose only where an expression reads one coordinate twice; between two independent
+Arithmetic is exact per operator (the tightest interval over the operands' intervals; `& | ^`
+are only bounded soundly, ir/bits.py), so a result is loose only where an expression reads one
+coordinate twice (or uses `& | ^`); between two independent
 boxes `q.i - k.i`, `abs(q.y - k.y) <= r` and NATTEN windows (monotone in the query
 coordinate) classify exactly. Runtime tensor values are unknown here unless the caller passes
 their ranges (`lookup`), e.g. per-call summaries of document ids.
@@ -25,6 +26,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..ir import bits
 from ..ir import nodes as N
 
 Arrays = tuple[np.ndarray, np.ndarray]
@@ -179,6 +181,8 @@ def evaluate_boxes(e: N.Expr, values: Mapping[str, int], coords: Mapping[tuple[s
                 return ~np.asarray(a[1]), ~np.asarray(a[0])
             if x.op == "neg":
                 return -a[1], -a[0]
+            if x.op == "ilog2":
+                return bits.ilog2_range_np(a)
             return _abs(a)
         if isinstance(x, N.Binary):
             if x.op in ("and", "or"):
@@ -207,6 +211,12 @@ def evaluate_boxes(e: N.Expr, values: Mapping[str, int], coords: Mapping[tuple[s
                 return np.minimum(a[0], b[0]), np.minimum(a[1], b[1])
             if x.op == "max":
                 return np.maximum(a[0], b[0]), np.maximum(a[1], b[1])
+            if x.op in ("&", "|", "^"):
+                return bits.bitwise_np(x.op, a, b)
+            if x.op in ("<<", ">>"):  # a * 2**n, a // 2**n over the counts in range (bits.py)
+                scale, none = bits.count_np(b)
+                lo, hi = _mul(a, scale, safe) if x.op == "<<" else _floordiv(a, scale)
+                return np.where(none, 0, lo), np.where(none, 0, hi)
         raise TypeError(f"not an integer mask expression: {x!r}")  # lowering and verify exclude the rest
 
     return rec(e)

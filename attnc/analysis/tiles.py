@@ -22,6 +22,7 @@ import numpy as np
 from .. import limits
 from ..errors import AttncError
 from ..ir import nodes as N
+from ..ir.bits import undefined
 from ..ir.bind import Bound
 from ..ir.evaluate import evaluate_uniform, mask_block, part_expr, reads_tensors
 from .boxes import SideBoxes
@@ -182,8 +183,8 @@ def check_divisors(bound: Bound, layout: Layout, block_m: int, block_n: int) -> 
     suspects = []
     for part in bound.kv_parts:
         expr = part_expr(bound.ir.mask, part.name)
-        zero = [guard.and_(div.eq(N.Const(0))) for div, guard in _divisions(expr)
-                if _varies(div) or evaluate_uniform(div, bound.env) == 0]
+        zero = [guard.and_(bad) for operand, bad, guard in _divisions(expr)
+                if _varies(operand) or evaluate_uniform(bad, bound.env)]
         suspects.append(_any(zero))
     if all(isinstance(z, N.Const) and z.value is False for z in suspects):
         return
@@ -196,14 +197,16 @@ def check_divisors(bound: Bound, layout: Layout, block_m: int, block_n: int) -> 
 
 
 def _divisions(e: N.Expr, guard: N.Expr = N.Const(True)):
-    """(divisor, guard) of every // and %; the guard is what must hold for the division to be
+    """(operand, condition, guard) of every // and % (divisor, == 0) and every other partial
+    operation (ir/bits.py: shift counts, ilog2); the guard is what must hold for it to be
     evaluated (the left sides of enclosing `and`, negated for `or`)."""
     if isinstance(e, N.Binary) and e.op in ("and", "or"):
         yield from _divisions(e.lhs, guard)
         yield from _divisions(e.rhs, guard.and_(e.lhs if e.op == "and" else N.fold(N.Unary("not", e.lhs))))
         return
-    if isinstance(e, N.Binary) and e.op in ("//", "%") and not isinstance(e.rhs, N.Const):
-        yield e.rhs, guard
+    partial = undefined(e)
+    if partial is not None and not isinstance(partial[0], N.Const):
+        yield partial[0], partial[1], guard
     if isinstance(e, N.Window):
         e = e.expand()
         yield from _divisions(e, guard)

@@ -131,6 +131,18 @@ def _schedule(kernel: str) -> list[Arg]:
     ]
 
 
+def _route() -> list[Arg]:
+    """Routed specs only (backends/triton/routing.py): the schedule lists are then per
+    (batch * head, q tile), or per (batch * kv head, kv tile) for dK/dV."""
+    return [
+        Arg("ROUTE_UNIT", PTR, "routing unit of the query at each kernel position, int32", "route"),
+        Arg("ROUTE_GROUP", PTR, "routing group of the key at each kernel position, int32", "route"),
+        Arg("ROUTE_SEL", PTR, "chosen groups [B, Hq, units, ROUTE_K], int32, -1 past the candidates", "route"),
+        Arg("n_units", INT, "routing units", "route"),
+        Arg("ROUTE_K", CONSTEXPR, "groups chosen per unit (the route's top)", "route"),
+    ]
+
+
 _STRIDED = {"fwd": ("q", "k", "v", "o"), "dq": ("q", "k", "v", "do", "dq"), "dkdv": ("q", "k", "v", "do", "dk", "dv")}
 
 
@@ -149,6 +161,7 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         Arg("SINK", PTR, "float32 [Hq] sink logits (a dummy without a sink)", "rows"),
         Arg("softcap", FLOAT, "the soft-cap value (0.0 without one)", "rows"),
         *_schedule(kernel),
+        *(_route() if ir.route is not None else []),
         *(a for side in _STRIDED[kernel] for a in _strides(side)),
         Arg("n_heads", INT, "Hq", "sizes"),
         Arg("kv_group", INT, "Hq // Hkv", "sizes"),

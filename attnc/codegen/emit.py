@@ -21,7 +21,7 @@ LN2 = "0.6931471805599453"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _prelude(score: N.Score) -> list[str]:
+def _prelude(score: N.Score, windows: bool, routed: bool) -> list[str]:
     lines = [
         "@triton.jit",
         "def _floordiv(a, b):",
@@ -35,11 +35,36 @@ def _prelude(score: N.Score) -> list[str]:
         "    r = a % b",
         "    return r + (((r != 0) & ((r < 0) != (b < 0))).to(r.dtype) * b)",
     ]
+    if windows:
+        lines += ["", "", *_IN_RANGE]
+    if routed:
+        lines += ["", "", *_CHOSEN]
     if score.softcap is not None:
         lines += ["", "", *_SOFTCAP]
     if score.kind == "softplus":
         lines += ["", "", *_LOG_SOFTPLUS]
     return lines
+
+
+_CHOSEN = [
+    "@triton.jit",
+    "def _chosen(sel_row, k_grp, ROUTE_K: tl.constexpr):",
+    '    """The key\'s group is one of the ROUTE_K groups chosen for the row\'s unit (-1: no choice)."""',
+    "    hit = k_grp < -2",
+    "    for t in tl.static_range(ROUTE_K):",
+    "        hit = hit | (tl.load(sel_row + t)[:, None] == k_grp)",
+    "    return hit",
+]
+
+
+_IN_RANGE = [
+    "@triton.jit",
+    "def _in_range(x, lo, n, INT64: tl.constexpr):",
+    '    """lo <= x < lo + n for n >= 0 (window tests): one unsigned comparison of x - lo."""',
+    "    if INT64:",
+    "        return (x - lo).to(tl.uint64, bitcast=True) < n.to(tl.uint64, bitcast=True)",
+    "    return (x - lo).to(tl.uint32, bitcast=True) < n.to(tl.uint32, bitcast=True)",
+]
 
 
 # tanh(x) / x = 1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835 - 1382x^10/155925 + ...: for |x| < 1/4
@@ -150,6 +175,7 @@ def _setup(ir: N.Attention) -> list[str]:
         "    if INT64:",
         "        q_i = q_i.to(tl.int64)",
         *load_lines(ir, "q", "    "),
+        *route_rows(ir, "    "),
         "    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)",
     ] + ([  # only sigmoid adds a per-row bias after the modifiers
         "    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)",
@@ -183,6 +209,36 @@ def _init_state(score: N.Score) -> list[str]:
     return state + ["    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)"]
 
 
+def route_rows(ir: N.Attention, indent: str) -> list[str]:
+    """Routed specs: the q tile's row pointers into the selection (this head's choices for each
+    row's unit), after offs_m, b64 and h64."""
+    if ir.route is None:
+        return []
+    return [f"{indent}r_unit = tl.load(ROUTE_UNIT + offs_m, mask=offs_m < Nq, other=0)",
+            f"{indent}SEL_row = ROUTE_SEL + ((b64 * n_heads + h64) * n_units + r_unit) * ROUTE_K"]
+
+
+def route_cols(ir: N.Attention, indent: str) -> list[str]:
+    """Routed specs: the kv tile's key groups (-2 past the last key: never a choice)."""
+    if ir.route is None:
+        return []
+    return [f"{indent}k_grp = tl.load(ROUTE_GROUP + offs_n, mask=offs_n < Nk, other=-2)[None, :]"]
+
+
+def csr_row(ir: N.Attention, tile: str, program: str) -> str:
+    """The schedule row of this program: per tile, or per (batch * head, tile) when routed."""
+    return tile if ir.route is None else f"({program} * tl.num_programs(0) + {tile})"
+
+
+def keep_expr(ir: N.Attention, masked: bool, bounds: str) -> str:
+    """Which pairs of the tile count: in bounds and visible on PARTIAL tiles, and, when routed,
+    in a group chosen for the row's unit."""
+    parts = ([bounds] if bounds else []) + ([f"visible({pair_call(ir)})"] if masked else [])
+    if ir.route is not None:
+        parts.append("_chosen(SEL_row, k_grp, ROUTE_K)")
+    return " & ".join(parts)
+
+
 def _tile_loop(ir: N.Attention, masked: bool) -> list[str]:
     """The loop over the FULL or the PARTIAL kv tiles the schedule lists for this q tile."""
     ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
@@ -190,8 +246,8 @@ def _tile_loop(ir: N.Attention, masked: bool) -> list[str]:
             "    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.")
     return [
         what,
-        f"    lo = tl.load({ptr} + q_tile)",
-        f"    hi = tl.load({ptr} + q_tile + 1)",
+        f"    lo = tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')})",
+        f"    hi = tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)",
         "    for t in range(lo, hi):",
         f"        kv_tile = tl.load({idx} + t)",
         *_load_kv(masked),
@@ -217,6 +273,7 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
     score = ir.score
     call = pair_call(ir)
     lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
+    lines += route_cols(ir, "        ")
     if masked or score.logit_bias is not None:
         lines += [
             "        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there",
@@ -239,7 +296,8 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
     log softplus(s), so its weights are normalised in log space. Sigmoid weights are not
     normalised and need no running max."""
     score = ir.score
-    keep = f"        keep = (offs_n[None, :] < Nk) & visible({pair_call(ir)})"
+    keep = f"        keep = {keep_expr(ir, masked, '(offs_n[None, :] < Nk)' if masked else '')}"
+    masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     lines = []
     if score.kind == "sigmoid":
         # 1 / (1 + 2^-x log2(e)) with the GPU's approximate reciprocal (2 ulp), not a full-precision
@@ -339,11 +397,16 @@ def emit_kernel(ir: N.Attention) -> list[str]:
     ]
 
 
+def _has_window(ir: N.Attention) -> bool:
+    exprs = [ir.mask] + ([ir.score.logit_bias] if ir.score.logit_bias is not None else [])
+    return any(isinstance(x, N.Window) for e in exprs for x in N.walk(e))
+
+
 def emit_forward(ir: N.Attention, header: str, backward: list[list[str]] = ()) -> str:
     """Complete module source: header comment, helpers, the mask predicate, the logit bias (when
     the spec has one), the forward kernel, then the `backward` parts (codegen/emit_bwd.py)."""
     parts = [header.strip("\n").splitlines(), ["import triton", "import triton.language as tl"],
-             _prelude(ir.score), emit_visible(ir)]
+             _prelude(ir.score, _has_window(ir), ir.route is not None), emit_visible(ir)]
     if ir.score.logit_bias is not None:
         parts.append(emit_pair_function(ir, "logit_bias", ir.score.logit_bias, "bias"))
     parts.append(emit_kernel(ir))

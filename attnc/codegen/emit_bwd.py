@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..ir import nodes as N
 from ..ir.printer import format_score
 from . import abi
-from .emit import LOG2E
+from .emit import LOG2E, csr_row, keep_expr, route_cols, route_rows
 from .pairs import _Emitter, emit_pair_function, pair_call
 from .parts import load_lines
 
@@ -118,9 +118,12 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
                   "        t_cap = s * (1.0 / softcap)",
                   "        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz"]
     if masked:
-        lines.append(f"        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible({call})")
+        lines.append(f"        keep = {keep_expr(ir, True, '(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)')}")
     elif rows:
-        lines.append("        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)")
+        lines.append(f"        keep = {keep_expr(ir, False, '(offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)')}")
+    elif ir.route is not None:
+        lines.append(f"        keep = {keep_expr(ir, False, '')}")
+    masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked or rows else (lambda x: x)
     lines.append('        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)')
     if score.kind == "softmax":
@@ -194,6 +197,7 @@ def _load_rows(ir: N.Attention, indent: str) -> list[str]:
         f"{indent}if INT64:",
         f"{indent}    q_i = q_i.to(tl.int64)",
         *load_lines(ir, "q", indent),
+        *route_rows(ir, indent),
     ]
 
 
@@ -211,6 +215,7 @@ def _load_cols(ir: N.Attention, indent: str, bounded: bool) -> list[str]:
         f"{indent}if INT64:",
         f"{indent}    k_i = k_i.to(tl.int64)",
         *load_lines(ir, "k", indent),
+        *route_cols(ir, indent),
     ]
 
 
@@ -265,7 +270,8 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         lines += [
             "",
             "    # PARTIAL tiles: the mask per element." if masked else "    # FULL tiles: no mask, no bounds checks.",
-            f"    for t in range(tl.load({ptr} + q_tile), tl.load({ptr} + q_tile + 1)):",
+            f"    for t in range(tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')}), "
+            f"tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)):",
             f"        offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
             *_load_cols(ir, "        ", bounded=masked),
             *_logits_and_ds(ir, masked, weights=False),
@@ -317,7 +323,8 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
     for masked in (False, True):
         ptr, idx = ("PART_T_PTR", "PART_T_IDX") if masked else ("FULL_T_PTR", "FULL_T_IDX")
         body = [
-            f"        for t in range(tl.load({ptr} + kv_tile), tl.load({ptr} + kv_tile + 1)):",
+            f"        for t in range(tl.load({ptr} + {csr_row(ir, 'kv_tile', 'bhk')}), "
+            f"tl.load({ptr} + {csr_row(ir, 'kv_tile', 'bhk')} + 1)):",
             f"            offs_m = tl.load({idx} + t) * BLOCK_M + offs_m0",
             *_load_rows(ir, "            "),
             *_row_vectors(score, "            "),

@@ -7,12 +7,13 @@ Names in the source come from the IR's validated identifiers, never from raw spe
 from __future__ import annotations
 
 from ..ir import nodes as N
+from ..ir.bits import ilog2_code
 from ..ir.printer import format_expr, format_space
 from . import abi
-from .parts import names as part_names, token_parts
+from .parts import names as part_names, token_parts, window_range
 
 _OPS = {"+": "+", "-": "-", "*": "*", "==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
-        "and": "&", "or": "|"}
+        "and": "&", "or": "|", "&": "&", "|": "|", "^": "^"}
 
 def int_params(ir: N.Attention) -> list[str]:
     """Kernel argument names carrying the integer parameters, in declaration order."""
@@ -64,8 +65,9 @@ class _Emitter:
         if isinstance(e, N.Window):
             line = self.ir.line_of("mask")
             where = f" (spec line {line})" if line else ""
-            self.lines.append(f"{self.indent}# {format_expr(e)}{where}")
-            return self.temp(self.emit_inline(e.expand()))
+            self.lines.append(f"{self.indent}# {format_expr(e)}{where}: one range test (parts.window_range)")
+            code, lo, length = (self.emit(x) for x in window_range(e))
+            return self.temp(f"_in_range({code}, {lo}, {length}, INT64)")
         return self.temp(self.emit_inline(e))
 
     def lookup_offset(self, e: N.Lookup) -> tuple[int, str, str]:
@@ -91,6 +93,8 @@ class _Emitter:
     def emit_inline(self, e: N.Expr) -> str:
         if isinstance(e, N.Unary):
             x = self.emit(e.operand)
+            if e.op == "ilog2":
+                return ilog2_code(x, self.temp, "tl.where")
             return {"not": f"~{x}", "neg": f"-{x}", "abs": f"tl.abs({x})"}[e.op]
         if isinstance(e, N.Binary):
             a, b = self.emit(e.lhs), self.emit(e.rhs)
@@ -102,6 +106,13 @@ class _Emitter:
                 return f"{'_floordiv' if e.op == '//' else '_floormod'}({a}, {b})"
             if e.op == "/":
                 return f"(({a}) * 1.0 / {b})"  # true division, also of integers
+            if e.op in ("<<", ">>"):  # signed >> is arithmetic in Triton, as in Python
+                lo, hi = N.SHIFT_LIMITS
+                if not (isinstance(e.rhs, N.Const) and lo <= e.rhs.value <= hi):
+                    # Counts out of range are errors where live; elsewhere clamp them, so that no
+                    # lane shifts by its width or more (undefined in LLVM).
+                    b = f"tl.minimum(tl.maximum({b}, {lo}), {hi})"
+                return f"({a} {e.op} {b})"
             return f"({a} {_OPS[e.op]} {b})"
         if isinstance(e, N.Call):
             return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
@@ -118,10 +129,14 @@ def _nonneg(e: N.Expr) -> bool:
     if isinstance(e, (N.Coord, N.HeadDim)):
         return True
     if isinstance(e, N.Unary):
-        return e.op == "abs"
+        return e.op in ("abs", "ilog2")  # the emitted ilog2 is >= 0 everywhere
     if isinstance(e, N.Binary):
-        if e.op in ("+", "*", "min"):
+        if e.op in ("+", "*", "min", "|", "^"):
             return _nonneg(e.lhs) and _nonneg(e.rhs)
+        if e.op in ("<<", ">>"):
+            return _nonneg(e.lhs)
+        if e.op == "&":
+            return _nonneg(e.lhs) or _nonneg(e.rhs)
         if e.op == "max":
             return _nonneg(e.lhs) or _nonneg(e.rhs)
         if e.op in ("//", "%"):
@@ -159,7 +174,7 @@ def _coords_used(e: N.Expr, known: dict) -> set[tuple[str, str]]:
             continue
         if isinstance(x, N.Coord):
             out.add((x.side, x.axis))
-        stack.extend((x.expand(),) if isinstance(x, N.Window) else N.children(x))
+        stack.extend(window_range(x) if isinstance(x, N.Window) else N.children(x))
     return out
 
 

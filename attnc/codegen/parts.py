@@ -52,8 +52,21 @@ def _collect(e: N.Expr, found: list[tuple[str, N.Expr]]) -> None:
         if (side, e) not in found:
             found.append((side, e))
         return
-    for child in (e.expand(),) if isinstance(e, N.Window) else N.children(e):
+    for child in window_range(e) if isinstance(e, N.Window) else N.children(e):
         _collect(child, found)
+
+
+def window_range(w: N.Window) -> tuple[N.Expr, N.Expr, N.Expr]:
+    """(code, lo, length) with w <=> 0 <= code - lo < length: the key's dilation group and
+    group coordinate folded into one number, code = (j % d) m + j // d with m = ceil(n / d) (no
+    group is longer), and the query's neighborhood [start, end) in its group g shifted to
+    g m + start. Keys of another group land outside, since every group keeps k <= n_g <= m keys
+    and start <= n_g - k (so one range test replaces the group equality and two comparisons:
+    docs/kernels.md). lo and length read q only, code reads k only: all three are token parts."""
+    j, d = N.Coord("k", w.axis), w.dilation
+    group, start, end = w.bounds()
+    m = (w.length + d - N.Const(1)) // d
+    return (j % d) * m + j // d, group * m + start, end - start
 
 
 @functools.lru_cache(maxsize=256)

@@ -127,7 +127,7 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
             sig[a.name] = "constexpr"
             const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
                              "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
-                             **(flags or {})}.get(a.name, a.name.endswith("_want"))
+                             "ROUTE_K": known.get("ROUTE_K", 4), **(flags or {})}.get(a.name, a.name.endswith("_want"))
     return sig, const, attrs
 
 

@@ -18,6 +18,7 @@ _BINARY_RULES = {
     "add": "+", "sub": "-", "mul": "*", "floordiv": "//", "truediv": "/", "mod": "%",
     "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
     "and_op": "and", "or_op": "or",
+    "bitand": "&", "bitor": "|", "bitxor": "^", "lshift": "<<", "rshift": ">>",
 }
 _NAMED_TERMINALS = {"NAME": "a name", "INT": "an integer", "FLOAT": "a number", "$END": "end of input"}
 

@@ -5,8 +5,9 @@ from . import syntax as A
 
 # Binding strength, loosest first; matches grammar.lark.
 PRECEDENCE = {"or": 1, "and": 2, "not": 3, "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4, "in": 4,
-              "+": 5, "-": 5, "*": 6, "/": 6, "//": 6, "%": 6, "neg": 7}
-ATOM = 8
+              "|": 5, "^": 6, "&": 7, "<<": 8, ">>": 8,
+              "+": 9, "-": 9, "*": 10, "/": 10, "//": 10, "%": 10, "neg": 11}
+ATOM = 12
 
 
 def format_spec(node: A.Attention) -> str:

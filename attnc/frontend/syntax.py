@@ -48,7 +48,7 @@ class Unary:
 
 @dataclass(frozen=True)
 class Binary:
-    op: str  # + - * / // % == != < <= > >= and or
+    op: str  # + - * / // % & | ^ << >> == != < <= > >= and or
     lhs: "Expr"
     rhs: "Expr"
     span: Span | None = field(default=None, **_SPAN)

@@ -26,6 +26,7 @@ from ..analysis.tiles import Schedule, analyse
 from ..backends.inputs import host_ints
 from ..errors import AttncError, suggest
 from ..ir import nodes as N
+from ..ir.bits import ilog2_code
 from ..ir.evaluate import evaluate, part_expr, show
 from ..ir.intervals import needs_int64
 from ..ir.scores import row_scores, score_reads_n_visible, sink_logits, softcap_value
@@ -407,6 +408,8 @@ class _Emitter:
             return self.lookup(e)
         if isinstance(e, N.Unary):
             a, t = self.emit(e.operand)
+            if e.op == "ilog2":  # 0 for a <= 0: only where a guard rules the pair out (attnc refuses the rest)
+                return ilog2_code(a, tmp, "torch.where") if t else tmp(f"max(int({a}), 1).bit_length() - 1"), t
             if _value(a, t) is not None:  # on a constant left by expansion or a decided guard
                 return _literal(evaluate(N.Unary(e.op, N.Const(_value(a, t))), {}, {})), False
             if e.op == "not":
@@ -445,6 +448,9 @@ class _Emitter:
             return a, ta
         if vb is not None and type(vb) is int and vb == 1 and op == "%":
             return "0", False
+        if op in ("<<", ">>"):  # an out-of-range count is read only where a guard rules the pair out
+            lo, hi = N.SHIFT_LIMITS
+            b = tmp(f"{b}.clamp({lo}, {hi})") if tb else repr(min(max(vb, lo), hi)) if vb is not None else b
         if op in ("//", "%") and (tb or vb is None or vb == 0):
             # A zero divisor is read only where a guard rules the pair out (attnc refuses the
             # rest): any divisor will do there, and the quotient is discarded.

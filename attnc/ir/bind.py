@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import numbers
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -10,6 +12,7 @@ from .. import limits
 from ..errors import AttncError, suggest
 from ..limits import MAX_TOKENS  # kernels decode tokens in int32 (also imported from here)
 from . import nodes as N
+from .bits import undefined
 from .evaluate import evaluate_uniform, show, windows
 from .floats import check_float_constants
 from .intervals import check_int64
@@ -71,7 +74,8 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
             values[p.name] = _check_value(ir, p, params[p.name])
         elif p.default is not None:
             _check_divisors(ir, p.default, values)
-            values[p.name] = evaluate_uniform(p.default, values)
+            value = evaluate_uniform(p.default, values)
+            values[p.name] = bool(value) if p.boolean else value
         else:
             missing = [d.name for d in ir.params if d.name not in params and d.default is None]
             raise AttncError(f"attention '{ir.name}' needs a value for parameter{'s' if len(missing) > 1 else ''} "
@@ -111,7 +115,12 @@ def _param_list(ir: N.Attention) -> str:
 
 
 def _check_value(ir: N.Attention, p: N.ParamDecl, value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if p.boolean:  # True/False only: 0/1 would hide a mix-up with an integer parameter
+        if not isinstance(value, (bool, np.bool_)):
+            raise AttncError(f"parameter '{p.name}' of '{ir.name}' must be true or false (a Python bool), "
+                             f"got {type(value).__name__} {value!r}")
+        return bool(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise AttncError(f"parameter '{p.name}' of '{ir.name}' must be "
                          f"{'an integer' if p.type == N.INT else 'a number'}, got {type(value).__name__} {value!r}")
     if p.type == N.INT:
@@ -128,9 +137,10 @@ def _check_value(ir: N.Attention, p: N.ParamDecl, value: Any) -> int | float:
 
 
 def _check_divisors(ir: N.Attention, e: N.Expr, values) -> None:
-    """Refuse `//` or `%` by a divisor that does not depend on tokens and is 0 for these values,
-    at the divisor in the spec (evaluation would report it without a place), wherever the division
-    is certainly evaluated. Guards are honoured (docs/language.md): in `a and b` / `a or b`, b is
+    """Refuse `//` or `%` by a divisor that does not depend on tokens and is 0 for these values
+    (or a shift count or ilog2 argument out of its domain, ir/bits.py), at its place in the spec
+    (evaluation would report it without a place), wherever the operation is certainly evaluated.
+    Guards are honoured (docs/language.md): in `a and b` / `a or b`, b is
     checked when a does not depend on tokens and does not decide; under a guard that depends on
     tokens, whether b is read at all is left to evaluation."""
     varies = (N.Coord, N.Lookup, N.Window, N.Head, N.NVisible, N.HeadDim, N.Member)
@@ -146,10 +156,11 @@ def _check_divisors(ir: N.Attention, e: N.Expr, values) -> None:
             return
         for c in N.children(x):
             visit(c)
-        if isinstance(x, N.Binary) and x.op in ("//", "%") and uniform[id(x.rhs)] \
-                and evaluate_uniform(x.rhs, values) == 0:
-            raise AttncError(f"division by zero: `{show(x.rhs)}` is 0 for {_describe(values.items())}",
-                             ir.span_of(x))
+        partial = undefined(x)
+        if partial is not None and uniform[id(partial[0])] and evaluate_uniform(partial[1], values):
+            operand, _, what = partial
+            raise AttncError(f"{what}: `{show(operand)}` is {evaluate_uniform(operand, values)} for "
+                             f"{_describe(values.items())}", ir.span_of(x))
 
     visit(e)
 

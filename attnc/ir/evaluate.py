@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import AttncError
+from . import bits
 from . import nodes as N
 from .printer import format_expr
 
@@ -67,6 +68,17 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
             return bool(cond.any())
         return bool(np.logical_and(cond, live).any())
 
+    def domain(e: N.Expr, bad, operand, live):
+        """Where a shift count or an ilog2 argument is out of its domain: an error where live (as
+        a division by zero), else replaced by the caller (the value is never used)."""
+        bad = np.asarray(bad)
+        if bad.any() and anywhere(bad, live):
+            at = np.broadcast_arrays(operand, bad if live is None else np.logical_and(bad, live))
+            what = bits.undefined(e)[2]
+            raise AttncError(f"{what} in `{show(e)}`: {show(bits.undefined(e)[0])} = {int(at[0][at[1]].flat[0])}",
+                             span_of(e) if span_of else None)
+        return bad
+
     def rec(e: N.Expr, live):
         if isinstance(e, N.Lookup):
             if e.tensor not in tensors:
@@ -103,6 +115,10 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
             return coords[("q", "head")]
         if isinstance(e, N.Window):
             return rec(e.expand(), live)
+        if isinstance(e, N.Unary) and e.op == "ilog2":
+            x = np.asarray(rec(e.operand, live), dtype=np.int64)
+            out = bits.ilog2_np(np.where(domain(e, x <= 0, x, live), 1, x))
+            return out[()] if out.ndim == 0 else out
         if isinstance(e, N.Unary):
             x = rec(e.operand, live)
             return np.logical_not(x) if e.op == "not" else np.negative(x) if e.op == "neg" else np.abs(x)
@@ -124,6 +140,11 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
                 b = rec(e.rhs, inner)
                 return _ARITH[e.op](a, b)
             b = rec(e.rhs, live)
+            if e.op in N.BIT_OPS:
+                if e.op in ("<<", ">>"):
+                    b = np.asarray(b, dtype=np.int64)
+                    b = np.where(domain(e, (b < bits.SHIFT_LO) | (b > bits.SHIFT_HI), b, live), 0, b)
+                return bits.apply(e.op, a, b)
             if e.op in ("//", "%", "/"):
                 if e.op == "/" and not strict:
                     with np.errstate(all="ignore"):

@@ -5,8 +5,9 @@ width, int64 overflow, the extents of the runtime tensors a mask indexes, diviso
 Ranges are exact Python integers. Each operator's range is the tightest interval over the
 operands' intervals (`//` and `%` floor, for operands and divisors of either sign; `%` by a
 range of divisors is sound but may be loose), so a range is otherwise loose only where an
-expression uses one variable twice (`q.i - q.i`). A division by zero is no value (it is an
-error wherever it is evaluated), so a divisor's 0 does not widen a range.
+expression uses one variable twice (`q.i - q.i`), and for `& | ^`, whose bounds are coarse
+(ir/bits.py). A division by zero is no value (it is an error wherever it is evaluated), so a
+divisor's 0 does not widen a range; nor do shift counts outside [0, 31] or ilog2 of x < 1.
 
 Guards: `a and b` evaluates b only where a holds, `a or b` only where a fails
 (docs/language.md, "Runtime tensors"). So the ranges inside b are taken under a narrowed box:
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from .. import limits
 from ..errors import AttncError
+from . import bits
 from . import nodes as N
 from .evaluate import modifier_exprs, part_expr, show
 
@@ -114,7 +116,9 @@ def absolute(a: Interval) -> Interval:
 
 _BINARY = {"+": add, "-": sub, "*": mul, "//": floordiv, "%": mod,
            "min": lambda a, b: (min(a[0], b[0]), min(a[1], b[1])),
-           "max": lambda a, b: (max(a[0], b[0]), max(a[1], b[1]))}
+           "max": lambda a, b: (max(a[0], b[0]), max(a[1], b[1])),
+           **{op: (lambda a, b, op=op: bits.bitwise(op, a, b)) for op in ("&", "|", "^")},
+           **{op: (lambda a, b, op=op: bits.shift(op, a, b)) for op in ("<<", ">>")}}
 _NEGATE = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
 _SWAP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 # Narrowing work per analysis; past it guards are not used (still sound, only looser).
@@ -198,6 +202,8 @@ class Ranges:
                 self.range(x.operand, env, hooks)
                 return BOOL
             a = self.range(x.operand, env, hooks)
+            if x.op == "ilog2":
+                return bits.ilog2(a)
             return (-a[1], -a[0]) if x.op == "neg" else absolute(a)
         if isinstance(x, N.Binary):
             if x.op in ("and", "or"):

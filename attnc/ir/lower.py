@@ -141,10 +141,9 @@ class _Lowering(Builtins):
         type_ = N.INT
         if p.default is not None:
             default = self.uniform(p.default, "a parameter default")
-            if default.type == N.BOOL:
-                raise AttncError("parameter defaults must be numbers", p.default.span)
             type_ = default.type
-        self.params[p.name] = N.ParamDecl(p.name, type_, default)
+        # A bool parameter is carried as an integer (nodes.ParamDecl): one kernel for both values.
+        self.params[p.name] = N.ParamDecl(p.name, N.INT if type_ == N.BOOL else type_, default, type_ == N.BOOL)
 
     def define_local(self, stmt: A.Stmt) -> None:
         """A local stands for its expression: it is lowered here once per context it could be used
@@ -323,7 +322,8 @@ class _Lowering(Builtins):
 
     def name(self, e: A.Name) -> N.Expr:
         if e.id in self.params:
-            return N.Param(e.id, self.params[e.id].type)
+            decl = self.params[e.id]
+            return N.Binary("!=", N.Param(e.id, N.INT), N.Const(0)) if decl.boolean else N.Param(e.id, decl.type)
         if e.id in self.locals:
             return self.use_local(e)
         if e.id == "causal":
@@ -377,6 +377,8 @@ class _Lowering(Builtins):
         if e.op in ("and", "or"):
             return N.Binary(e.op, self.expect(e.lhs, N.BOOL, f"the operand of '{e.op}'"),
                             self.expect(e.rhs, N.BOOL, f"the operand of '{e.op}'"))
+        if e.op in N.BIT_OPS:
+            return self.bit_op(e)
         lhs, rhs = self.number(e.lhs, e.op), self.number(e.rhs, e.op)
         if e.op in N.COMPARISONS and self.in_mask:
             # The mask compares integers (docs/language.md): `q.i - k.i < 2.5` would round one way
@@ -422,6 +424,8 @@ class _Lowering(Builtins):
         if fn in INT_FUNCS:
             self.no_kwargs(e)
             args = [self.number(a, fn) for a in e.args]
+            if fn == "ilog2":
+                return self.ilog2(e, args)
             if fn == "abs":
                 if len(args) != 1:
                     raise AttncError(f"abs() takes 1 argument, got {len(args)}", e.span)

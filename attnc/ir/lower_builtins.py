@@ -13,7 +13,7 @@ RESERVED_TARGETS = ("q", "kv", "mask", "score", "bias", "route")
 COMPILE_OPTIONS = ("spec", "backend", "tiles", "layout")
 SPACE_FUNCS = ("seq", "grid")
 SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
-INT_FUNCS = ("abs", "min", "max")
+INT_FUNCS = ("abs", "min", "max", "ilog2")
 FLOAT_FUNCS = ("sqrt", "log", "exp")
 MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
 BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
@@ -225,16 +225,14 @@ class Builtins:
         ndim = len(space.dims)
         kernels = self.per_axis(e.args, ndim, e, "kernel sizes")
         opts = {"dilation": [N.Const(1)] * ndim, "stride": [N.Const(1)] * ndim}
-        causal = [False] * ndim
+        causal: list[N.Expr] = [N.Const(False)] * ndim
         for kw in e.kwargs:
             if kw.name in opts:
                 items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
                 opts[kw.name] = self.per_axis(items, ndim, kw.value, f"{kw.name} values")
             elif kw.name == "causal":
                 items = kw.value.items if isinstance(kw.value, A.Tuple) else (kw.value,)
-                if not all(isinstance(i, A.Bool) for i in items):
-                    raise AttncError("causal must be true/false or a tuple of them", kw.value.span)
-                flags = [i.value for i in items]
+                flags = [self.flag(i) for i in items]
                 if len(flags) not in (1, ndim):
                     want = "1 causal flag" if ndim == 1 else f"1 or {ndim} causal flags"
                     raise AttncError(f"expected {want}, got {len(flags)}", kw.value.span)
@@ -242,8 +240,66 @@ class Builtins:
             else:
                 raise AttncError(f"window has no argument '{kw.name}'", kw.span,
                                  hint=suggest(kw.name, ["dilation", "stride", "causal"]))
-        return _all(N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal[a],
-                             span=e.span) for a, axis in enumerate(space.axes))
+        def axis_window(a: int, axis: str, causal: bool) -> N.Window:
+            return N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal, span=e.span)
+
+        terms = []
+        for a, axis in enumerate(space.axes):
+            flag = causal[a]
+            if isinstance(flag, N.Const):
+                terms.append(axis_window(a, axis, flag.value))
+            else:
+                # A bool parameter: both windows, one selected by the flag (uniform, so tile analysis
+                # decides it exactly, and one kernel serves both values; docs/language.md).
+                terms.append(N.Binary("or", N.Binary("and", flag, axis_window(a, axis, True)),
+                                      N.Binary("and", _negate(flag), axis_window(a, axis, False))))
+        return _all(terms)
+
+    def flag(self, e: A.Expr) -> N.Expr:
+        """A flag fixed when parameters are bound: true, false, or a condition on bool parameters."""
+        out = self.uniform(e, "a causal flag")
+        if out.type != N.BOOL:
+            raise AttncError("causal must be true/false, a bool parameter, or a tuple of them", e.span)
+        return out
+
+    def bit_op(self, e: A.Binary) -> N.Expr:
+        """`& | ^ << >>` on integers (ir/bits.py has their exact meaning)."""
+        sides = []
+        for side in (e.lhs, e.rhs):
+            val = self.expr(side)
+            if val.type != N.INT:
+                what = "a float" if val.type == N.FLOAT else "a condition"
+                raise AttncError(f"'{e.op}' needs integers, but this is {what}", side.span,
+                                 hint="combine conditions with `and`, `or`, `not`" if val.type == N.BOOL else None)
+            sides.append(val)
+        lhs, rhs = sides
+        if e.op in ("<<", ">>"):
+            lo, hi = N.SHIFT_LIMITS
+            self.check_domain(rhs, e.rhs, "a shift count", lambda v: not lo <= v <= hi,
+                              f"must be in [{lo}, {hi}]")
+        out = N.Binary(e.op, lhs, rhs)
+        self.spans.setdefault(out, e.rhs.span if e.op in ("<<", ">>") else e.span)
+        return out
+
+    def ilog2(self, e: A.Call, args: list[N.Expr]) -> N.Expr:
+        if len(args) != 1:
+            raise AttncError(f"ilog2() takes 1 argument, got {len(args)}", e.span)
+        if args[0].type != N.INT:
+            raise AttncError("ilog2() needs an integer, but this is a float", e.args[0].span)
+        self.check_domain(args[0], e.args[0], "ilog2's argument", lambda v: v < 1, "must be at least 1")
+        out = N.Unary("ilog2", args[0])
+        self.spans.setdefault(out, e.span)
+        return out
+
+    @staticmethod
+    def check_domain(val: N.Expr, at: A.Expr, what: str, bad, need: str) -> None:
+        """A constant out of an operation's domain is refused here, where the spec writes it; one
+        that depends on parameters or tokens is checked when bound or evaluated (ir/bits.py)."""
+        if isinstance(val, N.Const) and bad(val.value):
+            raise AttncError(f"{what} {need}, but this is {val.value}", at.span)
+        if _mentions(val, (N.Lookup,)):
+            raise AttncError(f"{what} cannot read a runtime tensor (not supported yet)", at.span,
+                             hint="its domain could not be checked before the kernels run")
 
     def same_block(self, e: A.Call) -> N.Expr:
         self.no_kwargs(e)
@@ -319,6 +375,14 @@ def _all(terms) -> N.Expr:
     for t in terms[1:]:
         out = out.and_(t)
     return out
+
+
+def _negate(cond: N.Expr) -> N.Expr:
+    """not cond, with a comparison (a bool parameter reads as `p != 0`) turned around."""
+    flip = {"==": "!=", "!=": "==", "<": ">=", "<=": ">", ">": "<=", ">=": "<"}
+    if isinstance(cond, N.Binary) and cond.op in flip:
+        return N.Binary(flip[cond.op], cond.lhs, cond.rhs)
+    return N.fold(N.Unary("not", cond))
 
 
 def _default_scale() -> N.Expr:

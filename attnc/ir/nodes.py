@@ -35,7 +35,7 @@ class Const:
 @dataclass(frozen=True)
 class Param:
     name: str
-    type: str  # INT or FLOAT
+    type: str  # INT or FLOAT (a bool parameter is read as `Param(name, INT) != 0`, see ParamDecl)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Lookup:
 
 @dataclass(frozen=True)
 class Unary:
-    op: str  # 'neg', 'not', 'abs'
+    op: str  # 'neg', 'not', 'abs', 'ilog2' (floor(log2(x)), x >= 1; see bits.py)
     operand: "Expr"
 
     @property
@@ -102,7 +102,7 @@ class Unary:
 
 @dataclass(frozen=True)
 class Binary:
-    op: str  # + - * // % / min max == != < <= > >= and or
+    op: str  # + - * // % / min max & | ^ << >> == != < <= > >= and or
     lhs: "Expr"
     rhs: "Expr"
 
@@ -146,23 +146,31 @@ class Window:
             object.__setattr__(self, "_expanded", out)
         return out
 
-    def _expand(self) -> "Expr":
-        i, j = Coord("q", self.axis), Coord("k", self.axis)
+    def bounds(self) -> tuple["Expr", "Expr", "Expr"]:
+        """(group, start, end) of the query's neighborhood: keys j with j % d == group and
+        start <= j // d < end, in the query's dilation group (all three read q only)."""
+        i = Coord("q", self.axis)
         n, k, d, s = self.length, self.kernel, self.dilation, self.stride
         group = i % d
-        same_group = (j % d).eq(group)
-        ip, jp = i // d, j // d
+        ip = i // d
         n_group = (n - group + d - Const(1)) // d
         if self.causal:
             leader = (ip // s * s + s - Const(1)).min(n_group - Const(1))
-            lo = (leader - k + Const(1)).max(Const(0))
-            return same_group.and_(lo.le(jp)).and_(jp.le(ip))
+            return group, (leader - k + Const(1)).max(Const(0)), ip + Const(1)
         leader = (ip // s * s + s // Const(2)).min(n_group - Const(1))
         start = (leader - k // Const(2)).min(n_group - k).max(Const(0))
-        return same_group.and_(start.le(jp)).and_(jp.lt(start + k))
+        return group, start, start + k
+
+    def _expand(self) -> "Expr":
+        j, d = Coord("k", self.axis), self.dilation
+        group, start, end = self.bounds()
+        jp = j // d
+        return (j % d).eq(group).and_(start.le(jp)).and_(jp.lt(end))
 
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+BIT_OPS = ("&", "|", "^", "<<", ">>")  # integers only; shift counts within SHIFT_LIMITS
+SHIFT_LIMITS = (0, 31)  # a count outside is an error where evaluated (kernels shift int32 values)
 Expr = Union[Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary, Binary, Call, Window]
 
 
@@ -196,7 +204,19 @@ _FOLD = {
     "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
     "and": lambda a, b: a and b, "or": lambda a, b: a or b,
+    "&": lambda a, b: a & b, "|": lambda a, b: a | b, "^": lambda a, b: a ^ b,
+    "<<": lambda a, b: a << b, ">>": lambda a, b: a >> b,
 }
+
+
+def _defined(op: str, a, b) -> bool:
+    """Can a constant operation be folded? Not a division by zero or a shift count out of range:
+    those are left for evaluation to report, at their place."""
+    if op in ("//", "%"):
+        return b != 0
+    if op in ("<<", ">>"):
+        return SHIFT_LIMITS[0] <= b <= SHIFT_LIMITS[1]
+    return True
 
 
 def fold(e: "Expr") -> "Expr":
@@ -207,13 +227,15 @@ def fold(e: "Expr") -> "Expr":
     """
     if isinstance(e, Unary) and isinstance(e.operand, Const) and not isinstance(e.operand.value, float):
         v = e.operand.value
+        if e.op == "ilog2":
+            return Const(v.bit_length() - 1) if v >= 1 else e  # x <= 0 is left for evaluation
         return Const(not v if e.op == "not" else -v if e.op == "neg" else abs(v))
     if not isinstance(e, Binary):
         return e
     a, b = e.lhs, e.rhs
     ca, cb = isinstance(a, Const), isinstance(b, Const)
     if ca and cb and e.op in _FOLD and not isinstance(a.value, float) and not isinstance(b.value, float):
-        if not (e.op in ("//", "%") and b.value == 0):
+        if _defined(e.op, a.value, b.value):
             return Const(_FOLD[e.op](a.value, b.value))
     if cb and e.op in ("+", "-") and isinstance(a, Binary) and a.op in ("+", "-") \
             and isinstance(a.rhs, Const) and type(a.rhs.value) is int and type(b.value) is int:
@@ -424,9 +446,15 @@ class TensorDecl:
 
 @dataclass(frozen=True)
 class ParamDecl:
+    """A parameter. A bool parameter (`causal = false`) has type INT and boolean=True: it is
+    bound to True or False only, and carried as the integer 1 or 0, so that one kernel (which
+    takes integer parameters as arguments) serves both values; expressions read it as
+    `Param(name, INT) != 0`. Its default is a condition."""
+
     name: str
     type: str
     default: Expr | None
+    boolean: bool = False
 
 
 @dataclass(frozen=True)

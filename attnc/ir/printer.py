@@ -11,7 +11,8 @@ from . import nodes as N
 
 def format_ir(ir: N.Attention) -> str:
     params = ", ".join(
-        f"{p.name}: {p.type}" + ("" if p.default is None else f" = {format_expr(p.default)}") for p in ir.params
+        f"{p.name}: {'bool' if p.boolean else p.type}" + ("" if p.default is None else f" = {format_expr(p.default)}")
+        for p in ir.params
     )
     return "\n".join([
         f"attention {ir.name}({params})",
@@ -85,8 +86,8 @@ def _fmt(e: N.Expr) -> tuple[str, int]:
     if isinstance(e, N.Call):
         return f"{e.fn}({', '.join(format_expr(a) for a in e.args)})", _ATOM
     if isinstance(e, N.Unary):
-        if e.op == "abs":
-            return f"abs({format_expr(e.operand)})", _ATOM
+        if e.op in ("abs", "ilog2"):
+            return f"{e.op}({format_expr(e.operand)})", _ATOM
         return unary(e.op, _fmt(e.operand))
     if isinstance(e, N.Binary):
         if e.op in ("min", "max"):

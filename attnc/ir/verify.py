@@ -4,9 +4,11 @@
 input, so IRError is not an AttncError. Lowering runs it on every IR it builds (attnc/ir/lower.py).
 
 Invariants:
-- parameters are declared once, typed int or float; a default has its parameter's type and
+- parameters are declared once, typed int or float (a bool one is an int, flagged, with a
+  condition as its default); a default has its parameter's type and
   reads only earlier parameters; every Param node names a declared parameter, with its type;
-- nodes are well typed: conditions where conditions belong, integers for `//`, `%`, indices,
+- nodes are well typed: conditions where conditions belong, integers for `//`, `%`, bit
+  operations, ilog2, indices,
   sizes and window arguments; the mask is a condition and integer-valued throughout;
 - spaces: seq has one size, grid two or three; sizes, preconditions and routing counts read
   only constants and parameters; segment names are unique;
@@ -25,9 +27,9 @@ from __future__ import annotations
 
 from . import nodes as N
 
-_UNARY = ("neg", "not", "abs")
+_UNARY = ("neg", "not", "abs", "ilog2")
 _ARITH = ("+", "-", "*", "min", "max")
-_INT_ONLY = ("//", "%")
+_INT_ONLY = ("//", "%") + N.BIT_OPS
 _FLOAT_FUNCS = ("sqrt", "log", "exp")
 _NUMERIC = (N.INT, N.FLOAT)
 
@@ -67,9 +69,11 @@ class _Verifier:
                 self.fail(f"parameter {p!r} is not an int or float ParamDecl")
             if p.name in self.params:
                 self.fail(f"parameter '{p.name}' is declared twice")
+            if p.boolean and p.type != N.INT:
+                self.fail(f"bool parameter '{p.name}' must be carried as an int")
             if p.default is not None:
                 t = self.check(p.default, f"the default of '{p.name}'", _UNIFORM)
-                if t != p.type:
+                if t != (N.BOOL if p.boolean else p.type):
                     self.fail(f"parameter '{p.name}' is {p.type} but its default is {t}")
             self.params[p.name] = p  # after its default: a default reads only earlier parameters
         self.space(ir.q, "q")
@@ -200,7 +204,7 @@ class _Verifier:
             self.reads.setdefault(x.tensor, []).append((x, what))
             return x.type
         if isinstance(x, N.Unary):
-            if x.op not in _UNARY or (kid[0] == N.BOOL) != (x.op == "not"):
+            if x.op not in _UNARY or (kid[0] == N.BOOL) != (x.op == "not") or (x.op == "ilog2" and kid[0] != N.INT):
                 self.fail(f"'{x.op}' applied to {kid[0]} in {what}")
             return kid[0]
         if isinstance(x, N.Binary):

@@ -20,7 +20,15 @@ def _floormod(a, b):
 
 
 @triton.jit
-def visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64: tl.constexpr, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5):
+def _in_range(x, lo, n, INT64: tl.constexpr):
+    """lo <= x < lo + n for n >= 0 (window tests): one unsigned comparison of x - lo."""
+    if INT64:
+        return (x - lo).to(tl.uint64, bitcast=True) < n.to(tl.uint64, bitcast=True)
+    return (x - lo).to(tl.uint32, bitcast=True) < n.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64: tl.constexpr, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2):
     """mask = window[t < T](kernel=3, dilation=1, stride=1, causal=true) and window[y < H](kernel=7, dilation=1, stride=2, causal=false) and window[x < W](kernel=7, dilation=1, stride=2, causal=false)
 
     spec line 5; q = grid(T, H, W), kv = grid(T, H, W).
@@ -31,27 +39,15 @@ def visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64: tl.constexpr, qp0, qp1,
         p_H = tl.cast(p_H, tl.int64)
         p_W = tl.cast(p_W, tl.int64)
         head_dim = tl.cast(head_dim, tl.int64)
-    # window[t < T](kernel=3, dilation=1, stride=1, causal=true) (spec line 5)
-    t0 = (kp0 == qp0)
-    t1 = (qp1 <= kp1)
+    # window[t < T](kernel=3, dilation=1, stride=1, causal=true) (spec line 5): one range test (parts.window_range)
+    t0 = _in_range(kp0, qp0, qp1, INT64)
+    # window[y < H](kernel=7, dilation=1, stride=2, causal=false) (spec line 5): one range test (parts.window_range)
+    t1 = _in_range(kp1, qp2, qp3, INT64)
     t2 = (t0 & t1)
-    t3 = (kp1 <= qp2)
+    # window[x < W](kernel=7, dilation=1, stride=2, causal=false) (spec line 5): one range test (parts.window_range)
+    t3 = _in_range(kp2, qp4, qp5, INT64)
     t4 = (t2 & t3)
-    # window[y < H](kernel=7, dilation=1, stride=2, causal=false) (spec line 5)
-    t5 = (kp2 == qp3)
-    t6 = (qp4 <= kp3)
-    t7 = (t5 & t6)
-    t8 = (kp3 < qp5)
-    t9 = (t7 & t8)
-    t10 = (t4 & t9)
-    # window[x < W](kernel=7, dilation=1, stride=2, causal=false) (spec line 5)
-    t11 = (kp4 == qp6)
-    t12 = (qp7 <= kp5)
-    t13 = (t11 & t12)
-    t14 = (kp5 < qp8)
-    t15 = (t13 & t14)
-    t16 = (t10 & t15)
-    return t16
+    return t4
 
 
 @triton.jit
@@ -106,42 +102,30 @@ def attnc_fwd(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
-    # qp0 = q.t % 1
+    # qp0 = q.t % 1 * T + max(min(q.t, T - q.t % 1 - 1) - 2, 0)
     qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp0 = qp0.to(tl.int64)
-    # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+    # qp1 = q.t + 1 - max(min(q.t, T - q.t % 1 - 1) - 2, 0)
     qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp1 = qp1.to(tl.int64)
-    # qp2 = q.t
+    # qp2 = q.y % 1 * H + max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1...
     qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp2 = qp2.to(tl.int64)
-    # qp3 = q.y % 1
+    # qp3 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7 ...
     qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp3 = qp3.to(tl.int64)
-    # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+    # qp4 = q.x % 1 * W + max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1...
     qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp4 = qp4.to(tl.int64)
-    # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+    # qp5 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7 ...
     qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp5 = qp5.to(tl.int64)
-    # qp6 = q.x % 1
-    qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp6 = qp6.to(tl.int64)
-    # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
-    qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp7 = qp7.to(tl.int64)
-    # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
-    qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp8 = qp8.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -182,31 +166,19 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # kp0 = k.t % 1
+        # kp0 = k.t % 1 * T + k.t
         kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp0 = kp0.to(tl.int64)
-        # kp1 = k.t
+        # kp1 = k.y % 1 * H + k.y
         kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp1 = kp1.to(tl.int64)
-        # kp2 = k.y % 1
+        # kp2 = k.x % 1 * W + k.x
         kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp2 = kp2.to(tl.int64)
-        # kp3 = k.y
-        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp3 = kp3.to(tl.int64)
-        # kp4 = k.x % 1
-        kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp4 = kp4.to(tl.int64)
-        # kp5 = k.x
-        kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp5 = kp5.to(tl.int64)
-        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5)
+        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -275,42 +247,30 @@ def attnc_bwd_dq(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
-    # qp0 = q.t % 1
+    # qp0 = q.t % 1 * T + max(min(q.t, T - q.t % 1 - 1) - 2, 0)
     qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp0 = qp0.to(tl.int64)
-    # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+    # qp1 = q.t + 1 - max(min(q.t, T - q.t % 1 - 1) - 2, 0)
     qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp1 = qp1.to(tl.int64)
-    # qp2 = q.t
+    # qp2 = q.y % 1 * H + max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1...
     qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp2 = qp2.to(tl.int64)
-    # qp3 = q.y % 1
+    # qp3 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7 ...
     qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp3 = qp3.to(tl.int64)
-    # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+    # qp4 = q.x % 1 * W + max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1...
     qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp4 = qp4.to(tl.int64)
-    # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+    # qp5 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7 ...
     qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp5 = qp5.to(tl.int64)
-    # qp6 = q.x % 1
-    qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp6 = qp6.to(tl.int64)
-    # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
-    qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp7 = qp7.to(tl.int64)
-    # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
-    qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp8 = qp8.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -330,30 +290,18 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # kp0 = k.t % 1
+        # kp0 = k.t % 1 * T + k.t
         kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp0 = kp0.to(tl.int64)
-        # kp1 = k.t
+        # kp1 = k.y % 1 * H + k.y
         kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp1 = kp1.to(tl.int64)
-        # kp2 = k.y % 1
+        # kp2 = k.x % 1 * W + k.x
         kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp2 = kp2.to(tl.int64)
-        # kp3 = k.y
-        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp3 = kp3.to(tl.int64)
-        # kp4 = k.x % 1
-        kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp4 = kp4.to(tl.int64)
-        # kp5 = k.x
-        kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp5 = kp5.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
@@ -372,32 +320,20 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # kp0 = k.t % 1
+        # kp0 = k.t % 1 * T + k.t
         kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp0 = kp0.to(tl.int64)
-        # kp1 = k.t
+        # kp1 = k.y % 1 * H + k.y
         kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp1 = kp1.to(tl.int64)
-        # kp2 = k.y % 1
+        # kp2 = k.x % 1 * W + k.x
         kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp2 = kp2.to(tl.int64)
-        # kp3 = k.y
-        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp3 = kp3.to(tl.int64)
-        # kp4 = k.x % 1
-        kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp4 = kp4.to(tl.int64)
-        # kp5 = k.x
-        kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp5 = kp5.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5)
+        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -454,30 +390,18 @@ def attnc_bwd_dkdv(
         k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         k_i = k_i.to(tl.int64)
-    # kp0 = k.t % 1
+    # kp0 = k.t % 1 * T + k.t
     kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         kp0 = kp0.to(tl.int64)
-    # kp1 = k.t
+    # kp1 = k.y % 1 * H + k.y
     kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         kp1 = kp1.to(tl.int64)
-    # kp2 = k.y % 1
+    # kp2 = k.x % 1 * W + k.x
     kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         kp2 = kp2.to(tl.int64)
-    # kp3 = k.y
-    kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp3 = kp3.to(tl.int64)
-    # kp4 = k.x % 1
-    kp4 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 4 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp4 = kp4.to(tl.int64)
-    # kp5 = k.x
-    kp5 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 5 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp5 = kp5.to(tl.int64)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, kv_group):
@@ -498,42 +422,30 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
-            # qp0 = q.t % 1
+            # qp0 = q.t % 1 * T + max(min(q.t, T - q.t % 1 - 1) - 2, 0)
             qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp0 = qp0.to(tl.int64)
-            # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+            # qp1 = q.t + 1 - max(min(q.t, T - q.t % 1 - 1) - 2, 0)
             qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp1 = qp1.to(tl.int64)
-            # qp2 = q.t
+            # qp2 = q.y % 1 * H + max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1...
             qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp2 = qp2.to(tl.int64)
-            # qp3 = q.y % 1
+            # qp3 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7 ...
             qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp3 = qp3.to(tl.int64)
-            # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+            # qp4 = q.x % 1 * W + max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1...
             qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp4 = qp4.to(tl.int64)
-            # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+            # qp5 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7 ...
             qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp5 = qp5.to(tl.int64)
-            # qp6 = q.x % 1
-            qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp6 = qp6.to(tl.int64)
-            # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
-            qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp7 = qp7.to(tl.int64)
-            # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
-            qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp8 = qp8.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -557,49 +469,37 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
-            # qp0 = q.t % 1
+            # qp0 = q.t % 1 * T + max(min(q.t, T - q.t % 1 - 1) - 2, 0)
             qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp0 = qp0.to(tl.int64)
-            # qp1 = max(min(q.t, T - q.t % 1 - 1) - 2, 0)
+            # qp1 = q.t + 1 - max(min(q.t, T - q.t % 1 - 1) - 2, 0)
             qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp1 = qp1.to(tl.int64)
-            # qp2 = q.t
+            # qp2 = q.y % 1 * H + max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1...
             qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp2 = qp2.to(tl.int64)
-            # qp3 = q.y % 1
+            # qp3 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7 ...
             qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp3 = qp3.to(tl.int64)
-            # qp4 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0)
+            # qp4 = q.x % 1 * W + max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1...
             qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp4 = qp4.to(tl.int64)
-            # qp5 = max(min(min(q.y // 2 * 2 + 1, H - q.y % 1 - 1) - 3, H - q.y % 1 - 7), 0) + 7
+            # qp5 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7 ...
             qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp5 = qp5.to(tl.int64)
-            # qp6 = q.x % 1
-            qp6 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 6 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp6 = qp6.to(tl.int64)
-            # qp7 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0)
-            qp7 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 7 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp7 = qp7.to(tl.int64)
-            # qp8 = max(min(min(q.x // 2 * 2 + 1, W - q.x % 1 - 1) - 3, W - q.x % 1 - 7), 0) + 7
-            qp8 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 8 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp8 = qp8.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, qp6, qp7, qp8, kp0, kp1, kp2, kp3, kp4, kp5)
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_T, p_H, p_W, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])

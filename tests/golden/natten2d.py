@@ -20,7 +20,15 @@ def _floormod(a, b):
 
 
 @triton.jit
-def visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64: tl.constexpr, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3):
+def _in_range(x, lo, n, INT64: tl.constexpr):
+    """lo <= x < lo + n for n >= 0 (window tests): one unsigned comparison of x - lo."""
+    if INT64:
+        return (x - lo).to(tl.uint64, bitcast=True) < n.to(tl.uint64, bitcast=True)
+    return (x - lo).to(tl.uint32, bitcast=True) < n.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64: tl.constexpr, qp0, qp1, qp2, qp3, kp0, kp1):
     """mask = window[y < H](kernel=kernel, dilation=dilation, stride=1, causal=false) and window[x < W](kernel=kernel, dilation=dilation, stride=1, causal=false)
 
     spec line 5; q = grid(H, W), kv = grid(H, W).
@@ -32,20 +40,12 @@ def visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64: tl.con
         p_kernel = tl.cast(p_kernel, tl.int64)
         p_dilation = tl.cast(p_dilation, tl.int64)
         head_dim = tl.cast(head_dim, tl.int64)
-    # window[y < H](kernel=kernel, dilation=dilation, stride=1, causal=false) (spec line 5)
-    t0 = (kp0 == qp0)
-    t1 = (qp1 <= kp1)
+    # window[y < H](kernel=kernel, dilation=dilation, stride=1, causal=false) (spec line 5): one range test (parts.window_range)
+    t0 = _in_range(kp0, qp0, qp1, INT64)
+    # window[x < W](kernel=kernel, dilation=dilation, stride=1, causal=false) (spec line 5): one range test (parts.window_range)
+    t1 = _in_range(kp1, qp2, qp3, INT64)
     t2 = (t0 & t1)
-    t3 = (kp1 < qp2)
-    t4 = (t2 & t3)
-    # window[x < W](kernel=kernel, dilation=dilation, stride=1, causal=false) (spec line 5)
-    t5 = (kp2 == qp3)
-    t6 = (qp4 <= kp3)
-    t7 = (t5 & t6)
-    t8 = (kp3 < qp5)
-    t9 = (t7 & t8)
-    t10 = (t4 & t9)
-    return t10
+    return t2
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def attnc_fwd(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
-    # qp0 = q.y % dilation
+    # qp0 = q.y % dilation * ((H + dilation - 1) // dilation) + max(min(min(q.y // dilati...
     qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp0 = qp0.to(tl.int64)
@@ -108,22 +108,14 @@ def attnc_fwd(
     qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp1 = qp1.to(tl.int64)
-    # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+    # qp2 = q.x % dilation * ((W + dilation - 1) // dilation) + max(min(min(q.x // dilati...
     qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp2 = qp2.to(tl.int64)
-    # qp3 = q.x % dilation
+    # qp3 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
     qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp3 = qp3.to(tl.int64)
-    # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-    qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp4 = qp4.to(tl.int64)
-    # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-    qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp5 = qp5.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -164,23 +156,15 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # kp0 = k.y % dilation
+        # kp0 = k.y % dilation * ((H + dilation - 1) // dilation) + k.y // dilation
         kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp0 = kp0.to(tl.int64)
-        # kp1 = k.y // dilation
+        # kp1 = k.x % dilation * ((W + dilation - 1) // dilation) + k.x // dilation
         kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp1 = kp1.to(tl.int64)
-        # kp2 = k.x % dilation
-        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp2 = kp2.to(tl.int64)
-        # kp3 = k.x // dilation
-        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp3 = kp3.to(tl.int64)
-        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3)
+        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, kp0, kp1)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -249,7 +233,7 @@ def attnc_bwd_dq(
         q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         q_i = q_i.to(tl.int64)
-    # qp0 = q.y % dilation
+    # qp0 = q.y % dilation * ((H + dilation - 1) // dilation) + max(min(min(q.y // dilati...
     qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp0 = qp0.to(tl.int64)
@@ -257,22 +241,14 @@ def attnc_bwd_dq(
     qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp1 = qp1.to(tl.int64)
-    # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+    # qp2 = q.x % dilation * ((W + dilation - 1) // dilation) + max(min(min(q.x // dilati...
     qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp2 = qp2.to(tl.int64)
-    # qp3 = q.x % dilation
+    # qp3 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
     qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
     if INT64:
         qp3 = qp3.to(tl.int64)
-    # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-    qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp4 = qp4.to(tl.int64)
-    # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-    qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp5 = qp5.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
     stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -292,22 +268,14 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # kp0 = k.y % dilation
+        # kp0 = k.y % dilation * ((H + dilation - 1) // dilation) + k.y // dilation
         kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp0 = kp0.to(tl.int64)
-        # kp1 = k.y // dilation
+        # kp1 = k.x % dilation * ((W + dilation - 1) // dilation) + k.x // dilation
         kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp1 = kp1.to(tl.int64)
-        # kp2 = k.x % dilation
-        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp2 = kp2.to(tl.int64)
-        # kp3 = k.x // dilation
-        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp3 = kp3.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.exp(s - stat_safe[:, None])
@@ -326,24 +294,16 @@ def attnc_bwd_dq(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        # kp0 = k.y % dilation
+        # kp0 = k.y % dilation * ((H + dilation - 1) // dilation) + k.y // dilation
         kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp0 = kp0.to(tl.int64)
-        # kp1 = k.y // dilation
+        # kp1 = k.x % dilation * ((W + dilation - 1) // dilation) + k.x // dilation
         kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             kp1 = kp1.to(tl.int64)
-        # kp2 = k.x % dilation
-        kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp2 = kp2.to(tl.int64)
-        # kp3 = k.x // dilation
-        kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            kp3 = kp3.to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3)
+        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, kp0, kp1)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -400,22 +360,14 @@ def attnc_bwd_dkdv(
         k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         k_i = k_i.to(tl.int64)
-    # kp0 = k.y % dilation
+    # kp0 = k.y % dilation * ((H + dilation - 1) // dilation) + k.y // dilation
     kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         kp0 = kp0.to(tl.int64)
-    # kp1 = k.y // dilation
+    # kp1 = k.x % dilation * ((W + dilation - 1) // dilation) + k.x // dilation
     kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
     if INT64:
         kp1 = kp1.to(tl.int64)
-    # kp2 = k.x % dilation
-    kp2 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 2 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp2 = kp2.to(tl.int64)
-    # kp3 = k.x // dilation
-    kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp3 = kp3.to(tl.int64)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, kv_group):
@@ -436,7 +388,7 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
-            # qp0 = q.y % dilation
+            # qp0 = q.y % dilation * ((H + dilation - 1) // dilation) + max(min(min(q.y // dilati...
             qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp0 = qp0.to(tl.int64)
@@ -444,22 +396,14 @@ def attnc_bwd_dkdv(
             qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp1 = qp1.to(tl.int64)
-            # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+            # qp2 = q.x % dilation * ((W + dilation - 1) // dilation) + max(min(min(q.x // dilati...
             qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp2 = qp2.to(tl.int64)
-            # qp3 = q.x % dilation
+            # qp3 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
             qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp3 = qp3.to(tl.int64)
-            # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-            qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp4 = qp4.to(tl.int64)
-            # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-            qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp5 = qp5.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
@@ -483,7 +427,7 @@ def attnc_bwd_dkdv(
                 q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 q_i = q_i.to(tl.int64)
-            # qp0 = q.y % dilation
+            # qp0 = q.y % dilation * ((H + dilation - 1) // dilation) + max(min(min(q.y // dilati...
             qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp0 = qp0.to(tl.int64)
@@ -491,29 +435,21 @@ def attnc_bwd_dkdv(
             qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp1 = qp1.to(tl.int64)
-            # qp2 = max(min(min(q.y // dilation, (H - q.y % dilation + dilation - 1) // dilation ...
+            # qp2 = q.x % dilation * ((W + dilation - 1) // dilation) + max(min(min(q.x // dilati...
             qp2 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 2 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp2 = qp2.to(tl.int64)
-            # qp3 = q.x % dilation
+            # qp3 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
             qp3 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 3 + offs_m, mask=offs_m < Nq, other=0)[:, None]
             if INT64:
                 qp3 = qp3.to(tl.int64)
-            # qp4 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-            qp4 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 4 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp4 = qp4.to(tl.int64)
-            # qp5 = max(min(min(q.x // dilation, (W - q.x % dilation + dilation - 1) // dilation ...
-            qp5 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 5 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                qp5 = qp5.to(tl.int64)
             row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
             stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
             # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
             stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
             delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, qp4, qp5, kp0, kp1, kp2, kp3)
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_kernel, p_dilation, INT64, qp0, qp1, qp2, qp3, kp0, kp1)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
             ds = p * (dp - delta[:, None])

@@ -16,7 +16,7 @@ from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
 from .host import HostState
-from .launch import ADDR_LIMIT, _extent, common_values, launch_options, to_kernel_order
+from .launch import ADDR_LIMIT, _extent, common_values, launch_options, routed, to_kernel_order
 
 
 def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
@@ -62,6 +62,10 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     dkdv_args = {**shared, "Q": q, "K": k, "V": v, "DK": dk, "DV": dv,
                  **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
                  "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx}
+    if ir.route is not None:  # the same selection as the forward's: recomputed from the same q and k
+        route = state.route(s, host_ints(tensors), q, k)
+        dq_args.update(routed(route, "dq"))
+        dkdv_args.update(routed(route, "dkdv"))
     with launch_guard():
         if want_q or grads:
             c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v))

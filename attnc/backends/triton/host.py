@@ -15,6 +15,7 @@ from ...analysis.data import data_schedule
 from ...analysis.layout import inverse
 from ...analysis.tiles import Schedule
 from ...codegen.parts import token_parts
+from ...errors import AttncError
 from ...ir.evaluate import decode, evaluate
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
@@ -34,6 +35,7 @@ class HostState:
         self._transposed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._parts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._route_plan = None
 
     def _cached(self, cache: dict, key, make):
         with self._lock:
@@ -66,6 +68,22 @@ class HostState:
         lay = self.c.layout
         return self._cached(self._orders, device, lambda: _on_device(
             (lay.q_perm, lay.kv_perm, inverse(lay.q_perm), inverse(lay.kv_perm)), device))
+
+    def route(self, schedule: Schedule, tensors: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
+        """Routed specs: this call's selection and schedule (backends/triton/routing.py) as launch
+        values. The plan (groups, candidates) is computed once, or per call under runtime data."""
+        from . import routing
+
+        if schedule is self.c.schedule:
+            with self._lock:
+                plan = self._route_plan
+            if plan is None:
+                plan = routing.plan(self.c, schedule)
+                with self._lock:
+                    self._route_plan = plan
+        else:
+            plan = routing.plan(self.c, schedule, tensors)
+        return routing.launch_values(plan, routing.select(plan, q, k), schedule, k.shape[1])
 
     def parts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The token parts (codegen/parts.py) of the queries [q parts, Nq] and of the keys
@@ -135,6 +153,10 @@ def _values(expr, env, coords, n: int) -> np.ndarray:
 
 
 def _as_tensor(a: np.ndarray, device: torch.device, wide: bool) -> torch.Tensor:
+    if not wide and a.size and (a.min() < -2**31 or a.max() >= 2**31):
+        # The IR's ranges decide int32; a part (a window's folded range bound) can reach 2n.
+        raise AttncError("a token part exceeds int32 for these sizes; an axis of 2**30 tokens is beyond "
+                         "what the kernels address in int32")
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64 if wide else np.int32)).to(device)
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=device)  # a valid pointer
 

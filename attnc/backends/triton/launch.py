@@ -100,6 +100,8 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx,
     }
     values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
+    if ir.route is not None:  # the per-(batch * head) schedule of this call's selection
+        values.update(routed(state.route(s, host_ints(tensors), q, k), "fwd"))
     kwargs = abi.bind(ir, values)
     with launch_guard():  # the interpreter is not reentrant across threads
         c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs, **launch_options("fwd", q, v))
@@ -107,6 +109,12 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         q_inverse = state.orders(device)[2]
         out, stat = out.index_select(2, q_inverse), stat.index_select(2, q_inverse)
     return out, stat
+
+
+def routed(values: dict, kernel: str) -> dict:
+    """The routing launch values one kernel takes: dK/dV's schedule is per kv tile (*_T_*)."""
+    return {n: v for n, v in values.items()
+            if n.startswith("ROUTE_") or n == "n_units" or ("_T_" in n) == (kernel == "dkdv")}
 
 
 def _table(decl: N.TensorDecl, t: torch.Tensor) -> torch.Tensor:
