@@ -58,6 +58,22 @@ def cmd_bench(args, extra) -> int:
     return 0
 
 
+def cmd_tune(args, extra) -> int:
+    from .runtime import compile
+    from .tune import tune
+
+    fn = compile(args.file, tiles=_tiles(args.tiles), layout=args.layout, **_param_values(extra))
+    arch = int(args.target.lower().removeprefix("sm_").removeprefix("sm")) if args.target else None
+    kernels, path = tune(fn, args.head_dim, args.dtype, arch, batch=args.batch, heads=args.heads,
+                         progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for kernel, choice in kernels.items():
+        how = (f"median {choice['median_ms']:.3f} ms" if choice["how"] == "timed" else
+               f"static: {choice['spill_bytes']} B spilled, loops {choice['loop_instructions']}")
+        print(f"{kernel:5} {choice['num_warps']} warps x {choice['num_stages']} stages ({how})")
+    print(f"wrote {path}")
+    return 0
+
+
 def _tiles(text: str) -> tuple[int, int]:
     try:
         m, n = text.lower().split("x")
@@ -250,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default="auto", help="token order: auto (default), row_major, or a layout name")
     p.add_argument("--backend", choices=["triton", "reference"], default="triton",
                    help="reference: the dense evaluator (the oracle)")
+    p = sub.add_parser("tune", help="choose warps and stages per kernel (timed on a GPU, static without one)",
+                       description="Parameters follow the file as --NAME VALUE. The choice is kept on disk "
+                                   "and used by every later launch of the same kernels.")
+    p.add_argument("file")
+    p.add_argument("--target", metavar="SM", help="without a GPU: the target of the static choice (default sm90)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--tiles", default="64x64")
+    p.add_argument("--layout", default="auto")
+    p.add_argument("--batch", type=int, default=1, help="timing inputs on a GPU")
+    p.add_argument("--heads", type=int, default=8, help="timing inputs on a GPU")
     p = sub.add_parser("bench", help="time forward and forward+backward against SDPA and FlexAttention",
                        description="Parameters follow the file as --NAME VALUE; a comma list sweeps it, "
                                    "e.g. --N 4096,8192.")
@@ -274,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_explain(args, extra)
         if args.cmd == "bench":
             return cmd_bench(args, extra)
+        if args.cmd == "tune":
+            return cmd_tune(args, extra)
         return cmd_run(args, extra)
     except AttncError as err:
         print(err, file=sys.stderr)

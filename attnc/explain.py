@@ -34,7 +34,7 @@ def explain(c: Compiled, sections=None) -> str:
         ]
     if "kernel" in sections and c.kernel_source is not None:
         out += [_rule("launch config on a GPU (warps x stages, codegen/target.launch_config)"),
-                *launch_lines(),
+                *launch_lines(), *tuned_lines(c),
                 _rule(f"generated kernels ({c.kernel_path})"), c.kernel_source.rstrip()]
     return "\n".join(out)
 
@@ -47,6 +47,23 @@ def launch_lines() -> list[str]:
         cells = [f"D={d}: {'x'.join(map(str, launch_config(kernel, arch, d)))}" for arch, d in
                  ((90, 64), (90, 128), (90, 256), (80, 256))]
         lines.append(f"{name:16} sm_90 {', '.join(cells[:3])}; sm_80 {cells[3]} (else as sm_90)")
+    return lines
+
+
+def tuned_lines(c) -> list[str]:
+    """The choices `attnc tune` kept for these kernels (they replace the static config there)."""
+    import json
+
+    from .settings import settings
+
+    lines = []
+    for path in sorted((settings().cache_dir / "tune").glob(f"{c.kernel_path.stem}-*.json")):
+        try:
+            data = json.loads(path.read_text())
+            cells = [f"{k} {v['num_warps']}x{v['num_stages']} ({v['how']})" for k, v in data["kernels"].items()]
+            lines.append(f"tuned for sm_{data['arch']} {data['dtype']} D={data['head_dim']}: {', '.join(cells)}")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     return lines
 
 

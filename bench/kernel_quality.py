@@ -83,7 +83,9 @@ def main(argv=None) -> int:
         "",
         f"- Date: {dt.date.today()}; command: `python -m bench.kernel_quality{' --quick' if args.quick else ''}`",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"attnc {attnc.__version__}; tiles 64 x 64, warps and stages as launched (codegen/target.launch_config)",
+        f"attnc {attnc.__version__}; tiles 64 x 64, warps and stages as launched (codegen/target.launch_config); "
+        "integer arguments specialised as a launch on contiguous tensors with the bindings in PARAMS "
+        "specialises them (codegen/target.signature)",
         "- Checks per kernel: no spills, shared memory within the target's limit "
         f"({', '.join(f'sm_{a} {v // 1024} KB' for a, v in SHARED_LIMIT.items())}), tensor cores for the matmuls.",
         "- Loops: SASS instructions per iteration of each main loop (forward: FULL tiles, then PARTIAL "
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
         "loops' ratio to the yardstick (bench/yardstick.py, a plain FlashAttention-2 forward loop).",
         "",
         f"Passing all checks: {sum(r['ok'] for r in rows)} of {len(rows)} kernels.",
+        "",
+        *_summary(rows, yard),
         "",
         "| spec | target | kernel | regs | spill B | shared KB | tensor cores | loops | fwd loops / yardstick | ok |",
         "|---|---|---|---:|---:|---:|---|---|---|---|",
@@ -109,6 +113,22 @@ def main(argv=None) -> int:
         stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "yardstick": {f"sm_{a} {d} D={h}": n for (a, d, h), n in yard.items()}}, indent=1))
         print(f"wrote {stem}.md/.json", file=sys.stderr)
     return 0
+
+
+def _summary(rows: list[dict], yard: dict) -> list[str]:
+    """Forward loops (FULL / PARTIAL) against the yardstick, spec x target at head dim 128."""
+    targets = [t for t in yard if t[2] == 128]
+    out = ["Forward main loops at head dim 128, FULL / PARTIAL, as multiples of the yardstick's loop:", "",
+           "| spec | " + " | ".join(f"sm_{a} {d}" for a, d, _ in targets) + " |",
+           "|---|" + "---|" * len(targets)]
+    for name in sorted({r["spec"] for r in rows}):
+        cells = []
+        for a, d, h in targets:
+            r = next((r for r in rows if (r["spec"], r["arch"], r["dtype"], r["head_dim"], r["kernel"])
+                      == (name, a, d, h, "attnc_fwd")), None)
+            cells.append(" / ".join(f"{x / yard[(a, d, h)]:.2f}" for x in r["loops"]) if r else "")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 if __name__ == "__main__":

@@ -574,3 +574,18 @@ def test_torch_compile_with_strided_inputs_and_a_permuting_layout(device):
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@kernels_only
+@pytest.mark.parametrize("spec,params,kw", [
+    ("natten2d", dict(H=10, W=11, kernel=5, dilation=2), dict()),
+    ("swin_bias", dict(H=7, W=14), dict(tables=_rel_bias(True))),
+    ("moba", dict(N=70, B=16, K=2), dict(hq=4, hkv=2)),
+])
+def test_dkdv_takes_q_tiles_in_sub_tiles(spec, params, kw, device, monkeypatch):
+    """Above head dim 64 the dK/dV kernel takes each q tile SUB_M rows at a time (fewer live
+    registers: codegen/target.dkdv_rows); forced here at head dim 16, 64-row tiles in 16-row steps."""
+    from attnc.backends.triton import backward as bw
+
+    monkeypatch.setattr(bw, "dkdv_rows", lambda arch, head_dim, block_m: min(block_m, 16))
+    _check(SPECS / f"{spec}.attn", params, torch.float32, device, tiles=(64, 32), **kw)

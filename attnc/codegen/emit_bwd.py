@@ -306,7 +306,7 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
         "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
         "    offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)",
-        "    offs_m0 = tl.arange(0, BLOCK_M)",
+        "    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)",
         "    if ADDR64:",
         "        offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)",
         *_OFFSETS,
@@ -325,13 +325,15 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         body = [
             f"        for t in range(tl.load({ptr} + {csr_row(ir, 'kv_tile', 'bhk')}), "
             f"tl.load({ptr} + {csr_row(ir, 'kv_tile', 'bhk')} + 1)):",
-            f"            offs_m = tl.load({idx} + t) * BLOCK_M + offs_m0",
-            *_load_rows(ir, "            "),
-            *_row_vectors(score, "            "),
+            f"            m_start = tl.load({idx} + t) * BLOCK_M",
+            "            for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time",
+            "                offs_m = m_start + sub + offs_m0",
+            *_load_rows(ir, "                "),
+            *_row_vectors(score, "                "),
             # Without a bias, padding rows (q = 0, lse = -inf) have p = 0 exactly; a bias may be nan there.
-            *("    " + x for x in _logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None)),
-            '            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)',
-            '            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)',
+            *("        " + x for x in _logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None)),
+            '                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)',
+            '                dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)',
         ]
         lines += ["        # PARTIAL tiles: the mask per element." if masked else "        # FULL tiles: no mask.", *body]
     return lines + [

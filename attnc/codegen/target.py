@@ -68,6 +68,28 @@ def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, in
     return warps, stages
 
 
+def tune_path(cache_dir: Path, module: str, arch: int, dtype, head_dim: int) -> Path:
+    return Path(cache_dir) / "tune" / f"{module}-sm{arch}-{dtype_name(dtype)}-d{head_dim}.json"
+
+
+def tuned(cache_dir: Path, module: str, arch: int, dtype, head_dim: int) -> dict | None:
+    """{kernel: (num_warps, num_stages)} chosen by `attnc tune` (attnc/tune.py), or None."""
+    path = tune_path(cache_dir, module, arch, dtype, head_dim)
+    try:
+        data = json.loads(path.read_text())
+        return {k: (int(v["num_warps"]), int(v["num_stages"])) for k, v in data["kernels"].items() if k in KERNELS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none, or not ours: the static launch config applies
+
+
+def dkdv_rows(arch: int | None, head_dim: int, block_m: int) -> int:
+    """Rows of a q tile the dK/dV kernel takes at a time: 32 above head dim 64, where whole
+    64-row tiles leave dK, dV, K, V and the [64, 64] score tiles too few registers (it spilled
+    at D = 128 on sm_90 and at D = 256 everywhere: bench/results/kernel-quality-*.md), else the
+    whole tile. Any power of two dividing BLOCK_M gives the same sums in the same order."""
+    return min(block_m, 32) if head_dim > 64 else block_m
+
+
 def launch_values(ir: N.Attention, kernel: str, head_dim: int, values: dict | None) -> dict[str, int]:
     """The integer arguments Triton sees when the kernel is launched on contiguous [B, H, N, D]
     tensors (8 query heads, as many kv heads) with `values`: the binding's `Nq`, `Nk` and
@@ -190,8 +212,11 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     module, _, _ = load_module(ir, settings().cache_dir)
     out = {}
     for kernel, name in KERNELS.items():
+        flags = dict(job.get("flags") or {})
+        if kernel == "dkdv":
+            flags["SUB_M"] = dkdv_rows(job["arch"], job["head_dim"], job["block_m"])
         sig, const, attrs = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
-                                      job["precision"], job.get("flags"), job.get("values"))
+                                      job["precision"], flags, job.get("values"))
         k = triton.compile(ASTSource(getattr(module, name), sig, const, attrs),
                            target=GPUTarget("cuda", job["arch"], 32),
                            options={"num_warps": job["configs"][kernel][0], "num_stages": job["configs"][kernel][1]})

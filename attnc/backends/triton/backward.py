@@ -10,6 +10,7 @@ import torch
 
 from ... import limits
 from ...codegen import abi
+from ...codegen.target import dkdv_rows
 from ...ir import nodes as N
 from ...ir.scores import sink_logits
 from ...pipeline import Compiled
@@ -61,17 +62,18 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     ft_ptr, ft_idx, pt_ptr, pt_idx = state.transposed(device, s)
     dkdv_args = {**shared, "Q": q, "K": k, "V": v, "DK": dk, "DV": dv,
                  **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
-                 "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx}
+                 "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx,
+                 "SUB_M": dkdv_rows(_arch(q), max(D, v.shape[3]), int(s.block_m))}
     if ir.route is not None:  # the same selection as the forward's: recomputed from the same q and k
         route = state.route(s, host_ints(tensors), q, k)
         dq_args.update(routed(route, "dq"))
         dkdv_args.update(routed(route, "dkdv"))
     with launch_guard():
         if want_q or grads:
-            c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v))
+            c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v, c))
         if want_kv:
             c.module.attnc_bwd_dkdv[(s.kv_tiles, B * Hkv)](**abi.bind(ir, dkdv_args, "dkdv"),
-                                                          **launch_options("dkdv", q, v))
+                                                          **launch_options("dkdv", q, v, c))
     table_grads = {}
     for n, rows in grads.items():
         t = tensors[ir.tensors[n].name]
@@ -89,6 +91,13 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
         if not lay.kv_identity:
             dk, dv = dk.index_select(2, orders[3]), dv.index_select(2, orders[3])
     return dq if want_q else None, dk if want_kv else None, dv if want_kv else None, table_grads
+
+
+def _arch(q) -> int | None:
+    if q.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return major * 10 + minor
 
 
 def _grad_rows(ir: N.Attention, n: int, shared: dict, programs: int, device) -> torch.Tensor:

@@ -58,13 +58,35 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
     }
 
 
-def launch_options(kernel: str, q, v) -> dict:
-    """Warps and stages of a native launch (codegen/target.launch_config); none in the interpreter."""
+# `attnc tune` times candidates through the normal launch path by setting these ({kernel: (warps,
+# stages)}); tuned choices on disk are read once per (kernels, arch, dtype, head dim).
+OVERRIDE: dict[str, tuple[int, int]] = {}
+_TUNED: dict[tuple, dict | None] = {}
+
+
+def launch_options(kernel: str, q, v, c: Compiled | None = None) -> dict:
+    """Warps and stages of a native launch: `attnc tune`'s choice for these kernels when there is
+    one (attnc/tune.py), else codegen/target.launch_config; none in the interpreter."""
     if q.device.type != "cuda":
         return {}
     major, minor = torch.cuda.get_device_capability(q.device)
-    warps, stages = launch_config(kernel, major * 10 + minor, max(q.shape[3], v.shape[3]))
+    arch, head_dim = major * 10 + minor, max(q.shape[3], v.shape[3])
+    if kernel in OVERRIDE:
+        warps, stages = OVERRIDE[kernel]
+    else:
+        choice = tuned_config(c, arch, q.dtype, head_dim) if c is not None else None
+        warps, stages = (choice or {}).get(kernel) or launch_config(kernel, arch, head_dim)
     return {"num_warps": warps, "num_stages": stages}
+
+
+def tuned_config(c: Compiled, arch: int, dtype, head_dim: int) -> dict | None:
+    from ...codegen.target import tuned
+    from ...settings import settings
+
+    key = (str(c.kernel_path), arch, str(dtype), head_dim)
+    if key not in _TUNED:
+        _TUNED[key] = tuned(settings().cache_dir, c.kernel_path.stem, arch, dtype, head_dim)
+    return _TUNED[key]
 
 
 def to_kernel_order(state: HostState, lay, q, k, v, device):
@@ -104,7 +126,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         values.update(routed(state.route(s, host_ints(tensors), q, k), "fwd"))
     kwargs = abi.bind(ir, values)
     with launch_guard():  # the interpreter is not reentrant across threads
-        c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs, **launch_options("fwd", q, v))
+        c.module.attnc_fwd[(s.q_tiles, B * Hq)](**kwargs, **launch_options("fwd", q, v, c))
     if not lay.q_identity and not kernel_order:  # back to row-major: token order[p] is at position p
         q_inverse = state.orders(device)[2]
         out, stat = out.index_select(2, q_inverse), stat.index_select(2, q_inverse)
