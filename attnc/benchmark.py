@@ -80,11 +80,17 @@ def run(fn, batch: int = 1, heads: int = 8, head_dim: int = 64, dtype=torch.floa
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(device, dtype) for n in (b.nq, b.nk, b.nk))
     tensors = random_tensors(fn, heads, gen, device)
-    flops = 4.0 * head_dim * batch * heads * visible_pairs(fn, tensors)
+    ints = {n: t.cpu() for n, t in tensors.items() if not t.dtype.is_floating_point}
+    if fn.ir.route is not None:  # routed: the peers get this data's routed visibility [B, H, Nq, Nk]
+        mask = fn.routed_mask(q.cpu(), k.cpu(), **ints).to(device)
+        flops = 4.0 * head_dim * int(mask.sum())
+    else:
+        mask = None
+        flops = 4.0 * head_dim * batch * heads * visible_pairs(fn, tensors)
     systems = {"attnc": lambda q, k, v: fn(q, k, v, **tensors)}
     skipped = {}
     if _plain_softmax(fn.ir):
-        mask = fn.mask(**{n: t.cpu() for n, t in tensors.items() if not t.dtype.is_floating_point}).to(device)
+        mask = fn.mask(**ints).to(device) if mask is None else mask
         systems["sdpa"] = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if flex:
             try:
@@ -132,10 +138,16 @@ def _pass(f, q, k, v, pass_: str):
 def _flex(mask: torch.Tensor, nq: int, nk: int, device, compile_flex: bool | None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return mask[q_idx, kv_idx]
+    if mask.dim() == 2:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask[q_idx, kv_idx]
+        shape = (None, None)
+    else:  # per (batch, head): a routed spec's visibility
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask[b, h, q_idx, kv_idx]
+        shape = mask.shape[:2]
 
-    block = create_block_mask(mask_mod, None, None, nq, nk, device=device)
+    block = create_block_mask(mask_mod, *shape, nq, nk, device=device)
     attend = torch.compile(flex_attention) if (device.type == "cuda" if compile_flex is None else compile_flex) \
         else flex_attention
     return lambda q, k, v: attend(q, k, v, block_mask=block)

@@ -61,7 +61,9 @@ def tuned_lines(c) -> list[str]:
         try:
             data = json.loads(path.read_text())
             cells = [f"{k} {v['num_warps']}x{v['num_stages']} ({v['how']})" for k, v in data["kernels"].items()]
-            lines.append(f"tuned for sm_{data['arch']} {data['dtype']} D={data['head_dim']}: {', '.join(cells)}")
+            tiles = path.stem.split("-")[1]
+            lines.append(f"tuned for sm_{data['arch']} {data['dtype']} D={data['head_dim']} tiles {tiles[1:]}: "
+                         f"{', '.join(cells)}")
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return lines

@@ -6,8 +6,10 @@ through a full backward), median of several runs. Without one, the choice is sta
 candidate is compiled for the target (codegen/target.gpu_report) and the one kept passes the
 report's checks (no spills, shared memory within the target's limit, tensor cores): the default
 launch config when it passes, else the deepest pipeline that does, then the shortest loops. Either way the choice is
-written to `<cache dir>/tune/<kernel module>-sm<arch>-<dtype>-d<head dim>.json`, read by the
-launcher (backends/triton/launch.py `launch_options`) and shown by `attnc explain`.
+written to `<cache dir>/tune/<kernel module>-t<tiles>-sm<arch>-<dtype>-d<head dim>.json`, read
+by the launcher (backends/triton/launch.py `launch_options`) for kernels of that source and tile
+shape, and shown by `attnc explain`. Timing runs the candidates through the normal launch path
+(an override keyed by the kernel module): run it alone, not beside other launches of the spec.
 
 Tiles are not tuned: the schedule is analysed for the compiled tile shape (`tiles=`).
 """
@@ -95,7 +97,8 @@ def _timed(fn, dtype, head_dim: int, batch: int, heads: int, repeats: int, progr
         best = None
         for n, combo in enumerate(grid):
             kernels = ["fwd"] if what == "fwd" else ["dq", "dkdv"]
-            launch.OVERRIDE.update({**chosen, **dict(zip(kernels, combo))})
+            stem = fn.compiled.kernel_path.stem
+            launch.OVERRIDE.update({(stem, k): c for k, c in {**chosen, **dict(zip(kernels, combo))}.items()})
             try:
                 ms = median(call)
             except Exception as err:  # a config that does not fit this GPU (shared memory): skip it
@@ -135,7 +138,8 @@ def tune(fn, head_dim: int, dtype, arch: int | None = None, batch: int = 1, head
         raise AttncError(f"arch {arch} is not a target attnc reports on; choose one of {sorted(SHARED_LIMIT)}")
     kernels = (_timed(fn, dtype, head_dim, batch, heads, repeats, progress) if gpu and arch == own
                else _static(fn, arch, dtype, head_dim, progress))
-    path = tune_path(settings().cache_dir, fn.compiled.kernel_path.stem, arch, dtype, head_dim)
+    s = fn.compiled.schedule
+    path = tune_path(settings().cache_dir, fn.compiled.kernel_path.stem, (s.block_m, s.block_n), arch, dtype, head_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"spec": fn.ir.name, "arch": arch, "dtype": dtype_name(dtype), "head_dim": head_dim,

@@ -22,7 +22,7 @@ assert torch.cuda.is_available()
 PY
 # Forward and forward+backward against compiled FlexAttention and SDPA (about 3.5 minutes).
 python -m bench.training --out "$out" --budget 210
-# attnc bench on three patterns at two lengths (about 1 minute).
+# attnc bench on four patterns (about 1.5 minutes; routed MoBA: the peers get this data's routed mask).
 report="$out/attnc-bench-$(date +%F).txt"
 python - > "$report" <<'PY'
 import datetime, platform, torch, triton, attnc
@@ -31,7 +31,8 @@ print(f"# Python {platform.python_version()}, torch {torch.__version__}, triton 
 PY
 for args in "specs/causal.attn --N 4096,16384" \
             "specs/sliding_window.attn --N 16384 --W 1024" \
-            "specs/natten2d.attn --H 128 --W 128 --kernel 7"; do
+            "specs/natten2d.attn --H 128 --W 128 --kernel 7" \
+            "specs/moba.attn --N 4096 --B 128 --K 4"; do
     # shellcheck disable=SC2086
     python -m attnc.cli bench $args --batch 2 --heads 16 --head-dim 128 --dtype bfloat16 | tee -a "$report"
 done

@@ -85,10 +85,10 @@ def test_segment_coordinates_are_local_and_lookups_work():
     ("kv = a: seq(N), b: grid(N, N)\n mask = k.y < 3", "k.y is read for keys of segment 'a'"),
     ("kv = a: seq(N), b: seq(N)\n mask = k in c", "no segment 'c'"),
     ("kv = a: seq(N), a: seq(N)", "segment 'a' is defined twice"),
-    ("kv = a: seq(N), b: seq(N)\n mask = causal", "causal is ambiguous on a segmented key space"),
+    ("kv = a: seq(N), b: seq(3)\n mask = causal", "causal on a segmented key space needs the last segment"),
     ("kv = seq(N)\n mask = k in a", "the key space has no segments"),
     ("kv = a: seq(N)\n mask = q in a", "the query space has no segments"),
-    ("kv = a: seq(N)\n mask = window(3)", "needs an unsegmented key space"),
+    ("kv = a: seq(N), b: seq(2)\n mask = window(3)", "a window is read for keys of segment 'b'"),
 ])
 def test_segment_errors_are_located(body, phrase):
     source = "attention s(N) {\n q = seq(N)\n " + body + "\n}\n"

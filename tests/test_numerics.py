@@ -261,3 +261,21 @@ def test_softplus_statistic_is_log_of_the_row_sum(device):
     assert torch.isneginf(stat[:, :, 5]).all() and torch.isneginf(expect[:, :, 5]).all()
     rows = torch.arange(48) != 5
     assert (stat[:, :, rows] - expect[:, :, rows]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("shift", [90.0, 200.0])
+def test_softplus_row_whose_first_tile_hides_every_key(shift, device):
+    """Rows of the second q tile see nothing in the first kv tile visited (PARTIAL, before the
+    FULL one): their scale must stay unset there, else a later exp(-m) overflows to inf and
+    0 * inf turned them into nan (logits below -88). Found in review."""
+    spec = "attention a(N) { q, kv = seq(N)  mask = causal and q.i - k.i < 13  score = softplus(scale = 1.0) }"
+    fn = attnc.compile(spec, tiles=(16, 16), N=40)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 40, 16, generator=g) * 0.1, torch.randn(1, 2, 40, 16, generator=g) * 0.1
+    v = torch.randn(1, 2, 40, 16, generator=g)
+    q[..., 0], k[..., 0] = shift ** 0.5, -shift ** 0.5
+    leaves = [x.to(device).requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in leaves)
+    assert (out.detach().cpu().double() - _reference(fn, q, k, v)).abs().max().item() < 1e-4

@@ -52,8 +52,9 @@ class Segment:
 
 # -- predicates ------------------------------------------------------------------------------------
 def _causal_free(expr):
-    """tests.test_properties' `causal` leaf is ambiguous on segmented key spaces (an error); inside a
-    segment it means `k.i <= q.i` over local indices, which is exactly what its evaluator computes."""
+    """tests.test_properties' `causal` leaf means bottom-right alignment on the concatenation on
+    segmented key spaces (tests/test_language_segments.py); inside a clause here it stands for
+    `k.i <= q.i` over local indices, which is exactly what its evaluator computes."""
     text, fn = expr
     return text.replace("causal", "(k.i <= q.i)"), fn
 

@@ -129,7 +129,7 @@ BROKEN = {
     "window-length-not-the-axis": (lambda: mask(N.Window("y", N.Const(7), N.Const(3), N.Const(1), N.Const(1), False),
                                                 GRID), "is not the axis size"),
     "window-on-segments": (lambda: mask(N.Window("y", SEGS.q.dims[0], N.Const(3), N.Const(1), N.Const(1), False),
-                                        SEGS), "one unsegmented space"),
+                                        SEGS), "whose space is not q's"),
     "grid-of-one-size": (lambda: dataclasses.replace(BASE, q=N.Space("grid", (N.Const(4),))), "grid with 1 sizes"),
     "seq-of-two-sizes": (lambda: dataclasses.replace(BASE, q=N.Space("seq", (N.Const(4), N.Const(4)))),
                          "seq with 2 sizes"),
@@ -141,7 +141,7 @@ BROKEN = {
     "blocks-on-a-grid": (lambda: dataclasses.replace(ROUTE, route=dataclasses.replace(ROUTE.route, groups="blocks")),
                          "blocks with 2 sizes"),
     "route-over-two-spaces": (lambda: dataclasses.replace(ROUTE, kv=N.Space("grid", (N.Const(4), N.Const(4)))),
-                              "same space"),
+                              "same unsegmented space"),
 }
 
 

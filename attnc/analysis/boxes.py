@@ -7,7 +7,7 @@ analysis uses the bounding box of the tokens the run holds, per key segment: a s
 classes stay sound (box tilings make it exact, since their tiles are boxes).
 
 A side's boxes for B blocks are a list of slots; each slot has a validity mask [B], the key
-segment it lies in (its index in bound.kv_parts; 0 for queries) and per axis (lo, hi) arrays
+segment it lies in (its index in bound.q_parts or bound.kv_parts) and per axis (lo, hi) arrays
 [B] of coordinates local to that segment, the flat index 'i' included.
 """
 from __future__ import annotations
@@ -69,11 +69,11 @@ class SideBoxes:
 
     def __init__(self, bound: Bound, layout: Layout, side: str):
         self.side = side
+        parts = bound.q_parts if side == "q" else bound.kv_parts
+        self.parts = [(p.offset, p.size, p.space.axes, p.dims) for p in parts]
         if side == "q":
-            self.parts = [(0, bound.nq, bound.ir.q.axes, bound.q_dims)]
             self.perm, self.identity = layout.q_perm, layout.q_identity
         else:
-            self.parts = [(p.offset, p.size, p.space.axes, p.dims) for p in bound.kv_parts]
             self.perm, self.identity = layout.kv_perm, layout.kv_identity
         self.n = sum(size for _, size, _, _ in self.parts)
         self._tile_boxes: dict[int, list[Slot]] = {}  # block size -> bounding boxes (permuted orders)

@@ -72,7 +72,7 @@ def data_lookup(ints: dict[str, np.ndarray]):
 def data_schedule(static: Schedule, ints: dict[str, np.ndarray]) -> Schedule:
     """The schedule for this call's runtime tensors: the static one reclassified with the data."""
     bound, layout = static.bound, static.layout
-    exprs = [part_expr(bound.ir.mask, p.name) for p in bound.kv_parts]
+    exprs = [part_expr(bound.ir.mask, kp.name, qp.name) for qp, kp in bound.pairs]
     (fq, fk), partial = classify_tiles(bound, exprs, layout, static.block_m, static.block_n,
                                        lookup=data_lookup(ints))
     n_qt, n_kt = math.ceil(bound.nq / static.block_m), math.ceil(bound.nk / static.block_n)

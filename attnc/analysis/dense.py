@@ -6,7 +6,7 @@ import numpy as np
 
 from ..ir import nodes as N
 from ..ir.bind import Bound
-from ..ir.evaluate import evaluate, pair_coords, part_expr, reads_tensors
+from ..ir.evaluate import at, evaluate, pair_coords, pair_count, part_expr, reads_tensors
 
 
 def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -14,7 +14,7 @@ def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.
     which every comparison that reads a runtime tensor is unknown."""
     shape = (len(q_idx), len(k_idx))
     lo_out, hi_out = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
-    for part, sel, coords in pair_coords(bound, q_idx, k_idx):
+    for qpart, sel_q, part, sel, coords in pair_coords(bound, q_idx, k_idx):
 
         def rec(e: N.Expr, live):
             # live: where e may be evaluated. The right side of `and` / `or` is evaluated only
@@ -36,8 +36,8 @@ def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.
                 return alo | blo, ahi | bhi
             return np.zeros((), dtype=bool), np.ones((), dtype=bool)
 
-        lo, hi = rec(part_expr(bound.ir.mask, part.name), None)
-        part_shape = (len(q_idx), int(sel.sum()))
-        lo_out[:, sel] = np.broadcast_to(lo, part_shape)
-        hi_out[:, sel] = np.broadcast_to(hi, part_shape)
+        lo, hi = rec(part_expr(bound.ir.mask, part.name, qpart.name), None)
+        part_shape = pair_count(sel_q, sel, len(q_idx))
+        lo_out[at(sel_q, sel)] = np.broadcast_to(lo, part_shape)
+        hi_out[at(sel_q, sel)] = np.broadcast_to(hi, part_shape)
     return lo_out, hi_out

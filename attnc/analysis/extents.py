@@ -7,7 +7,7 @@ from .. import limits
 from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.bind import MAX_TOKENS, Bound
-from ..ir.evaluate import evaluate, lookups, pair_coords, part_expr, show
+from ..ir.evaluate import at, evaluate, lookups, pair_coords, part_expr, show
 from ..ir.intervals import coord_ranges, int_range
 from .dense import mask_bounds
 
@@ -42,10 +42,11 @@ def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[in
         for d, r in enumerate(idx):
             widen(lk, d, *r)
 
-    for part in bound.kv_parts:
+    for qpart, part in bound.pairs:
         # Indices are ranged where they are read: a guard on the left of `and` / `or` narrows
         # them (`k.i >= P and anc[q.i, k.i - P] == 1` never indexes below 0).
-        int_range(part_expr(bound.ir.mask, part.name), bound.env, coord_ranges(bound, part), on_lookup=read)
+        int_range(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, coord_ranges(bound, part, q_part=qpart),
+                  on_lookup=read)
     if heads is not None and bound.ir.score.logit_bias is not None:
         for lk, d, lo, hi in _visible_index_ranges(bound, heads):
             widen(lk, d, lo, hi)
@@ -69,12 +70,12 @@ def _visible_index_ranges(bound: Bound, heads: int):
     for start in range(0, bound.nq, rows_per_chunk):
         rows = np.arange(start, min(bound.nq, start + rows_per_chunk))
         _, possible = mask_bounds(bound, rows, keys)
-        for part, sel, coords in pair_coords(bound, rows, keys):
-            seen = possible[:, sel][None]  # [1, rows, part keys]
+        for qpart, sel_q, part, sel, coords in pair_coords(bound, rows, keys):
+            seen = possible[at(sel_q, sel)][None]  # [1, part rows, part keys]
             if not seen.any():
                 continue
             coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
-            for lk in lookups(part_expr(bound.ir.score.logit_bias, part.name)):
+            for lk in lookups(part_expr(bound.ir.score.logit_bias, part.name, qpart.name)):
                 for d, idx in enumerate(lk.indices):
                     # Read only where visible: what a hidden pair would index is no error.
                     val = np.broadcast_to(np.asarray(evaluate(idx, bound.env, coords, live=seen)),
@@ -139,6 +140,6 @@ def check_divisors(bound: Bound, tensors, spec=None) -> None:
                 err.with_source(spec.text, spec.filename)
             raise err
 
-    for part in bound.kv_parts:
-        int_range(part_expr(bound.ir.mask, part.name), bound.env, coord_ranges(bound, part),
+    for qpart, part in bound.pairs:
+        int_range(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, coord_ranges(bound, part, q_part=qpart),
                   lookup=value, on_divide=divide)

@@ -311,6 +311,8 @@ def _pair_name(prefix: str, qs, ks) -> str:
 
 def candidates(bound: Bound, block_m: int = 64, block_n: int = 64) -> list[Candidate]:
     """Every candidate layout for this binding, row-major first (names are unique)."""
+    if len(bound.q_parts) > 1:  # a segmented query space: tokens stay in row-major order
+        return [Candidate(ROW_MAJOR, Recipe(), Recipe())]
     ir, h = bound.ir, hints(bound)
     q_axes, q_dims = ir.q.axes, bound.q_dims
     kv_axes = [p.space.axes for p in bound.kv_parts]
@@ -414,7 +416,7 @@ def _auto(bound: Bound, block_m: int, block_n: int, analyse) -> Layout:
     if analyse is None:
         return plain
     ndim = max(len(bound.q_dims), *(len(p.dims) for p in bound.kv_parts))
-    if ndim == 1 and not hints(bound).any:
+    if ndim == 1 and not hints(bound).any or len(bound.q_parts) > 1:
         return plain  # 1-D without dilation or blocks: row-major is already the best order
     # The cheapest permutation costs more than computing every tile PARTIAL in row-major order.
     tiles = math.ceil(bound.nq / block_m) * math.ceil(bound.nk / block_n)

@@ -130,7 +130,7 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
     nq, nk = bound.nq, bound.nk
     n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
     layout = layout or row_major(nq, nk)
-    exprs = [part_expr(bound.ir.mask, p.name) for p in bound.kv_parts]
+    exprs = [part_expr(bound.ir.mask, kp.name, qp.name) for qp, kp in bound.pairs]
     (fq, fk), partial = classify_tiles(bound, exprs, layout, block_m, block_n, progress)
     check_divisors(bound, layout, block_m, block_n)
     full_ptr, full_idx = _csr(fq, fk, n_qt, n_kt)
@@ -141,13 +141,13 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
 
 def classify_tiles(bound: Bound, exprs: list, layout: Layout, block_m: int, block_n: int,
                    progress: Callable[[int, int], None] | None = None, lookup: Lookup | None = None):
-    """((q, kv) tile indices of FULL tiles, (q, kv) of PARTIAL tiles) of a predicate given per key
-    segment (`exprs[j]` for bound.kv_parts[j]); a ragged last kv tile is never FULL. `lookup`
+    """((q, kv) tile indices of FULL tiles, (q, kv) of PARTIAL tiles) of a predicate given per
+    (query segment, key segment) (`exprs[n]` for bound.pairs[n]); a ragged last kv tile is never FULL. `lookup`
     gives runtime tensors' value ranges (per-call data); without it they are unknown."""
     nq, nk = bound.nq, bound.nk
     n_qt, n_kt = math.ceil(nq / block_m), math.ceil(nk / block_n)
     sides = SideBoxes(bound, layout, "q"), SideBoxes(bound, layout, "k")
-    exprs = [(e, fits(e, bound.env, _whole_space(bound, part))) for e, part in zip(exprs, bound.kv_parts)]
+    exprs = [(e, fits(e, bound.env, _whole_space(bound, qp, kp))) for e, (qp, kp) in zip(exprs, bound.pairs)]
     top = max(n_qt, n_kt)
     top = top.bit_length() - (1 if top & (top - 1) == 0 else 0)  # the level whose one block covers all
     qb, kb = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
@@ -181,8 +181,8 @@ def check_divisors(bound: Bound, layout: Layout, block_m: int, block_n: int) -> 
     are found symbolically, and only those are evaluated pair by pair, which raises the located
     error (evaluate.py) if a live division by zero is there."""
     suspects = []
-    for part in bound.kv_parts:
-        expr = part_expr(bound.ir.mask, part.name)
+    for qpart, part in bound.pairs:
+        expr = part_expr(bound.ir.mask, part.name, qpart.name)
         zero = [guard.and_(bad) for operand, bad, guard in _divisions(expr)
                 if _varies(operand) or evaluate_uniform(bad, bound.env)]
         suspects.append(_any(zero))
@@ -240,10 +240,12 @@ def _classify(bound: Bound, exprs, sides, qb: np.ndarray, kb: np.ndarray, span_q
     k_slots = sides[1].slots(uk * span_k, (uk + 1) * span_k, span_k)
     uncertain = np.zeros(n, dtype=np.int64)  # combinations not certainly visible, per pair
     possible = np.zeros(n, dtype=np.int64)  # combinations possibly visible, per pair
+    n_kv = len(bound.kv_parts)
     for part, (expr, safe) in enumerate(exprs):
         # (q slot, kv slot, the pairs where both hold boxes), cut so that one evaluation covers
         # at most _CHUNK box pairs: every node's interval is held until it returns.
-        pieces = [(a, b, live[i:i + _CHUNK]) for a in q_slots for b in k_slots if b.part == part
+        pieces = [(a, b, live[i:i + _CHUNK]) for a in q_slots for b in k_slots
+                  if a.part == part // n_kv and b.part == part % n_kv
                   for live in (np.nonzero(a.valid[iq] & b.valid[ik])[0],) for i in range(0, len(live), _CHUNK)]
         while pieces:
             batch, total = [], 0
@@ -276,10 +278,10 @@ def _distinct(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(blocks, return_inverse=True)
 
 
-def _whole_space(bound: Bound, part) -> dict:
-    """Coordinate ranges of every query and every key of one segment."""
-    ranges = {("q", "i"): (0, bound.nq - 1), ("k", "i"): (0, part.size - 1)}
-    ranges |= {("q", a): (0, d - 1) for a, d in zip(bound.ir.q.axes, bound.q_dims)}
+def _whole_space(bound: Bound, qpart, part) -> dict:
+    """Coordinate ranges of every query of one query segment and every key of one key segment."""
+    ranges = {("q", "i"): (0, qpart.size - 1), ("k", "i"): (0, part.size - 1)}
+    ranges |= {("q", a): (0, d - 1) for a, d in zip(qpart.space.axes, qpart.dims)}
     ranges |= {("k", a): (0, d - 1) for a, d in zip(part.space.axes, part.dims)}
     return ranges
 

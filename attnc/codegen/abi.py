@@ -192,7 +192,7 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         Arg("INT64", CONSTEXPR, "mask and bias integers in int64 (their ranges, or a runtime table's "
             "addresses, need it)", "flags", pair=True),
         Arg("ADDR64", CONSTEXPR, "offsets inside one (batch, head) slice of q, k, v or out reach 2**31", "flags"),
-        Arg("DOT_PRECISION", CONSTEXPR, "tl.dot's input precision: 'ieee' or 'tf32', from "
+        Arg("DOT_PRECISION", CONSTEXPR, "tl.dot's input precision: 'tf32x3' or 'tf32', from "
             "torch.get_float32_matmul_precision() for float32 inputs ('ieee' for 16-bit ones)", "flags"),
         Arg("Q_PERMUTED", CONSTEXPR, "the layout reorders queries", "flags"),
         Arg("KV_PERMUTED", CONSTEXPR, "the layout reorders keys", "flags"),

@@ -335,7 +335,9 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
 
 def _softplus_accumulate(masked: bool, keep: str) -> list[str]:
     """Softplus weights in the linear domain, no log in the loop: with m the row's running max
-    logit, acc and l are kept in units of c = exp(min(m, 0)) (m_i holds log2 c), so that nothing
+    logit, acc and l are kept in units of c = exp(min(m, 0)) (m_i holds log2 c; -inf until the
+    row has seen a key, so that the first key's tile rescales nothing: a row whose first tiles
+    hide every key must not take a scale of 1 that a later exp(-m) overflows), so that nothing
     underflows when every logit is very negative. Per element, with t = exp(-|s|) / c and
     e = t c = exp(-|s|): softplus(s) / c = t r(e) + max(s, 0), r(e) = log1p(e) / e (for s < 0,
     c = exp(min(m, 0)) and t r(e) = exp(s - min(m, 0)) r; for s >= 0, c = 1 and t = e)."""
@@ -349,7 +351,7 @@ def _softplus_accumulate(masked: bool, keep: str) -> list[str]:
         f"        p = t * (1.0 + e * {_horner('e', _R_COEFFS)}) + tl.maximum(s, 0.0)",
         "        l_i = l_i * alpha + tl.sum(p, 1)",
         '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
-        "        m_i = m_new",
+        '        m_i = tl.where(mx_new == float("-inf"), float("-inf"), m_new)',
         "        mx_i = mx_new",
     ]
 

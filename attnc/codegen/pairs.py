@@ -23,10 +23,11 @@ def int_params(ir: N.Attention) -> list[str]:
 class _Emitter:
     """Emits an expression as a list of assignments, sharing repeated subexpressions."""
 
-    def __init__(self, ir: N.Attention, indent: str = "    ", key: str = "k", count: int = 0):
+    def __init__(self, ir: N.Attention, indent: str = "    ", key: str = "k", count: int = 0, qkey: str = "q"):
         self.ir = ir
         self.indent = indent
         self.key = key  # name prefix of key coordinates: 'k', or 'k0', 'k1', ... per segment
+        self.qkey = qkey  # likewise for queries: 'q', or 'q0', 'q1', ... per query segment
         self.lines: list[str] = []
         self.memo: dict[N.Expr, str] = {}
         self.count = count
@@ -61,7 +62,7 @@ class _Emitter:
             # Offsets are int64 when INT64 is set (the launcher sets it for tables of 2**31 elements).
             return self.temp(f"tl.load({abi.table_name(n, 'ptr')} + {offset}, mask={inside}, other={other})  # {e.tensor}[...]")
         if isinstance(e, N.Coord):
-            return f"{self.key if e.side == 'k' else 'q'}_{e.axis}"
+            return f"{self.key if e.side == 'k' else self.qkey}_{e.axis}"
         if isinstance(e, N.Window):
             line = self.ir.line_of("mask")
             where = f" (spec line {line})" if line else ""
@@ -189,8 +190,9 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produ
     """A @triton.jit function of one (query, key) tile pair ([M, 1] and [1, N] flat indices):
     the mask (`visible`), the logit bias, or (with `produce`, which returns the codes of several
     outputs from an emitter and the expression) values derived from the bias, such as its
-    gradient. On a segmented key space each segment gets its own decoded coordinates and its
-    specialised expression, selected by the key's flat index."""
+    gradient. On a segmented key (query) space each segment gets its own decoded coordinates and
+    its specialised expression, selected by the key's (query's) flat index; with both segmented,
+    each (query segment, key segment) combination gets its own."""
     emitter = emitter or _Emitter
     head = [
         "@triton.jit",
@@ -210,44 +212,63 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produ
     produce = produce or (lambda em, sub: [em.emit(sub)])
     top = emitter(ir)
     every = token_parts(ir)
-    top.memo.update({p.expr: p.name for p in every if p.side == "q"})
-    q_used = {a for s, a in _coords_used(expr, top.memo) if s == "q"}
-    body = _decode(ir.q, "q", q_used, top)
-    parts = N.parts(ir.kv)
-    if isinstance(ir.kv, N.Segments):  # segment bounds first, so every segment shares them
-        bounds = [(top.emit(o), top.emit(sp.size())) for o, (_, sp) in zip(ir.kv.offsets(), parts)]
-    results = []
+    q_parts, parts = N.parts(ir.q), N.parts(ir.kv)
+    # Segment bounds first, so every combination shares them: queries by q_i, keys by k_i.
+    bounds = {side: [(top.emit(o), top.emit(sp.size())) for o, (_, sp) in zip(space.offsets(), N.parts(space))]
+              for side, space in (("q", ir.q), ("k", ir.kv)) if isinstance(space, N.Segments)}
+    body: list[str] = []
+    results = []  # ((query segment number, key segment number), output codes)
     count = top.count
     uses_tile0 = False
-    for j, (seg, space) in enumerate(parts):
-        sub = N.specialise(expr, seg)
-        key = "k" if seg is None else f"k{j}"
-        em = emitter(ir, key=key, count=count)
-        em.memo = dict(top.memo)
-        em.memo.update({p.expr: p.name for p in every if p.side == "k" and p.segment == seg})
-        if seg is not None:
-            offset, size = bounds[j]
-            em.lines.append(f"    # segment {seg}: {format_space(space)}")
-            em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
-            em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
-        em.lines += _decode(space, key, {a for s, a in _coords_used(sub, em.memo) if s == "k"}, em)
-        results.append((j, produce(em, sub)))
-        body += em.lines
-        count = em.count
-        uses_tile0 = uses_tile0 or em.uses_tile0
+    for a, (q_seg, q_space) in enumerate(q_parts):
+        q_sub = N.specialise(expr, None, q_seg)
+        qkey = "q" if q_seg is None else f"q{a}"
+        qem = emitter(ir, count=count, qkey=qkey)
+        qem.memo = dict(top.memo)
+        qem.memo.update({p.expr: p.name for p in every if p.side == "q" and p.segment == q_seg})
+        if q_seg is not None:
+            offset, size = bounds["q"][a]
+            qem.lines.append(f"    # query segment {q_seg}: {format_space(q_space)}")
+            qem.lines.append(f"    {qkey}_i = q_i" + ("" if offset == "0" else f" - {offset}"))
+            qem.lines.append(f"    inq{a} = ({qkey}_i >= 0) & ({qkey}_i < {size})")
+        q_used = {x for s_, x in _coords_used(q_sub, qem.memo) if s_ == "q"}
+        qem.lines += _decode(q_space, qkey, q_used, qem)
+        body += qem.lines
+        count = qem.count
+        for j, (seg, space) in enumerate(parts):
+            sub = N.specialise(q_sub, seg)
+            key = "k" if seg is None else f"k{j}"
+            em = emitter(ir, key=key, count=count, qkey=qkey)
+            em.memo = dict(qem.memo)
+            em.memo.update({p.expr: p.name for p in every if p.side == "k" and p.segment == seg})
+            if seg is not None:
+                offset, size = bounds["k"][j]
+                em.lines.append(f"    # segment {seg}: {format_space(space)}")
+                em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
+                em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
+            em.lines += _decode(space, key, {x for s_, x in _coords_used(sub, em.memo) if s_ == "k"}, em)
+            results.append(((a, j), produce(em, sub)))
+            body += em.lines
+            count = em.count
+            uses_tile0 = uses_tile0 or em.uses_tile0
     sizes = top.lines + (["    tile0 = (q_i + k_i) * 0  # broadcasts tile-invariant indices"] if uses_tile0 else [])
+
+    def where(a: int, j: int) -> str:
+        return " & ".join(([f"inq{a}"] if len(q_parts) > 1 else []) + ([f"in{j}"] if len(parts) > 1 else []))
+
     outputs = []
     for o in range(len(results[0][1])):
-        if len(parts) == 1:
+        if len(results) == 1:
             result = results[0][1][o]
         elif is_bool:
-            result = " | ".join(f"in{j}" if r[o] == "True" else f"(in{j} & {r[o]})" for j, r in results
-                                if r[o] != "False")
+            result = " | ".join((f"({where(a, j)})" if " & " in where(a, j) else where(a, j)) if r[o] == "True"
+                                else f"({where(a, j)} & {r[o]})"
+                                for (a, j), r in results if r[o] != "False")
             result = result or "k_i < 0"
         else:
             result = "0.0"
-            for j, r in reversed(results):
-                result = f"tl.where(in{j}, {r[o]}, {result})"
+            for (a, j), r in reversed(results):
+                result = f"tl.where({where(a, j)}, {r[o]}, {result})"
         outputs.append(result)
     return head + sizes + body + [f"    return {', '.join(outputs)}"]
 

@@ -8,8 +8,8 @@ recompute each window bound: integer divisions, dozens of instructions each, per
 the tile and per iteration (docs/analysis.md, "Kernel cost"). A part is an integer expression
 of parameters and one side's coordinates; it never reads a runtime tensor, the head or
 head_dim (those change per call), and a bare flat index (`q.i`, the kernel's q_i) is not one.
-Key parts belong to a key segment: they are the segment's own specialised expressions, read
-only where the key lies in that segment.
+Key parts belong to a key segment, and query parts to a query segment: they are the segment's
+own specialised expressions, read only where the token lies in that segment.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ..ir.printer import format_expr
 @dataclass(frozen=True)
 class Part:
     side: str  # 'q' or 'k'
-    segment: str | None  # the key segment whose expressions hold it (None: q, or one key space)
+    segment: str | None  # the segment (of its side) whose expressions hold it (None: an unsegmented side)
     expr: N.Expr
     index: int  # row of ROW_PARTS ('q') or COL_PARTS ('k')
 
@@ -72,17 +72,19 @@ def window_range(w: N.Window) -> tuple[N.Expr, N.Expr, N.Expr]:
 @functools.lru_cache(maxsize=256)
 def token_parts(ir: N.Attention) -> tuple[Part, ...]:
     """Every part of the mask and the logit bias (IR only: the kernel source depends on nothing
-    else). Query parts are shared by all key segments."""
+    else). Query parts of a query segment are shared by all key segments, and key parts of a
+    key segment by all query segments."""
     exprs = [ir.mask] + ([ir.score.logit_bias] if ir.score.logit_bias is not None else [])
     out: list[Part] = []
-    for seg, _ in N.parts(ir.kv):
-        found: list[tuple[str, N.Expr]] = []
-        for e in exprs:
-            _collect(N.specialise(e, seg), found)
-        for side, e in found:
-            key = None if side == "q" else seg
-            if not any(p.side == side and p.segment == key and p.expr == e for p in out):
-                out.append(Part(side, key, e, sum(p.side == side for p in out)))
+    for q_seg, _ in N.parts(ir.q):
+        for seg, _ in N.parts(ir.kv):
+            found: list[tuple[str, N.Expr]] = []
+            for e in exprs:
+                _collect(N.specialise(e, seg, q_seg), found)
+            for side, e in found:
+                key = q_seg if side == "q" else seg
+                if not any(p.side == side and p.segment == key and p.expr == e for p in out):
+                    out.append(Part(side, key, e, sum(p.side == side for p in out)))
     return tuple(out)
 
 
@@ -102,7 +104,7 @@ def load_lines(ir: N.Attention, side: str, indent: str) -> list[str]:
     for p in token_parts(ir):
         if p.side == side:
             what = format_expr(p.expr)
-            where = f" (keys in {p.segment})" if p.segment else ""
+            where = f" ({'queries' if side == 'q' else 'keys'} in {p.segment})" if p.segment else ""
             lines += [f"{indent}# {p.name} = {what if len(what) <= 80 else what[:77] + '...'}{where}",
                       f"{indent}{p.name} = tl.load({ptr} + tl.cast({n}, tl.int64) * {p.index} + {offs}, "
                       f"mask={offs} < {n}, other=0){shape}",

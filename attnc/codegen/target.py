@@ -46,35 +46,42 @@ def dtype_name(dtype) -> str:
 
 def dot_precision(dtype) -> str:
     """tl.dot's input precision for q, k, v of `dtype`. float32 follows PyTorch's own setting, as
-    its matmuls do: "highest" (the default) computes exactly (IEEE), "high" and "medium" allow
-    TF32 tensor cores. 16-bit inputs always use tensor cores; the setting does not apply."""
+    its matmuls do: "high" and "medium" allow TF32 tensor cores; "highest" (the default) keeps
+    float32 accuracy with 3xTF32 (each operand split into a TF32 head and tail, three tensor-core
+    products: about 2**-22 relative, the rounding of a float32 sum of the same length), which on
+    sm_90 runs its loops in an eighth of the instructions of IEEE FMA loops and without their
+    spills (bench/results/kernel-quality-*.md). 16-bit inputs always use tensor cores."""
     import torch
 
     if dtype != torch.float32:
         return "ieee"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, int]:
     """(num_warps, num_stages) of a kernel, chosen statically from the reports (bench/results/
     kernel-quality-*.md): the forward takes 4 warps up to head dim 64 and 8 above (with 4, its
     accumulator leaves no registers at D = 128 and spills); the backward kernels hold more tiles
-    live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV,
-    1 at D = 256 below sm_90's shared memory. `arch` None: no GPU (the interpreter ignores both)."""
+    live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV and
+    for dQ above head dim 128 (3 needed 256 KB of shared memory on sm_90, over its 227 KB), 1 at
+    D = 256 below sm_90's shared memory. `arch` None: no GPU (the interpreter ignores both)."""
     warps = 4 if kernel == "fwd" and head_dim <= 64 else 8
-    stages = 2 if kernel == "dkdv" else 3
+    stages = 2 if kernel == "dkdv" or (kernel == "dq" and head_dim > 128) else 3
     if head_dim > 128 and (arch or 90) < 90:
         stages = 1
     return warps, stages
 
 
-def tune_path(cache_dir: Path, module: str, arch: int, dtype, head_dim: int) -> Path:
-    return Path(cache_dir) / "tune" / f"{module}-sm{arch}-{dtype_name(dtype)}-d{head_dim}.json"
+def tune_path(cache_dir: Path, module: str, tiles: tuple[int, int], arch: int, dtype, head_dim: int) -> Path:
+    """Where `attnc tune` keeps its choice for these kernels (the module's source hash), tile
+    shape (a config that fits 64 x 64 tiles need not fit larger ones), GPU, dtype and head dim."""
+    bm, bn = tiles
+    return Path(cache_dir) / "tune" / f"{module}-t{bm}x{bn}-sm{arch}-{dtype_name(dtype)}-d{head_dim}.json"
 
 
-def tuned(cache_dir: Path, module: str, arch: int, dtype, head_dim: int) -> dict | None:
+def tuned(cache_dir: Path, module: str, tiles: tuple[int, int], arch: int, dtype, head_dim: int) -> dict | None:
     """{kernel: (num_warps, num_stages)} chosen by `attnc tune` (attnc/tune.py), or None."""
-    path = tune_path(cache_dir, module, arch, dtype, head_dim)
+    path = tune_path(cache_dir, module, tiles, arch, dtype, head_dim)
     try:
         data = json.loads(path.read_text())
         return {k: (int(v["num_warps"]), int(v["num_stages"])) for k, v in data["kernels"].items() if k in KERNELS}

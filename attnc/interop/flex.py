@@ -345,26 +345,35 @@ def _mask_body(bound, code: _Code) -> None:
 
 
 def _per_segment(bound, code: _Code, e: N.Expr, head_dim, float_: bool) -> tuple[str, bool]:
-    """Code for `e` at (q_idx, kv_idx): on a segmented key space, each segment's specialisation
-    with the key's coordinates within it, selected by where the key falls."""
+    """Code for `e` at (q_idx, kv_idx): on segmented spaces, each (query segment, key segment)
+    specialisation with coordinates within the segments, selected by where q and k fall."""
     parts = bound.kv_parts
-    seeds: dict = {}
     out = None
-    for n, part in enumerate(parts):
-        flat = ("ki", None) if part.offset == 0 else (f"k{n}_i", f"ki - {part.offset}")  # emitted when read
-        em = _Emitter(code, bound.env, head_dim, {"q": (("qi", None), bound.q_dims, bound.ir.q.axes),
-                                                  "k": (flat, part.dims, part.space.axes)}, seeds)
-        val, tensor = em.emit(part_expr(e, part.name))
-        seeds = {key: v for key, v in em.names.items() if key[0] != "k"}
-        if len(parts) == 1:
-            return val, tensor
-        inside = " & ".join([f"(ki >= {part.offset})"] * (n > 0) + [f"(ki < {part.offset + part.size})"])
-        if float_:
-            out = val if out is None else code.tmp(f"torch.where({inside}, {val}, {out})")
-        else:
-            term = code.tmp(f"{inside} & {val}" if val != "True" else inside)
-            out = term if out is None else code.tmp(f"{term} | {out}")
+    for a, qpart in enumerate(bound.q_parts):
+        seeds: dict = {}
+        q_flat = ("qi", None) if qpart.offset == 0 else (f"q{a}_i", f"qi - {qpart.offset}")
+        q_inside = [f"(qi >= {qpart.offset})"] * (a > 0) + [f"(qi < {qpart.offset + qpart.size})"] * \
+            (len(bound.q_parts) > 1)
+        for n, part in enumerate(parts):
+            flat = ("ki", None) if part.offset == 0 else (f"k{n}_i", f"ki - {part.offset}")  # emitted when read
+            em = _Emitter(code, bound.env, head_dim, {"q": (q_flat, qpart.dims, qpart.space.axes),
+                                                      "k": (flat, part.dims, part.space.axes)}, seeds)
+            val, tensor = em.emit(part_expr(e, part.name, qpart.name))
+            seeds = {key: v for key, v in em.names.items() if key[0] != "k"}
+            if len(parts) == 1 and len(bound.q_parts) == 1:
+                return val, tensor
+            inside = " & ".join(q_inside + [f"(ki >= {part.offset})"] * (n > 0) +
+                                [f"(ki < {part.offset + part.size})"] * (len(parts) > 1))
+            out = _combine(code, out, inside, val, float_)
     return out, True
+
+
+def _combine(code: "_Code", out, inside: str, val: str, float_: bool):
+    """Fold one segment combination's value into the result so far."""
+    if float_:
+        return val if out is None else code.tmp(f"torch.where({inside}, {val}, {out})")
+    term = code.tmp(f"{inside} & {val}" if val != "True" else inside)
+    return term if out is None else code.tmp(f"{term} | {out}")
 
 
 class _Emitter:

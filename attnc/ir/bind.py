@@ -20,7 +20,8 @@ from .intervals import check_int64
 
 @dataclass(frozen=True)
 class KeyPart:
-    """One segment of the key space under a binding (an unsegmented space is one nameless part)."""
+    """One segment of the key (or query) space under a binding (an unsegmented space is one
+    nameless part)."""
 
     name: str | None
     space: N.Space
@@ -38,8 +39,14 @@ class Bound:
 
     ir: N.Attention
     values: tuple[tuple[str, int | float], ...]
-    q_dims: tuple[int, ...]
+    q_dims: tuple[int, ...]  # a segmented query space: (its number of tokens,); see q_parts
     kv_parts: tuple[KeyPart, ...]
+    q_parts: tuple[KeyPart, ...] = ()  # set by bind(); one nameless part for an unsegmented q
+
+    @property
+    def pairs(self) -> list[tuple[KeyPart, KeyPart]]:
+        """(query part, key part) of every combination of segments, queries outer."""
+        return [(qp, kp) for qp in self.q_parts for kp in self.kv_parts]
 
     @property
     def env(self) -> dict[str, int | float]:
@@ -86,23 +93,26 @@ def bind(ir: N.Attention, params: Mapping[str, Any]) -> Bound:
         if not evaluate_uniform(r.cond, values):
             raise AttncError(f"{r.message}: {show(r.cond)} is false for {_describe(values.items())}", r.span)
     score = ir.score
-    for e in (*ir.q.dims, *(d for _, sp in N.parts(ir.kv) for d in sp.dims), ir.mask, score.scale, score.bias,
+    for e in (*(d for side in (ir.q, ir.kv) for _, sp in N.parts(side) for d in sp.dims), ir.mask, score.scale, score.bias,
               score.logit_bias, score.softcap, score.sink, *((ir.route.top, *ir.route.sizes) if ir.route else ())):
         if e is not None:
             _check_divisors(ir, e, values)
-    q_dims = _dims(ir, ir.q, values, "q")
-    kv_parts, offset = [], 0
-    for name, space in N.parts(ir.kv):
-        dims = _dims(ir, space, values, "kv" if name is None else f"kv segment '{name}'")
-        kv_parts.append(KeyPart(name, space, dims, offset))
-        offset += math.prod(dims)
-    if offset > MAX_TOKENS:
-        raise AttncError(f"kv space has {offset} tokens; at most {MAX_TOKENS} are supported")
-    # Every path allocates int64 arrays indexed by token (layout orders, row counts).
-    for side, n in (("q", math.prod(q_dims)), ("kv", offset)):
-        limits.check_bytes(f"the {side} token arrays (layout order, row counts)", (n,), 8,
+    sides = {}
+    for side, space_of in (("q", ir.q), ("kv", ir.kv)):
+        found, offset = [], 0
+        for name, space in N.parts(space_of):
+            dims = _dims(ir, space, values, side if name is None else f"{side} segment '{name}'")
+            found.append(KeyPart(name, space, dims, offset))
+            offset += math.prod(dims)
+        if offset > MAX_TOKENS:
+            raise AttncError(f"{side} space has {offset} tokens; at most {MAX_TOKENS} are supported")
+        # Every path allocates int64 arrays indexed by token (layout orders, row counts).
+        limits.check_bytes(f"the {side} token arrays (layout order, row counts)", (offset,), 8,
                            limits.MAX_TOKEN_ARRAY_BYTES, "MAX_TOKEN_ARRAY_BYTES")
-    bound = Bound(ir, tuple(values.items()), q_dims, tuple(kv_parts))
+        sides[side] = (tuple(found), offset)
+    q_parts, nq = sides["q"]
+    q_dims = q_parts[0].dims if len(q_parts) == 1 and q_parts[0].name is None else (nq,)
+    bound = Bound(ir, tuple(values.items()), q_dims, sides["kv"][0], q_parts)
     for w in windows(ir.mask):
         _check_window(w, values, bound)
     check_int64(bound)  # integer ranges: nothing the kernels or the evaluator compute may wrap
@@ -184,7 +194,10 @@ def _check_window(w: N.Window, values, bound: Bound) -> None:
     if d < 1:
         raise AttncError(f"{where}: dilation {names['d']} must be at least 1", w.span)
     if k < 2:
-        raise AttncError(f"{where}: kernel {names['k']} must be at least 2", w.span)
+        from .lower_builtins import KERNEL_HINT
+
+        raise AttncError(f"{where}: kernel {names['k']} must be at least 2: NATTEN's neighborhood is defined "
+                         "for kernel sizes of at least 2", w.span, hint=KERNEL_HINT)
     if k * d > n:
         raise AttncError(f"{where}: kernel {names['k']} times dilation {names['d']} exceeds the "
                          f"axis length {names['n']}", w.span, hint="NATTEN requires kernel * dilation <= length")

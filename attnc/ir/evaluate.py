@@ -24,9 +24,10 @@ def show(e: N.Expr) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def part_expr(e: N.Expr, segment: str | None) -> N.Expr:
-    """An expression (mask or bias) as seen by keys of one segment (cached: IR is hashable)."""
-    return N.specialise(e, segment)
+def part_expr(e: N.Expr, segment: str | None, q_segment: str | None = None) -> N.Expr:
+    """An expression (mask or bias) as seen by keys of one segment and queries of one query
+    segment (cached: IR is hashable)."""
+    return N.specialise(e, segment, q_segment)
 
 
 def windows(e: N.Expr):
@@ -182,17 +183,32 @@ def decode(dims: tuple[int, ...], axes: tuple[str, ...], flat: np.ndarray) -> di
 
 
 def pair_coords(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray):
-    """Per key segment: (part, selection of k_idx in it, pair coordinates [len(q), selected])."""
-    ir = bound.ir
-    qc = decode(bound.q_dims, ir.q.axes, q_idx.astype(np.int64)[:, None])
-    qc = {("q", a): v for a, v in qc.items()}
-    k_idx = k_idx.astype(np.int64)
-    for part in bound.kv_parts:
-        sel = (k_idx >= part.offset) & (k_idx < part.offset + part.size)
-        if not sel.any():
+    """Per (query segment, key segment): (query part, selection of q_idx in it, key part,
+    selection of k_idx in it, pair coordinates [selected queries, selected keys]). Coordinates
+    are those within each token's own segment. `sel_q` is None when every query is selected."""
+    q_idx, k_idx = q_idx.astype(np.int64), k_idx.astype(np.int64)
+    for qpart in bound.q_parts:
+        sel_q = (q_idx >= qpart.offset) & (q_idx < qpart.offset + qpart.size)
+        if not sel_q.any():
             continue
-        kc = decode(part.dims, part.space.axes, k_idx[sel][None, :] - part.offset)
-        yield part, sel, qc | {("k", a): v for a, v in kc.items()}
+        whole = bool(sel_q.all())
+        qc = decode(qpart.dims, qpart.space.axes, (q_idx if whole else q_idx[sel_q])[:, None] - qpart.offset)
+        qc = {("q", a): v for a, v in qc.items()}
+        for part in bound.kv_parts:
+            sel = (k_idx >= part.offset) & (k_idx < part.offset + part.size)
+            if not sel.any():
+                continue
+            kc = decode(part.dims, part.space.axes, k_idx[sel][None, :] - part.offset)
+            yield qpart, None if whole else sel_q, part, sel, qc | {("k", a): v for a, v in kc.items()}
+
+
+def at(sel_q, sel):
+    """Index of the [queries, keys] block pair_coords selected, for an array [queries, keys]."""
+    return (slice(None), sel) if sel_q is None else np.ix_(sel_q, sel)
+
+
+def pair_count(sel_q, sel, n_q: int) -> tuple[int, int]:
+    return (n_q if sel_q is None else int(sel_q.sum())), int(sel.sum())
 
 
 def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
@@ -207,10 +223,11 @@ def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
     step = max(1, limits.EVAL_CHUNK_PAIRS // max(1, len(k_idx)))
     for start in range(0, len(q_idx), step):
         rows = q_idx[start:start + step]
-        for part, sel, coords in pair_coords(bound, rows, k_idx):
-            m = evaluate(part_expr(bound.ir.mask, part.name), bound.env, coords, tensors=tensors,
+        block = out[start:start + len(rows)]
+        for qpart, sel_q, part, sel, coords in pair_coords(bound, rows, k_idx):
+            m = evaluate(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, coords, tensors=tensors,
                          span_of=bound.ir.span_of)
-            out[start:start + len(rows), sel] = np.broadcast_to(np.asarray(m, dtype=bool), (len(rows), int(sel.sum())))
+            block[at(sel_q, sel)] = np.broadcast_to(np.asarray(m, dtype=bool), pair_count(sel_q, sel, len(rows)))
     return out
 
 

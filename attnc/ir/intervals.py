@@ -427,26 +427,31 @@ def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], Interval], out
 
 
 # -- ranges under a binding ---------------------------------------------------------------------
-def coord_ranges(bound: "Bound", part: "KeyPart", heads: int | None = None) -> dict[tuple[str, str], Interval]:
+def coord_ranges(bound: "Bound", part: "KeyPart", heads: int | None = None,
+                 q_part: "KeyPart | None" = None) -> dict[tuple[str, str], Interval]:
+    """Coordinate ranges of the keys of one segment and the queries of one query segment (the
+    only one when q is unsegmented)."""
     heads = limits.MAX_HEADS if heads is None else heads
-    ranges = {("q", "i"): (0, bound.nq - 1), ("k", "i"): (0, part.size - 1), ("q", "head"): (0, heads - 1)}
-    for axis, size in zip(bound.ir.q.axes, bound.q_dims):
+    q_part = q_part or bound.q_parts[0]
+    ranges = {("q", "i"): (0, q_part.size - 1), ("k", "i"): (0, part.size - 1), ("q", "head"): (0, heads - 1)}
+    for axis, size in zip(q_part.space.axes, q_part.dims):
         ranges[("q", axis)] = (0, size - 1)
     for axis, size in zip(part.space.axes, part.dims):
         ranges[("k", axis)] = (0, size - 1)
     return ranges
 
 
-def integer_exprs(bound: "Bound", part: "KeyPart"):
+def integer_exprs(bound: "Bound", part: "KeyPart", q_part: "KeyPart | None" = None):
     """(what, expression, where) for what kernels and the evaluator compute in integers for keys
-    of one segment: the mask, and the integer parts (indices, distances) of the score modifiers.
-    `where` is the condition under which the value is used: the bias only where the mask holds
-    (values at hidden pairs are never used), the rest always (None)."""
-    mask = part_expr(bound.ir.mask, part.name)
+    of one segment (and queries of one query segment): the mask, and the integer parts (indices,
+    distances) of the score modifiers. `where` is the condition under which the value is used:
+    the bias only where the mask holds (values at hidden pairs are never used), the rest always."""
+    q_name = q_part.name if q_part is not None else None
+    mask = part_expr(bound.ir.mask, part.name, q_name)
     yield "the mask", mask, None
     for e in modifier_exprs(bound.ir):
         bias = e is bound.ir.score.logit_bias
-        for x in _int_subtrees(part_expr(e, part.name)):
+        for x in _int_subtrees(part_expr(e, part.name, q_name)):
             yield ("the bias" if bias else "the sink"), x, (mask if bias else None)
 
 
@@ -455,9 +460,9 @@ def needs_int64(bound: "Bound") -> bool:
     over this binding's coordinates. Only values that are evaluated count: a kernel computes
     what a guard rules out too, but a wrapped value there is never used."""
     seen: list[Interval] = []
-    for part in bound.kv_parts:
-        ranges = coord_ranges(bound, part)
-        for _, e, where in integer_exprs(bound, part):
+    for q_part, part in bound.pairs:
+        ranges = coord_ranges(bound, part, q_part=q_part)
+        for _, e, where in integer_exprs(bound, part, q_part):
             int_range(e, bound.env, ranges, seen, given=where)
     lo, hi = INT32
     return any(r[0] < lo or r[1] > hi for r in seen)
@@ -468,10 +473,10 @@ def check_int64(bound: "Bound") -> None:
     evaluated: kernels (INT64) and the numpy evaluator compute in int64 and would wrap silently,
     and tile analysis clamps at ±2**62 (INT_LIMIT)."""
     lo, hi = INT_LIMIT
-    for part in bound.kv_parts:
-        ranges = coord_ranges(bound, part)
+    for q_part, part in bound.pairs:
+        ranges = coord_ranges(bound, part, q_part=q_part)
 
-        for what, e, where in integer_exprs(bound, part):
+        for what, e, where in integer_exprs(bound, part, q_part):
             def visit(x, r, stack, what=what):
                 if r[0] < lo or r[1] > hi:
                     _overflow(bound, what, x, r, stack)

@@ -95,7 +95,7 @@ class _Lowering(Builtins):
                 raise AttncError("only `q, kv = ...` may assign several names at once", stmt.targets[1].span)
             name = ids[0]
             if isinstance(stmt.value, A.Segments):
-                raise AttncError("only the key space `kv` may be made of segments", stmt.value.span)
+                raise AttncError("only the token spaces `q` and `kv` may be made of segments", stmt.value.span)
             if isinstance(stmt.value, A.Route) and name != "route":
                 raise AttncError("a `top(k) of ... by ...` selection can only be assigned to `route`",
                                  stmt.value.span)
@@ -360,7 +360,7 @@ class _Lowering(Builtins):
             raise AttncError("only q.<axis> and k.<axis> have attributes", e.span, hint=hint)
         side = e.value.id
         q, kv = self.spaces(e)
-        spaces = [s for _, s in N.parts(kv)] if side == "k" else [q]
+        spaces = [s for _, s in N.parts(kv if side == "k" else q)]
         axes = tuple(dict.fromkeys(a for sp in spaces for a in sp.axes + ("i",)))
         if e.attr not in axes:
             raise AttncError(f"{side} has no axis '{e.attr}'; its axes are {', '.join(axes)}", e.span,

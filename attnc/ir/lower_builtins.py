@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..errors import AttncError, suggest
 from ..frontend import syntax as A
 from . import nodes as N
+from .printer import format_space
 
 RESERVED_TARGETS = ("q", "kv", "mask", "score", "bias", "route")
 # Keyword arguments of attnc.compile itself (`spec` too: it is positional-or-keyword); a spec
@@ -19,6 +20,9 @@ MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
 BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
 ROUTE_FUNCS = ("top", "regions", "blocks", "mean")
 # ROUTE_FUNCS are not reserved: they have a meaning only inside a `route = ...` rule.
+# Why a window of kernel 1 is refused, and what to write instead (also used when binding).
+KERNEL_HINT = ("a query that sees only itself is `k.i == q.i` (on a grid, `k.y == q.y and k.x == q.x`); "
+               "kernel 1 along one axis is equality on that axis")
 BUILTINS = SPACE_FUNCS + SCORE_FUNCS + INT_FUNCS + FLOAT_FUNCS + MASK_FUNCS + BUILTIN_VALUES
 
 
@@ -31,10 +35,13 @@ class Builtins:
             raise AttncError("token spaces are assigned as `q, kv = ...`, `q = ...` or `kv = ...`",
                              stmt.targets[0].span)
         if isinstance(stmt.value, A.Segments):
-            if ids != ("kv",):
-                raise AttncError("only the key space may be made of segments: write `q = ...` and "
-                                 "`kv = name: ..., name: ...` separately", stmt.value.span)
-            self.kv = self.segments(stmt.value)
+            if len(ids) > 1:
+                raise AttncError("segmented spaces are assigned one at a time: write `q = name: ..., name: ...` "
+                                 "and `kv = name: ..., name: ...` separately", stmt.value.span)
+            if ids == ("q",):
+                self.q = self.segments(stmt.value)
+            else:
+                self.kv = self.segments(stmt.value)
             return
         if isinstance(stmt.value, A.Route):
             raise AttncError("expected a token space, not a routing rule", stmt.value.span)
@@ -135,30 +142,43 @@ class Builtins:
         side = e.value.id if isinstance(e.value, A.Name) else None
         if side not in ("q", "k"):
             raise AttncError("`in` tests a token's segment: write `k in NAME`", e.value.span)
-        if side == "q":
-            raise AttncError("the query space has no segments; `in` applies to keys (`k in NAME`)", e.value.span)
         self.spaces(e)
-        if not isinstance(self.kv, N.Segments):
+        space, what = (self.q, "query") if side == "q" else (self.kv, "key")
+        if not isinstance(space, N.Segments):
+            if side == "q":
+                raise AttncError("the query space has no segments; `in` applies to keys (`k in NAME`)",
+                                 e.value.span, hint="or name the query segments: `q = a: grid(H, W), b: seq(M)`")
             raise AttncError("the key space has no segments to test", e.span,
                              hint="name them: `kv = hi: grid(H, W), lo: grid(H / 4, W / 4)`")
-        names = [n for n, _ in self.kv.parts]
+        names = [n for n, _ in space.parts]
         if e.segment.id not in names:
-            raise AttncError(f"the key space has no segment '{e.segment.id}'; its segments are {', '.join(names)}",
+            raise AttncError(f"the {what} space has no segment '{e.segment.id}'; its segments are {', '.join(names)}",
                              e.segment.span, hint=suggest(e.segment.id, names))
-        return N.Member("k", e.segment.id)
+        return N.Member(side, e.segment.id)
 
     def check_segment_axes(self, out: N.Expr, e: A.Expr) -> None:
         """Each segment must give a value to every key coordinate its branch of the expression reads:
         `k.y` is fine on a grid segment, and on a seq segment only where `k in grid_part` guards it."""
-        if not isinstance(self.kv, N.Segments):
+        if not isinstance(self.kv, N.Segments) and not isinstance(self.q, N.Segments):
             return
-        for seg, space in self.kv.parts:
-            axes = set(space.axes) | {"i"}
-            for x in N.walk(N.specialise(out, seg), expand_windows=True):
-                if isinstance(x, N.Coord) and x.side == "k" and x.axis not in axes:
-                    raise AttncError(f"k.{x.axis} is read for keys of segment '{seg}' ({space.kind}), which has "
-                                     f"no axis {x.axis}", e.span,
-                                     hint=f"guard it, e.g. `k in other and ... k.{x.axis} ...`, or use k.i")
+        for qseg, qspace in N.parts(self.q):
+            for seg, space in N.parts(self.kv):
+                sub = N.specialise(out, seg, qseg)
+                w = next((x for x in N.walk(sub) if isinstance(x, N.Window)), None)
+                if w is not None and seg is not None and space != qspace:
+                    raise AttncError(f"a window is read for keys of segment '{seg}' ({format_space(space)}), which is "
+                                     f"not the query space ({format_space(qspace)})", w.span or e.span,
+                                     hint="a window on a segmented key space needs a segment with q's space; guard "
+                                          "it, e.g. `k in other and window(...)`")
+                for side, name, sp in (("q", qseg, qspace), ("k", seg, space)):
+                    axes = set(sp.axes) | {"i"}
+                    for x in N.walk(sub, expand_windows=True):
+                        if isinstance(x, N.Coord) and x.side == side and x.axis not in axes and name is not None:
+                            who = "queries" if side == "q" else "keys"
+                            raise AttncError(f"{side}.{x.axis} is read for {who} of segment '{name}' ({sp.kind}), "
+                                             f"which has no axis {x.axis}", e.span,
+                                             hint=f"guard it, e.g. `{side} in other and ... {side}.{x.axis} ...`, "
+                                                  f"or use {side}.i")
 
     def route(self, e: A.Expr) -> N.Route:
         """`top(K [, own = true]) of regions(a, b) | blocks(B) by mean(q) | q @ mean(k)`."""
@@ -184,7 +204,7 @@ class Builtins:
                              hint=suggest(groups.func.id, ["regions", "blocks"]) if isinstance(groups, A.Call) else None)
         self.no_kwargs(groups)
         q, kv = self.spaces(groups)
-        if q != kv:
+        if q != kv or isinstance(q, N.Segments):
             raise AttncError("routing needs q and kv in the same token space", groups.span)
         kind = groups.func.id
         if kind == "blocks" and q.kind != "seq":
@@ -213,15 +233,30 @@ class Builtins:
     def causal(self, e: A.Expr) -> N.Expr:
         # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
         q, kv = self.spaces(e)
+        if isinstance(q, N.Segments):
+            raise AttncError("causal needs an unsegmented query space", e.span,
+                             hint="write it per segment, e.g. `q in x and k in x and k.i <= q.i`")
         if isinstance(kv, N.Segments):
-            raise AttncError("causal is ambiguous on a segmented key space", e.span,
-                             hint="write it per segment, e.g. `k in ctx and k.i <= q.i`")
+            # Bottom-right alignment on the concatenation, allowed only where it is also the
+            # per-segment reading: the last segment is q's own space (a context, then the sequence
+            # itself, as FlashAttention's causal over `cat(cache, new)`), so every earlier key is
+            # visible and keys of the last segment are visible iff k.i <= q.i (docs/language.md).
+            last, space = kv.parts[-1]
+            if space != q:
+                raise AttncError("causal on a segmented key space needs the last segment to be the query space "
+                                 f"itself (here q = {format_space(q)}, segment '{last}' = {format_space(space)})",
+                                 e.span, hint="write it per segment, e.g. `(k in ctx) or (k in x and k.i <= q.i)`")
+            return N.Binary("or", N.Unary("not", N.Member("k", last)), N.Coord("k", "i").le(N.Coord("q", "i")))
         nq, nk = q.size(), kv.size()
         offset = N.Const(0) if nq == nk else nk - nq
         return N.Coord("k", "i").le(N.Coord("q", "i") + offset)
 
     def window(self, e: A.Call) -> N.Expr:
-        space = self.same_space(e)
+        q, kv = self.spaces(e)
+        # On a segmented key space a window relates q to the keys of a segment with q's own space:
+        # check_segment_axes refuses it wherever it is read for keys of any other segment.
+        space = q if isinstance(kv, N.Segments) and isinstance(q, N.Space) and \
+            any(sp == q for _, sp in kv.parts) else self.same_space(e)
         ndim = len(space.dims)
         kernels = self.per_axis(e.args, ndim, e, "kernel sizes")
         opts = {"dilation": [N.Const(1)] * ndim, "stride": [N.Const(1)] * ndim}
@@ -240,6 +275,11 @@ class Builtins:
             else:
                 raise AttncError(f"window has no argument '{kw.name}'", kw.span,
                                  hint=suggest(kw.name, ["dilation", "stride", "causal"]))
+        for arg, k in zip(e.args * ndim if len(e.args) == 1 else e.args, kernels):
+            if isinstance(k, N.Const) and k.value < 2:
+                raise AttncError(f"window kernel size {k.value}: NATTEN's neighborhood is defined for kernel sizes "
+                                 "of at least 2 (its check is `kernel_size >= 2`)", arg.span, hint=KERNEL_HINT)
+
         def axis_window(a: int, axis: str, causal: bool) -> N.Window:
             return N.Window(axis, space.dims[a], kernels[a], opts["dilation"][a], opts["stride"][a], causal, span=e.span)
 
@@ -348,8 +388,9 @@ class Builtins:
 
     def same_space(self, e: A.Call) -> N.Space:
         q, kv = self.spaces(e)
-        if q != kv:
-            what = "an unsegmented key space equal to q's" if isinstance(kv, N.Segments) else "q and kv in the same token space"
+        if q != kv or isinstance(q, N.Segments):
+            what = "an unsegmented key space equal to q's" if isinstance(kv, N.Segments) else \
+                "an unsegmented query space" if isinstance(q, N.Segments) else "q and kv in the same token space"
             raise AttncError(f"{e.func.id}() needs {what}", e.func.span)
         return q
 

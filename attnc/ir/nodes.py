@@ -61,7 +61,7 @@ class Head:
 
 @dataclass(frozen=True)
 class Member:
-    """`k in name`: the key token lies in the named segment of a segmented key space."""
+    """`k in name` / `q in name`: the token lies in the named segment of its segmented space."""
 
     side: str
     segment: str
@@ -358,10 +358,9 @@ class Space:
 
 @dataclass(frozen=True)
 class Segments:
-    """A key space made of named segments, concatenated in order: `hi: grid(H, W), lo: seq(M)`.
-
-    Key k of segment s has flat index offset(s) + (its index within s); its coordinates are
-    those within s, and `k in s` holds for it.
+    """A token space (keys, or queries) made of named segments, concatenated in order:
+    `hi: grid(H, W), lo: seq(M)`. Token t of segment s has flat index offset(s) + (its index
+    within s); its coordinates are those within s, and `k in s` (`q in s`) holds for it.
     """
 
     parts: tuple[tuple[str, Space], ...]
@@ -382,15 +381,19 @@ class Segments:
 
 
 def parts(kv: "Space | Segments") -> tuple[tuple[str | None, Space], ...]:
-    """A key space as its segments; an unsegmented space is one nameless segment."""
+    """A token space as its segments; an unsegmented space is one nameless segment."""
     return kv.parts if isinstance(kv, Segments) else ((None, kv),)
 
 
-def specialise(mask: Expr, segment: str | None) -> Expr:
-    """The mask for keys of one segment: `k in s` becomes true for that segment, false for others."""
-    if segment is None:
+def specialise(mask: Expr, segment: str | None, q_segment: str | None = None) -> Expr:
+    """The mask for keys of one segment (and queries of one query segment): `k in s` becomes
+    true for that key segment, false for others; `q in s` likewise for the query segment. A side
+    given as None keeps its Members."""
+    if segment is None and q_segment is None:
         return mask
-    return substitute(mask, lambda x: Const(x.segment == segment) if isinstance(x, Member) else None)
+    own = {"k": segment, "q": q_segment}
+    return substitute(mask, lambda x: Const(x.segment == own[x.side])
+                      if isinstance(x, Member) and own[x.side] is not None else None)
 
 
 SCORE_KINDS = ("softmax", "sigmoid", "softplus")
@@ -478,7 +481,7 @@ class Route:
 class Attention:
     name: str
     params: tuple[ParamDecl, ...]
-    q: Space
+    q: "Space | Segments"
     kv: "Space | Segments"
     mask: Expr  # bool expression over coordinates and parameters
     score: Score

@@ -76,15 +76,15 @@ class _Verifier:
                 if t != (N.BOOL if p.boolean else p.type):
                     self.fail(f"parameter '{p.name}' is {p.type} but its default is {t}")
             self.params[p.name] = p  # after its default: a default reads only earlier parameters
-        self.space(ir.q, "q")
-        if isinstance(ir.kv, N.Segments):
-            names = [name for name, _ in ir.kv.parts]
-            if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-                self.fail(f"key segments must be named, uniquely: {names}")
-            for name, space in ir.kv.parts:
-                self.space(space, f"kv segment '{name}'")
-        else:
-            self.space(ir.kv, "kv")
+        for side, sp in (("q", ir.q), ("kv", ir.kv)):
+            if isinstance(sp, N.Segments):
+                names = [name for name, _ in sp.parts]
+                if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                    self.fail(f"{side} segments must be named, uniquely: {names}")
+                for name, space in sp.parts:
+                    self.space(space, f"{side} segment '{name}'")
+            else:
+                self.space(sp, side)
         for r in ir.requires:
             if not isinstance(r, N.Require) or not isinstance(r.message, str) or not r.message:
                 self.fail(f"a precondition needs a message: {r!r}")
@@ -122,8 +122,8 @@ class _Verifier:
 
     def route(self, r: N.Route) -> None:
         q = self.ir.q
-        if self.ir.kv != q:
-            self.fail("routing needs q and kv in the same space")
+        if self.ir.kv != q or isinstance(q, N.Segments):
+            self.fail("routing needs q and kv in the same unsegmented space")
         self.expect(r.top, N.INT, "the routed group count", _UNIFORM)
         if r.groups not in ("blocks", "regions") or r.query not in ("mean", "token") or not isinstance(r.own, bool):
             self.fail(f"malformed route {r!r}")
@@ -236,9 +236,9 @@ class _Verifier:
         self.fail(f"not an IR expression in {what}: {x!r}")
 
     def window(self, w: N.Window, kid: list[str]) -> None:
-        q = self.ir.q
-        if self.ir.kv != q:
-            self.fail("a window needs one unsegmented space equal to q's")
+        q, kv = self.ir.q, self.ir.kv
+        if isinstance(q, N.Segments) or kv != q and not (isinstance(kv, N.Segments) and any(sp == q for _, sp in kv.parts)):
+            self.fail("a window needs an unsegmented q and a key space (or key segment) equal to it")
         if w.axis not in q.axes or not isinstance(w.causal, bool) or any(k != N.INT for k in kid):
             self.fail(f"malformed window {w!r}")
         if w.length != q.dims[q.axes.index(w.axis)]:
@@ -250,24 +250,30 @@ class _Verifier:
 
     def coordinates(self, e, what: str) -> None:
         q, kv = self.ir.q, self.ir.kv
-        q_axes = set(q.axes) | {"i"}
-        segments = dict(kv.parts) if isinstance(kv, N.Segments) else None
+        segments = {side: dict(sp.parts) if isinstance(sp, N.Segments) else None for side, sp in (("q", q), ("k", kv))}
         for x in _post_order(e):
-            if isinstance(x, N.Coord):
-                if x.side == "q" and x.axis not in q_axes:
-                    self.fail(f"q.{x.axis} in {what}: q has axes {sorted(q_axes)}")
-                if x.side not in ("q", "k"):
-                    self.fail(f"coordinate of side '{x.side}' in {what}")
-            if isinstance(x, N.Member) and (x.side != "k" or segments is None or x.segment not in segments):
-                self.fail(f"`{x.side} in {x.segment}` in {what}, but the key segments are "
-                          f"{sorted(segments) if segments else 'none'}")
-        # Key coordinates are those of the key's own segment: each must exist wherever it is read.
-        for seg, space in N.parts(kv):
-            axes = set(space.axes) | {"i"}
-            for x in _post_order(N.specialise(e, seg), expand_windows=True):
-                if isinstance(x, N.Coord) and x.side == "k" and x.axis not in axes:
-                    where = f"segment '{seg}'" if seg else "kv"
-                    self.fail(f"k.{x.axis} in {what} is read for keys of {where}, which has axes {sorted(axes)}")
+            if isinstance(x, N.Coord) and x.side not in ("q", "k"):
+                self.fail(f"coordinate of side '{x.side}' in {what}")
+            if isinstance(x, N.Member):
+                names = segments.get(x.side)
+                if names is None or x.segment not in names:
+                    whose = "key" if x.side == "k" else "query"
+                    self.fail(f"`{x.side} in {x.segment}` in {what}, but the {whose} segments are "
+                              f"{sorted(names) if names else 'none'}")
+        # Coordinates are those of the token's own segment: each must exist wherever it is read.
+        for qseg, qspace in N.parts(q):
+            for seg, space in N.parts(kv):
+                sub = N.specialise(e, seg, qseg)
+                if seg is not None and space != qspace and any(isinstance(x, N.Window) for x in _post_order(sub)):
+                    self.fail(f"a window in {what} is read for keys of segment '{seg}', whose space is not q's")
+                for side, name, sp in (("q", qseg, qspace), ("k", seg, space)):
+                    axes = set(sp.axes) | {"i"}
+                    for x in _post_order(sub, expand_windows=True):
+                        if isinstance(x, N.Coord) and x.side == side and x.axis not in axes:
+                            where = f"segment '{name}'" if name else ("kv" if side == "k" else "q")
+                            whom = "keys" if side == "k" else "queries"
+                            self.fail(f"{side}.{x.axis} in {what} is read for {whom} of {where}, which has axes "
+                                      f"{sorted(axes)}")
 
 
 def _post_order(e, expand_windows: bool = False):

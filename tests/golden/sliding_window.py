@@ -260,7 +260,7 @@ def attnc_bwd_dkdv(
     n_heads, kv_group, Nq, Nk, head_dim,
     p_N, p_W,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
@@ -277,7 +277,7 @@ def attnc_bwd_dkdv(
     K_base = K + b64 * stride_kb + h_kv64 * stride_kh
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
     offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)
     if ADDR64:
         offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -303,51 +303,55 @@ def attnc_bwd_dkdv(
         DO_base = DO + b64 * stride_dob + h64 * stride_doh
         # FULL tiles: no mask.
         for t in range(tl.load(FULL_T_PTR + kv_tile), tl.load(FULL_T_PTR + kv_tile + 1)):
-            offs_m = tl.load(FULL_T_IDX + t) * BLOCK_M + offs_m0
-            q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            q_i = offs_m[:, None]
-            if Q_PERMUTED:
-                q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                q_i = q_i.to(tl.int64)
-            row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-            stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
-            # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
-            stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
-            delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p = tl.exp(s - stat_safe[:, None])
-            ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
+            m_start = tl.load(FULL_T_IDX + t) * BLOCK_M
+            for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
+                offs_m = m_start + sub + offs_m0
+                q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                             mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                q_i = offs_m[:, None]
+                if Q_PERMUTED:
+                    q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                if INT64:
+                    q_i = q_i.to(tl.int64)
+                row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+                stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+                # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+                stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+                delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                p = tl.exp(s - stat_safe[:, None])
+                ds = p * (dp - delta[:, None])
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+                dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
         # PARTIAL tiles: the mask per element.
         for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
-            offs_m = tl.load(PART_T_IDX + t) * BLOCK_M + offs_m0
-            q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            q_i = offs_m[:, None]
-            if Q_PERMUTED:
-                q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-            if INT64:
-                q_i = q_i.to(tl.int64)
-            row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-            stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
-            # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
-            stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
-            delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, INT64)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
+            m_start = tl.load(PART_T_IDX + t) * BLOCK_M
+            for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
+                offs_m = m_start + sub + offs_m0
+                q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                             mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                q_i = offs_m[:, None]
+                if Q_PERMUTED:
+                    q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                if INT64:
+                    q_i = q_i.to(tl.int64)
+                row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+                stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+                # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+                stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+                delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, INT64)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+                ds = p * (dp - delta[:, None])
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+                dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
 
     DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
     DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh

@@ -36,13 +36,14 @@ def logit_bias(bound: Bound, heads: int, tensors, head_dim: int, like):
         return None
     head = np.arange(heads)[:, None, None]
     out = torch.zeros((heads, bound.nq, bound.nk), dtype=like.dtype, device=like.device)
-    cols = []
-    for part, sel, coords in pair_coords(bound, np.arange(bound.nq), np.arange(bound.nk)):
+    rows = np.arange(bound.nq)
+    for qpart, sel_q, part, sel, coords in pair_coords(bound, rows, np.arange(bound.nk)):
         coords = {key: v[None] for key, v in coords.items()} | {("q", "head"): head}
-        val = evaluate_torch(part_expr(e, part.name), bound, coords, tensors, head_dim, like)
-        cols.append((torch.from_numpy(np.nonzero(sel)[0]).to(like.device), val))
-    for idx, val in cols:
-        out = out.index_copy(2, idx, val.expand(heads, bound.nq, len(idx)).contiguous())
+        val = evaluate_torch(part_expr(e, part.name, qpart.name), bound, coords, tensors, head_dim, like)
+        q_at = rows if sel_q is None else np.nonzero(sel_q)[0]
+        k_at = np.nonzero(sel)[0]
+        index = tuple(torch.from_numpy(a).to(like.device) for a in np.ix_(np.arange(heads), q_at, k_at))
+        out = out.index_put(index, val.expand(heads, len(q_at), len(k_at)))  # differentiable
     return out
 
 

@@ -128,23 +128,20 @@ def token_part_values(c: Compiled) -> tuple[np.ndarray, np.ndarray]:
     integer arithmetic of parameters and coordinates (no guards, no tables): a division by zero
     can only be where a guard of the mask makes the value unused, so nothing is checked here."""
     bound, lay = c.bound, c.layout
-    ir = bound.ir
-    every = token_parts(ir)
-    rows = np.zeros((sum(p.side == "q" for p in every), bound.nq), np.int64)
-    cols = np.zeros((sum(p.side == "k" for p in every), bound.nk), np.int64)
-    q_tok = np.asarray(lay.q_perm, np.int64)
-    q_coords = {("q", a): v for a, v in decode(bound.q_dims, ir.q.axes, q_tok).items()}
-    k_tok = np.asarray(lay.kv_perm, np.int64)
+    every = token_parts(bound.ir)
+    out = {"q": np.zeros((sum(p.side == "q" for p in every), bound.nq), np.int64),
+           "k": np.zeros((sum(p.side == "k" for p in every), bound.nk), np.int64)}
+    tokens = {"q": np.asarray(lay.q_perm, np.int64), "k": np.asarray(lay.kv_perm, np.int64)}
+    segments = {"q": bound.q_parts, "k": bound.kv_parts}
     for part in every:
-        if part.side == "q":
-            rows[part.index] = _values(part.expr, bound.env, q_coords, len(q_tok))
-            continue
-        seg = next(s for s in bound.kv_parts if s.name == part.segment)
-        inside = (k_tok >= seg.offset) & (k_tok < seg.offset + seg.size)
-        local = np.where(inside, k_tok - seg.offset, 0)
-        k_coords = {("k", a): v for a, v in decode(seg.dims, seg.space.axes, local).items()}
-        cols[part.index] = np.where(inside, _values(part.expr, bound.env, k_coords, len(k_tok)), 0)
-    return rows, cols
+        # A part of a segment (of either side) is its value where the token lies in that segment.
+        tok = tokens[part.side]
+        seg = next(s for s in segments[part.side] if s.name == part.segment)
+        inside = (tok >= seg.offset) & (tok < seg.offset + seg.size)
+        local = np.where(inside, tok - seg.offset, 0)
+        coords = {(part.side, a): v for a, v in decode(seg.dims, seg.space.axes, local).items()}
+        out[part.side][part.index] = np.where(inside, _values(part.expr, bound.env, coords, len(tok)), 0)
+    return out["q"], out["k"]
 
 
 def _values(expr, env, coords, n: int) -> np.ndarray:

@@ -58,9 +58,10 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
     }
 
 
-# `attnc tune` times candidates through the normal launch path by setting these ({kernel: (warps,
-# stages)}); tuned choices on disk are read once per (kernels, arch, dtype, head dim).
-OVERRIDE: dict[str, tuple[int, int]] = {}
+# `attnc tune` times candidates through the normal launch path by setting these ({(kernel module,
+# kernel): (warps, stages)}: other specs' launches are not affected); tuned choices on disk are
+# read once per (cache dir, kernels, tiles, arch, dtype, head dim).
+OVERRIDE: dict[tuple[str, str], tuple[int, int]] = {}
 _TUNED: dict[tuple, dict | None] = {}
 
 
@@ -71,8 +72,8 @@ def launch_options(kernel: str, q, v, c: Compiled | None = None) -> dict:
         return {}
     major, minor = torch.cuda.get_device_capability(q.device)
     arch, head_dim = major * 10 + minor, max(q.shape[3], v.shape[3])
-    if kernel in OVERRIDE:
-        warps, stages = OVERRIDE[kernel]
+    if c is not None and (c.kernel_path.stem, kernel) in OVERRIDE:
+        warps, stages = OVERRIDE[(c.kernel_path.stem, kernel)]
     else:
         choice = tuned_config(c, arch, q.dtype, head_dim) if c is not None else None
         warps, stages = (choice or {}).get(kernel) or launch_config(kernel, arch, head_dim)
@@ -83,9 +84,10 @@ def tuned_config(c: Compiled, arch: int, dtype, head_dim: int) -> dict | None:
     from ...codegen.target import tuned
     from ...settings import settings
 
-    key = (str(c.kernel_path), arch, str(dtype), head_dim)
+    tiles = (c.schedule.block_m, c.schedule.block_n)
+    key = (str(settings().cache_dir), str(c.kernel_path), tiles, arch, str(dtype), head_dim)
     if key not in _TUNED:
-        _TUNED[key] = tuned(settings().cache_dir, c.kernel_path.stem, arch, dtype, head_dim)
+        _TUNED[key] = tuned(settings().cache_dir, c.kernel_path.stem, tiles, arch, dtype, head_dim)
     return _TUNED[key]
 
 

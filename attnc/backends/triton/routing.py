@@ -7,8 +7,10 @@ algorithms. Per call:
 
 1. select: per (batch, query head, unit) the chosen groups, `sel [B, Hq, units, top]` (int32,
    -1 where fewer than `top` groups are candidates). Pooled means and scores are float64, as
-   the reference's, so that ties and near-ties resolve identically; ties go to the lower group
-   (a stable sort), `own = true` puts the unit's own group first.
+   the reference's (its sums run in another order, so a near-tie within float64 rounding could
+   resolve differently; exact ties cannot), summed in a fixed order (a gather and a sum, no
+   atomics: the backward's recomputed selection is the forward's, also on a GPU); ties go to
+   the lower group (a stable sort), `own = true` puts the unit's own group first.
 2. schedule: the kv tiles that hold a chosen group of some unit of each q tile, intersected
    with the mask's own FULL and PARTIAL tiles: one CSR per (batch * head, q tile) for the
    forward and dQ kernels, and per (batch * kv head, kv tile) for dK/dV (the union over the
@@ -46,6 +48,8 @@ class Plan:
     n_groups: int
     top: int
     own_first: bool  # `own = true`
+    unit_members: np.ndarray  # [units, longest] positions of each unit's queries (len(unit): padding)
+    group_members: np.ndarray  # [groups, longest] positions of each group's keys (len(group): padding)
     cand: np.ndarray  # bool [units, groups]: the mask lets some query of the unit see the group
 
 
@@ -74,7 +78,19 @@ def plan(c: Compiled, s: Schedule, tensors: dict | None = None) -> Plan:
     else:
         unit, n_units, own = q_tok, bound.nq, group_tok
     return Plan(unit, group, own, n_units, n_groups, int(evaluate_uniform(route.top, bound.env)), route.own,
+                _members(unit, n_units), _members(group, n_groups),
                 _candidates(c, s, unit, group, n_units, n_groups, tensors))
+
+
+def _members(ids: np.ndarray, n: int) -> np.ndarray:
+    """[n, longest] positions holding each id, ascending, padded with len(ids) (a zero row)."""
+    order = np.argsort(ids, kind="stable")
+    counts = np.bincount(ids, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.full((n, max(1, int(counts.max(initial=0)))), len(ids), np.int64)
+    slot = np.arange(len(ids)) - np.repeat(starts, counts)
+    out[ids[order], slot] = order
+    return out
 
 
 def _candidates(c: Compiled, s: Schedule, unit, group, n_units: int, n_groups: int, tensors) -> np.ndarray:
@@ -89,7 +105,9 @@ def _candidates(c: Compiled, s: Schedule, unit, group, n_units: int, n_groups: i
     tile_groups[kt_of, group] = True
     full_groups = (cls == FULL).astype(np.float32) @ tile_groups.astype(np.float32) > 0  # [q tiles, groups]
     cand = np.zeros((n_units, n_groups), bool)
-    np.logical_or.at(cand, unit, full_groups[qt_of])
+    pu, pq = np.unique(np.stack([unit, qt_of]), axis=1)  # (unit, q tile) pairs, by unit
+    starts = np.flatnonzero(np.r_[True, pu[1:] != pu[:-1]])
+    cand[pu[starts]] = np.logical_or.reduceat(full_groups[pq], starts, axis=0)
     q_tok, k_tok = np.asarray(lay.q_perm, np.int64), np.asarray(lay.kv_perm, np.int64)
     for qt, kt in zip(*np.nonzero(cls == PARTIAL)):
         rows, cols = slice(qt * bm, (qt + 1) * bm), slice(kt * bn, (kt + 1) * bn)
@@ -105,18 +123,17 @@ def select(p: Plan, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     device = q.device
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
-    unit = torch.from_numpy(p.unit).to(device)
-    group = torch.from_numpy(p.group).to(device)
 
-    def means(x, ids, n):  # [B, H, N, D] -> [B, H, n, D], float64
-        total = x.new_zeros((B, x.shape[1], n, D), dtype=torch.float64).index_add_(2, ids, x.to(torch.float64))
-        count = torch.bincount(ids, minlength=n).clamp(min=1).to(torch.float64)
-        return total / count[:, None]
+    def means(x, members):  # [B, H, N, D] -> [B, H, n, D], float64, summed in a fixed order
+        padded = torch.cat([x.to(torch.float64), x.new_zeros((B, x.shape[1], 1, D), dtype=torch.float64)], 2)
+        idx = torch.from_numpy(members).to(device)
+        count = (idx < x.shape[2]).sum(1).clamp(min=1).to(torch.float64)
+        return padded[:, :, idx.reshape(-1)].view(B, x.shape[1], *idx.shape, D).sum(3) / count[:, None]
 
-    k_mean = means(k, group, p.n_groups)
+    k_mean = means(k, p.group_members)
     if Hq != Hkv:
         k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
-    scores = means(q, unit, p.n_units) @ k_mean.transpose(-1, -2)  # [B, Hq, units, groups]
+    scores = means(q, p.unit_members) @ k_mean.transpose(-1, -2)  # [B, Hq, units, groups]
     cand = torch.from_numpy(p.cand).to(device)
     scores = scores.masked_fill(~cand, float("-inf"))
     if p.own_first:
