@@ -179,6 +179,14 @@ def _coords_used(e: N.Expr, known: dict) -> set[tuple[str, str]]:
     return out
 
 
+def _enter_segment(what: str, name: str, space, prefix: str, flat: str, inside: str, bound) -> list[str]:
+    """A token's index within its segment (`{prefix}_i`) and whether it lies there (`inside`)."""
+    offset, size = bound
+    return [f"    # {what} {name}: {format_space(space)}",
+            f"    {prefix}_i = {flat}" + ("" if offset == "0" else f" - {offset}"),
+            f"    {inside} = ({prefix}_i >= 0) & ({prefix}_i < {size})"]
+
+
 def pair_call(ir: N.Attention) -> str:
     """The arguments a kernel passes to a per-pair function (q_i, k_i, the head, kernel
     arguments, then the token parts loaded for the tile: parts.load_lines)."""
@@ -227,10 +235,7 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produ
         qem.memo = dict(top.memo)
         qem.memo.update({p.expr: p.name for p in every if p.side == "q" and p.segment == q_seg})
         if q_seg is not None:
-            offset, size = bounds["q"][a]
-            qem.lines.append(f"    # query segment {q_seg}: {format_space(q_space)}")
-            qem.lines.append(f"    {qkey}_i = q_i" + ("" if offset == "0" else f" - {offset}"))
-            qem.lines.append(f"    inq{a} = ({qkey}_i >= 0) & ({qkey}_i < {size})")
+            qem.lines += _enter_segment("query segment", q_seg, q_space, qkey, "q_i", f"inq{a}", bounds["q"][a])
         q_used = {x for s_, x in _coords_used(q_sub, qem.memo) if s_ == "q"}
         qem.lines += _decode(q_space, qkey, q_used, qem)
         body += qem.lines
@@ -242,10 +247,7 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produ
             em.memo = dict(qem.memo)
             em.memo.update({p.expr: p.name for p in every if p.side == "k" and p.segment == seg})
             if seg is not None:
-                offset, size = bounds["k"][j]
-                em.lines.append(f"    # segment {seg}: {format_space(space)}")
-                em.lines.append(f"    {key}_i = k_i" + ("" if offset == "0" else f" - {offset}"))
-                em.lines.append(f"    in{j} = ({key}_i >= 0) & ({key}_i < {size})")
+                em.lines += _enter_segment("segment", seg, space, key, "k_i", f"in{j}", bounds["k"][j])
             em.lines += _decode(space, key, {x for s_, x in _coords_used(sub, em.memo) if s_ == "k"}, em)
             results.append(((a, j), produce(em, sub)))
             body += em.lines
