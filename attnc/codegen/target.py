@@ -63,10 +63,10 @@ def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, in
     kernel-quality-*.md): the forward takes 4 warps up to head dim 64 and 8 above (with 4, its
     accumulator leaves no registers at D = 128 and spills); the backward kernels hold more tiles
     live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV and
-    for dQ above head dim 128 (3 needed 256 KB of shared memory on sm_90, over its 227 KB), 1 at
-    D = 256 below sm_90's shared memory. `arch` None: no GPU (the interpreter ignores both)."""
+    above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
+    240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory. `arch` None: no GPU (the interpreter ignores both)."""
     warps = 4 if kernel == "fwd" and head_dim <= 64 else 8
-    stages = 2 if kernel == "dkdv" or (kernel == "dq" and head_dim > 128) else 3
+    stages = 2 if kernel == "dkdv" or head_dim > 128 else 3
     if head_dim > 128 and (arch or 90) < 90:
         stages = 1
     return warps, stages
