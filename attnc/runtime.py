@@ -13,7 +13,7 @@ from .backends.triton.host import HostState
 from .backends.triton.op import attention as attention_op, register
 from .errors import AttncError, suggest
 from .ir import nodes as N
-from .ir.evaluate import mask_block
+from .ir.evaluate import mask_block, per_head
 from .limits import MAX_FLOAT
 from .pipeline import DEFAULT_TILES, Compiled, build
 
@@ -119,16 +119,22 @@ class AttentionFn:
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
 
-    def mask(self, **tensors: torch.Tensor) -> torch.Tensor:
-        """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes).
+    def mask(self, *, head: int | None = None, **tensors: torch.Tensor) -> torch.Tensor:
+        """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes), of
+        query head `head` when the mask reads `head` (required then).
 
         Specs whose mask reads runtime tensors need them here too: `fn.mask(doc=doc_ids)`.
         """
         if self.ir.route is not None:
             raise AttncError("a routed spec's visibility depends on q and k; use fn.routed_mask(q, k)")
+        if head is None and per_head(self.ir.mask):
+            raise AttncError(f"'{self.ir.name}' has a mask that reads head: ask for one head, fn.mask(head=h)")
+        if head is not None and (not isinstance(head, int) or isinstance(head, bool) or head < 0):
+            raise AttncError(f"head must be a head index (an int >= 0), not {head!r}")
         checked = self._check_tensors(tensors, heads=None)
         bound = self.compiled.bound
-        return torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), host_ints(checked)))
+        return torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), host_ints(checked),
+                                           head=head))
 
     def routed_mask(self, q: torch.Tensor, k: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
         """Visibility of a routed spec: bool [B, Hq, Nq, Nk] (the mask and the top-k selection)."""

@@ -221,7 +221,7 @@ def test_table_extent_covers_visible_pairs_only():
 
 
 @pytest.mark.parametrize("source,phrase", [
-    ("mask = head < 2", "head (the query head index) is only defined"),
+    ("score = softmax(scale = 1.0 + head)", "head (the query head index) is only defined"),
     ("bias = q.i < k.i", "the bias must be a number"),
     ("score = sigmoid(sink = s[head])", "sigmoid has no argument 'sink'"),
     ("score = softmax(sink = s[q.i])", "one number per head"),

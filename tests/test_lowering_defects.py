@@ -83,12 +83,13 @@ def test_local_with_a_builtin_states_its_preconditions_at_each_use():
      "'same' cannot be used in a score's scale or bias: runtime tensors", "line 3, column 12"),
     (("t = doc[q.i]", "mask = causal", "score = softmax(softcap = t)"), 5, 31,
      "'t' cannot be used here: runtime tensors such as 'doc' can only be read", "line 3, column 9"),
-    (("h = head", "mask = h < 2"), 4, 12, "'h' cannot be used in the mask: head (the query head index)", None),
+    (("h = head", "score = softmax(scale = 1.0 + h)"), 4, 35,
+     "'h' cannot be used in a score's scale or bias: head (the query head index)", "line 3, column 9"),
     (("x = (q.i - k.i) / 2", "mask = x < 1"), 4, 12, "must stay in integers", "line 3, column 9"),
     (("n = n_visible", "mask = k.i < n"), 4, 18, "only defined in a score's scale and bias", None),
     # One local, two uses: integer ids in the mask, float values in the bias; one tensor cannot be both.
     (("t = tab[k.i]", "mask = t == 1", "bias = t"), 3, 9, "read by the mask (integers) and by a score modifier", None),
-], ids=["tensor-in-scale", "tensor-in-softcap", "head-in-mask", "float-in-mask", "n_visible-in-mask",
+], ids=["tensor-in-scale", "tensor-in-softcap", "head-in-scale", "float-in-mask", "n_visible-in-mask",
         "mask-and-bias"])
 def test_local_used_where_its_expression_is_invalid(body, line, col, phrase, hint):
     err = error(spec("q, kv = seq(N)", *body), N=8)

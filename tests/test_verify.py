@@ -114,7 +114,6 @@ BROKEN = {
     "n_visible-in-the-bias": (lambda: score(logit_bias=N.NVisible() * N.Const(0.5)),
                               "NVisible is not allowed in the bias"),
     "n_visible-in-the-softcap": (lambda: score(softcap=N.NVisible() * N.Const(1.0)), "NVisible is not allowed"),
-    "head-in-the-mask": (lambda: mask(qi.lt(N.Head())), "Head is not allowed in the mask"),
     "head-in-the-scale": (lambda: score(scale=N.Head() * N.Const(0.1)), "Head is not allowed in the score scale"),
     "head_dim-in-the-mask": (lambda: mask(qi.lt(N.HeadDim())), "HeadDim is not allowed in the mask"),
     "coordinate-in-the-sink": (lambda: score(sink=qi * N.Const(0.5)), "Coord is not allowed in the sink"),

@@ -6,12 +6,12 @@ import numpy as np
 
 from ..ir import nodes as N
 from ..ir.bind import Bound
-from ..ir.evaluate import at, evaluate, pair_coords, pair_count, part_expr, reads_tensors
+from ..ir.evaluate import at, evaluate, pair_coords, pair_count, part_expr, reads_tensors, per_head
 
 
 def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(certainly visible, possibly visible) without runtime data: three-valued evaluation in
-    which every comparison that reads a runtime tensor is unknown."""
+    which every comparison that reads a runtime tensor (or the head) is unknown."""
     shape = (len(q_idx), len(k_idx))
     lo_out, hi_out = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
     for qpart, sel_q, part, sel, coords in pair_coords(bound, q_idx, k_idx):
@@ -20,7 +20,7 @@ def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.
             # live: where e may be evaluated. The right side of `and` / `or` is evaluated only
             # where the left side may not decide (docs/language.md, guards); an error there
             # (division by zero) is refused even when only runtime data could rule it out.
-            if not reads_tensors(e):
+            if not reads_tensors(e) and not per_head(e):  # head: unknown here, like data
                 v = np.asarray(evaluate(e, bound.env, coords, live=live, span_of=bound.ir.span_of), dtype=bool)
                 return v, v
             if isinstance(e, N.Unary) and e.op == "not":

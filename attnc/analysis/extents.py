@@ -45,8 +45,9 @@ def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[in
     for qpart, part in bound.pairs:
         # Indices are ranged where they are read: a guard on the left of `and` / `or` narrows
         # them (`k.i >= P and anc[q.i, k.i - P] == 1` never indexes below 0).
-        int_range(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, coord_ranges(bound, part, q_part=qpart),
-                  on_lookup=read)
+        # A mask that reads `head` indexes by the query heads of the call (one without `heads`: fn.mask).
+        ranges = coord_ranges(bound, part, heads=1 if heads is None else heads, q_part=qpart)
+        int_range(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, ranges, on_lookup=read)
     if heads is not None and bound.ir.score.logit_bias is not None:
         for lk, d, lo, hi in _visible_index_ranges(bound, heads):
             widen(lk, d, lo, hi)

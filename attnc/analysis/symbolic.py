@@ -28,6 +28,7 @@ import numpy as np
 
 from ..ir import bits
 from ..ir import nodes as N
+from ..limits import MAX_HEADS as _HEADS
 
 Arrays = tuple[np.ndarray, np.ndarray]
 _BIG = 2**62
@@ -170,6 +171,8 @@ def evaluate_boxes(e: N.Expr, values: Mapping[str, int], coords: Mapping[tuple[s
             return coords[(x.side, x.axis)]
         if isinstance(x, N.Window):
             return rec(x.expand())
+        if isinstance(x, N.Head):  # unknown unless given: any head (analysis/rows.py fixes it per call)
+            return coords.get(("q", "head"), (np.int64(0), np.int64(_HEADS - 1)))
         if isinstance(x, N.Lookup):
             idx = [rec(i) for i in x.indices]
             if lookup is not None:

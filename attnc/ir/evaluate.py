@@ -212,8 +212,9 @@ def pair_count(sel_q, sel, n_q: int) -> tuple[int, int]:
 
 
 def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
-               what: str = "fn.mask()") -> np.ndarray:
-    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)].
+               what: str = "fn.mask()", head: int | None = None) -> np.ndarray:
+    """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)], for query
+    head `head` (needed when the mask reads `head`).
 
     The output is refused above limits.MAX_DENSE_MASK_BYTES (`what` names the caller in the
     message); it is evaluated in chunks of rows, so the int64 intermediates stay small."""
@@ -225,6 +226,10 @@ def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
         rows = q_idx[start:start + step]
         block = out[start:start + len(rows)]
         for qpart, sel_q, part, sel, coords in pair_coords(bound, rows, k_idx):
+            if head is not None:
+                coords = coords | {("q", "head"): np.int64(head)}
+            elif per_head(bound.ir.mask):
+                raise AttncError(f"{what}: this mask reads `head`; ask for one head's visibility")
             m = evaluate(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, coords, tensors=tensors,
                          span_of=bound.ir.span_of)
             block[at(sel_q, sel)] = np.broadcast_to(np.asarray(m, dtype=bool), pair_count(sel_q, sel, len(rows)))
@@ -238,6 +243,11 @@ def lookups(e: N.Expr) -> list[N.Lookup]:
 
 def reads_tensors(e: N.Expr) -> bool:
     return any(isinstance(x, N.Lookup) for x in N.walk(e))
+
+
+def per_head(e: N.Expr) -> bool:
+    """Does the expression read the query head index (a mask that differs per head)?"""
+    return any(isinstance(x, N.Head) for x in N.walk(e, expand_windows=True))
 
 
 def modifier_exprs(ir: N.Attention) -> list[N.Expr]:

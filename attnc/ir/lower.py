@@ -8,7 +8,8 @@ from ..frontend import syntax as A
 from ..frontend.parser import MAX_INT_LITERAL
 from . import nodes as N
 from .lower_builtins import (BUILTINS, COMPILE_OPTIONS, FLOAT_FUNCS, INT_FUNCS, MASK_FUNCS, RESERVED_TARGETS,
-                             ROUTE_FUNCS, SCORE_FUNCS, SPACE_FUNCS, Builtins, _default_scale, _mentions)
+                             ROUTE_FUNCS, SCORE_FUNCS, SPACE_FUNCS, Builtins, _default_scale, _mentions,
+                             check_head_mask)
 from .verify import verify
 
 # Locals are inlined, so short lines can still build an IR far deeper or larger than any line of
@@ -87,6 +88,7 @@ class _Lowering(Builtins):
         score: N.Score | None = None
         logit_bias: N.Expr | None = None
         route: N.Route | None = None
+        mask_span = None
         for stmt in self.ast.body:
             ids = tuple(t.id for t in stmt.targets)
             if "q" in ids or "kv" in ids:
@@ -102,6 +104,7 @@ class _Lowering(Builtins):
             if name == "mask":
                 self.in_mask = True
                 mask = self.expect(stmt.value, N.BOOL, "the mask")
+                mask_span = stmt.value.span
                 self.in_mask = False
                 self.check_segment_axes(mask, stmt.value)
             elif name == "score":
@@ -121,6 +124,7 @@ class _Lowering(Builtins):
             score = N.Softmax(_default_scale())
         if logit_bias is not None:
             score = dataclasses.replace(score, logit_bias=logit_bias)
+        check_head_mask(mask, score, route, mask_span)
         # Folding may drop a lookup (`false and t[q.i] == 1`): a tensor nothing reads is not asked for.
         read = {x.tensor for e in (mask, score.logit_bias, score.sink) if e is not None
                 for x in N.walk(e, expand_windows=True) if isinstance(x, N.Lookup)}
@@ -334,9 +338,9 @@ class _Lowering(Builtins):
                                  e.span, hint="head_dim may be used in the score's arguments and in `bias`")
             return N.HeadDim()
         if e.id == "head":
-            if not self.in_modifier:
-                raise AttncError("head (the query head index) is only defined in `bias` and the sink logit",
-                                 e.span)
+            if not (self.in_modifier or self.in_mask):
+                raise AttncError("head (the query head index) is only defined in the mask, `bias` and the sink "
+                                 "logit", e.span)
             return N.Head()
         if e.id == "n_visible":
             if not self.in_score:

@@ -432,3 +432,14 @@ def _default_scale() -> N.Expr:
 
 def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
     return any(isinstance(x, kinds) for x in N.walk(e))
+
+
+def check_head_mask(mask: N.Expr, score: N.Score, route, span) -> None:
+    """A mask that reads `head` is scheduled per head at call time; two things that need one
+    schedule for all heads are refused with it (not yet supported)."""
+    if not any(isinstance(x, N.Head) for x in N.walk(mask, expand_windows=True)):
+        return
+    if route is not None:
+        raise AttncError("a routed spec's mask cannot read head (not supported yet)", span)
+    if any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) if e is not None for x in N.walk(e)):
+        raise AttncError("n_visible cannot be used with a mask that reads head (not supported yet)", span)

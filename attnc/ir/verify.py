@@ -15,7 +15,7 @@ Invariants:
 - coordinates exist: q.<axis> in q's space, k.<axis> in every key segment where the expression
   reads it (after `k in s` is decided for that segment); `k in s` names a segment;
 - each value reads only what its place allows: n_visible in a score's scale and bias only, head
-  in `bias` and the sink only, head_dim in score arguments, `bias` and the sink only (the mask is
+  in the mask, `bias` and the sink only, head_dim in score arguments, `bias` and the sink only (the mask is
   analysed before q exists), tokens and tables in the mask, `bias` and (tables) the sink only,
   windows in the mask only, over one unsegmented space equal to q's, along one of its axes;
 - every Lookup names a declared tensor, with its rank and dtype: integer tensors are read by the
@@ -35,7 +35,7 @@ _NUMERIC = (N.INT, N.FLOAT)
 
 # What may appear in each place (beyond constants, parameters and operators).
 _UNIFORM = (N.Call,)  # parameter defaults may be float math: `scale = sqrt(2.0)`
-_MASK = (N.Coord, N.Lookup, N.Member, N.Window)  # no head_dim: tile analysis runs before q exists
+_MASK = (N.Coord, N.Lookup, N.Member, N.Window, N.Head)  # no head_dim: tile analysis runs before q exists
 _SCORE_ARG = (N.HeadDim, N.NVisible, N.Call)
 _SOFTCAP = (N.HeadDim, N.Call)
 _LOGIT_BIAS = (N.Coord, N.Lookup, N.Member, N.Head, N.HeadDim, N.Call)

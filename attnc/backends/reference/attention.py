@@ -9,16 +9,19 @@ import numpy as np
 from ... import limits
 from ...errors import AttncError
 from ...ir.bind import Bound
-from ...ir.evaluate import mask_block, pair_coords, part_expr, show
+from ...ir.evaluate import mask_block, pair_coords, part_expr, per_head, show
 from ...ir.scores import evaluate_torch, row_scores, sink_logits, softcap_value
 from ..inputs import host_ints
 from .routing import routed_mask
 
 
-def dense_mask(bound: Bound, tensors=None) -> np.ndarray:
-    """bool [Nq, Nk]: the mask at every pair, row-major tokens."""
-    return mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), tensors,
-                      what="the reference backend's dense mask")
+def dense_mask(bound: Bound, tensors=None, heads: int | None = None) -> np.ndarray:
+    """bool [Nq, Nk]: the mask at every pair, row-major tokens; with `heads`, for a mask that
+    reads `head`, [heads, Nq, Nk]."""
+    q, k, what = np.arange(bound.nq), np.arange(bound.nk), "the reference backend's dense mask"
+    if heads is None:
+        return mask_block(bound, q, k, tensors, what=what)
+    return np.stack([mask_block(bound, q, k, tensors, what=what, head=h) for h in range(heads)])
 
 
 def check_dense(bound: Bound, batch: int, heads: int, itemsize: int) -> None:
@@ -78,14 +81,15 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
     host = host_ints(tensors)
     if mask is None and bound.ir.route is not None:
         mask = routed_mask(bound, q, k, host)  # [B, Hq, Nq, Nk]: routing depends on the data
-    dense = dense_mask(bound, host) if mask is None else mask.cpu().numpy()
+    by_head = q.shape[1] if per_head(bound.ir.mask) else None
+    dense = dense_mask(bound, host, by_head) if mask is None else mask.cpu().numpy()
     mask = torch.from_numpy(dense).to(q.device)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[..., None]
-                   for x in row_scores(bound, d, dense.sum(axis=-1)))
+                   for x in row_scores(bound, d, dense.reshape(-1, bound.nq, bound.nk)[0].sum(axis=-1)))
     s = (q @ k.transpose(-1, -2)) * scale
     extra = logit_bias(bound, hq, tensors, d, q)
     if extra is not None:

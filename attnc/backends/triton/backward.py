@@ -12,6 +12,7 @@ from ... import limits
 from ...codegen import abi
 from ...codegen.target import dkdv_rows
 from ...ir import nodes as N
+from ...ir.evaluate import per_head
 from ...ir.scores import sink_logits
 from ...pipeline import Compiled
 from ...settings import launch_guard
@@ -68,6 +69,10 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
         route = state.route(s, host_ints(tensors), q, k)
         dq_args.update(routed(route, "dq"))
         dkdv_args.update(routed(route, "dkdv"))
+    elif per_head(ir.mask):  # per-(batch * head) schedules of a mask that reads `head`
+        heads = state.head_tables(host_ints(tensors), B, Hq, Hkv, device)
+        dq_args.update(routed(heads, "dq"))
+        dkdv_args.update(routed(heads, "dkdv"))
     with launch_guard():
         if want_q or grads:
             c.module.attnc_bwd_dq[(s.q_tiles, B * Hq)](**abi.bind(ir, dq_args, "dq"), **launch_options("dq", q, v, c))

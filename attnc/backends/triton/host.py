@@ -16,7 +16,7 @@ from ...analysis.layout import inverse
 from ...analysis.tiles import Schedule
 from ...codegen.parts import token_parts
 from ...errors import AttncError
-from ...ir.evaluate import decode, evaluate
+from ...ir.evaluate import decode, evaluate, per_head, reads_tensors
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
 
@@ -36,6 +36,7 @@ class HostState:
         self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._parts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._route_plan = None
+        self._heads: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def _cached(self, cache: dict, key, make):
         with self._lock:
@@ -50,7 +51,9 @@ class HostState:
         """The schedule of this call: the compiled one, or, when the mask reads runtime tensors,
         the one classified with their data (analysis/data.py)."""
         s = self.c.schedule
-        return s if s.exact else data_schedule(s, ints)
+        # A mask that reads `head` keeps the compiled schedule for its sizes: its tiles come per
+        # head from head_tables.
+        return s if s.exact or per_head(self.c.spec.ir.mask) else data_schedule(s, ints)
 
     def tables(self, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, ...]:
         """The schedule's CSR lists on `device` (int32): cached for the compiled schedule, made
@@ -62,6 +65,20 @@ class HostState:
         if schedule is not self.c.schedule:
             return make()
         return self._cached(self._tables, device, make)
+
+    def head_tables(self, ints: dict[str, np.ndarray], batch: int, heads: int, kv_heads: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+        """Masks that read `head`: the per-(batch * head) schedule (analysis/rows.py) on `device`,
+        cached per shape when the mask reads no runtime tensor, made per call otherwise."""
+        from ...analysis.rows import head_tables
+
+        def make():
+            tables = head_tables(self.c.schedule, ints, batch, heads, kv_heads)
+            return dict(zip(tables, _on_device(tables.values(), device)))
+
+        if reads_tensors(self.c.spec.ir.mask):
+            return make()
+        return self._cached(self._heads, (batch, heads, kv_heads, device), make)
 
     def orders(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The layout's q and kv orders and their inverses on `device` (int32), once."""
