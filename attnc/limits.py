@@ -16,6 +16,7 @@ GiB = 1 << 30
 # Kernels index tokens and runtime-tensor entries in int32.
 MAX_TOKENS = 2**31 - 1
 MAX_HEADS = 2**16
+MAX_BATCH = 2**16  # interval analysis of `batch` in masks before a call fixes it
 
 # One host array indexed by token (the layout's orders, per-row counts: int64 per token).
 MAX_TOKEN_ARRAY_BYTES = 4 * GiB

@@ -13,7 +13,7 @@ from .backends.triton.host import HostState
 from .backends.triton.op import attention as attention_op, register
 from .errors import AttncError, suggest
 from .ir import nodes as N
-from .ir.evaluate import mask_block, per_head
+from .ir.evaluate import mask_block, per_batch, per_head
 from .limits import MAX_FLOAT
 from .pipeline import DEFAULT_TILES, Compiled, build
 
@@ -46,7 +46,7 @@ class AttentionFn:
         self.compiled = compiled
         self._host = HostState(compiled) if compiled.backend == "triton" else None
         self._handle = register(self) if compiled.backend == "triton" else None
-        self._extent_cache: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._extent_cache: dict[tuple, dict[str, tuple[int, ...]]] = {}
 
     @property
     def spec(self):
@@ -119,9 +119,10 @@ class AttentionFn:
     def __repr__(self) -> str:
         return f"<attnc.AttentionFn {self.ir.name}({self.compiled.bound.describe()}) backend={self.backend}>"
 
-    def mask(self, *, head: int | None = None, **tensors: torch.Tensor) -> torch.Tensor:
+    def mask(self, *, head: int | None = None, batch: int | None = None, **tensors: torch.Tensor) -> torch.Tensor:
         """Dense bool [Nq, Nk] visibility matrix, row-major token order (for small sizes), of
-        query head `head` when the mask reads `head` (required then).
+        query head `head` when the mask reads `head`, of sequence `batch` of the batch when it
+        reads `batch` (required then).
 
         Specs whose mask reads runtime tensors need them here too: `fn.mask(doc=doc_ids)`.
         """
@@ -131,10 +132,14 @@ class AttentionFn:
             raise AttncError(f"'{self.ir.name}' has a mask that reads head: ask for one head, fn.mask(head=h)")
         if head is not None and (not isinstance(head, int) or isinstance(head, bool) or head < 0):
             raise AttncError(f"head must be a head index (an int >= 0), not {head!r}")
-        checked = self._check_tensors(tensors, heads=None)
+        if batch is None and per_batch(self.ir.mask):
+            raise AttncError(f"'{self.ir.name}' has a mask that reads batch: ask for one sequence, fn.mask(batch=b)")
+        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 0):
+            raise AttncError(f"batch must be a batch index (an int >= 0), not {batch!r}")
+        checked = self._check_tensors(tensors, heads=None, batch=None if batch is None else batch + 1)
         bound = self.compiled.bound
         return torch.from_numpy(mask_block(bound, np.arange(bound.nq), np.arange(bound.nk), host_ints(checked),
-                                           head=head))
+                                           head=head, batch=batch))
 
     def routed_mask(self, q: torch.Tensor, k: torch.Tensor, **tensors: torch.Tensor) -> torch.Tensor:
         """Visibility of a routed spec: bool [B, Hq, Nq, Nk] (the mask and the top-k selection)."""
@@ -157,7 +162,7 @@ class AttentionFn:
         traced = torch.compiler.is_compiling()
         if not traced:  # under torch.compile the op checks, with the real tensors
             self._check(q, k, v)
-            tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device)
+            tensors = self._check_tensors(tensors, heads=q.shape[1], device=q.device, batch=q.shape[0])
         if self.backend == "reference":
             from .backends.reference import reference_attention
 
@@ -192,14 +197,15 @@ class AttentionFn:
         return {decl.name: t for decl, t in zip(self.ir.tensors, tensors, strict=True)}
 
     # -- runtime tensors ------------------------------------------------------------------------
-    def _check_tensors(self, given: dict, heads: int | None, device: torch.device | None = None
-                       ) -> dict[str, torch.Tensor]:
+    def _check_tensors(self, given: dict, heads: int | None, device: torch.device | None = None,
+                       batch: int | None = None) -> dict[str, torch.Tensor]:
         """Validate the runtime tensors the spec reads and return them unchanged (the reference
         backend differentiates through float tables). With heads=None (fn.mask), only the
-        integer tensors the mask reads are required."""
+        integer tensors the mask reads are required. `batch`: the sequences of the call (a mask
+        tensor indexed by `batch` needs one row per sequence)."""
         decls = {t.name: t for t in self.ir.tensors}
         self._refuse_unknown(given)
-        extents = self.compiled.tensor_extents if heads is None else self._extents(heads)
+        extents = self.compiled.tensor_extents if heads is None and batch is None else self._extents(heads, batch)
         out = {}
         for name, decl in decls.items():
             floating = decl.dtype == N.FLOAT
@@ -252,10 +258,11 @@ class AttentionFn:
             self.compiled.bound, out, self.compiled.spec)
         return out
 
-    def _extents(self, heads: int) -> dict[str, tuple[int, ...]]:
-        extents = self._extent_cache.get(heads)
+    def _extents(self, heads: int | None, batch: int | None = None) -> dict[str, tuple[int, ...]]:
+        batch = batch if per_batch(self.ir.mask) else None  # other specs' extents do not depend on it
+        extents = self._extent_cache.get((heads, batch))
         if extents is None:  # computed before it is published: threads may share this callable
-            extents = self._extent_cache[heads] = tensor_extents(self.compiled.bound, heads)
+            extents = self._extent_cache[(heads, batch)] = tensor_extents(self.compiled.bound, heads, batch)
         return extents
 
     # -- validation -----------------------------------------------------------------------------

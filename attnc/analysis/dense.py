@@ -6,7 +6,7 @@ import numpy as np
 
 from ..ir import nodes as N
 from ..ir.bind import Bound
-from ..ir.evaluate import at, evaluate, pair_coords, pair_count, part_expr, reads_tensors, per_head
+from ..ir.evaluate import at, evaluate, pair_coords, pair_count, part_expr, reads_tensors, per_row
 
 
 def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,7 +20,7 @@ def mask_bounds(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray) -> tuple[np.
             # live: where e may be evaluated. The right side of `and` / `or` is evaluated only
             # where the left side may not decide (docs/language.md, guards); an error there
             # (division by zero) is refused even when only runtime data could rule it out.
-            if not reads_tensors(e) and not per_head(e):  # head: unknown here, like data
+            if not reads_tensors(e) and not per_row(e):  # head, batch: unknown here, like data
                 v = np.asarray(evaluate(e, bound.env, coords, live=live, span_of=bound.ir.span_of), dtype=bool)
                 return v, v
             if isinstance(e, N.Unary) and e.op == "not":

@@ -12,7 +12,7 @@ from ..ir.intervals import coord_ranges, int_range
 from .dense import mask_bounds
 
 
-def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[int, ...]]:
+def tensor_extents(bound: Bound, heads: int | None = None, batch: int | None = None) -> dict[str, tuple[int, ...]]:
     """The smallest shape each runtime tensor must have so that every index the spec forms is in
     range; a negative index is an error. A per-head float table also has a leading [heads]
     dimension (not listed).
@@ -45,8 +45,10 @@ def tensor_extents(bound: Bound, heads: int | None = None) -> dict[str, tuple[in
     for qpart, part in bound.pairs:
         # Indices are ranged where they are read: a guard on the left of `and` / `or` narrows
         # them (`k.i >= P and anc[q.i, k.i - P] == 1` never indexes below 0).
-        # A mask that reads `head` indexes by the query heads of the call (one without `heads`: fn.mask).
-        ranges = coord_ranges(bound, part, heads=1 if heads is None else heads, q_part=qpart)
+        # A mask that reads `head` (`batch`) indexes by the query heads (sequences) of the call
+        # (one without `heads` (`batch`): fn.mask).
+        ranges = coord_ranges(bound, part, heads=1 if heads is None else heads, q_part=qpart,
+                              batch=1 if batch is None else batch)
         int_range(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, ranges, on_lookup=read)
     if heads is not None and bound.ir.score.logit_bias is not None:
         for lk, d, lo, hi in _visible_index_ranges(bound, heads):

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..ir import bits
 from ..ir import nodes as N
-from ..limits import MAX_HEADS as _HEADS
+from ..limits import MAX_BATCH as _BATCH, MAX_HEADS as _HEADS
 
 Arrays = tuple[np.ndarray, np.ndarray]
 _BIG = 2**62
@@ -173,6 +173,8 @@ def evaluate_boxes(e: N.Expr, values: Mapping[str, int], coords: Mapping[tuple[s
             return rec(x.expand())
         if isinstance(x, N.Head):  # unknown unless given: any head (analysis/rows.py fixes it per call)
             return coords.get(("q", "head"), (np.int64(0), np.int64(_HEADS - 1)))
+        if isinstance(x, N.Batch):  # likewise: any sequence of the batch
+            return coords.get(("q", "batch"), (np.int64(0), np.int64(_BATCH - 1)))
         if isinstance(x, N.Lookup):
             idx = [rec(i) for i in x.indices]
             if lookup is not None:

@@ -24,7 +24,7 @@ from ..errors import AttncError
 from ..ir import nodes as N
 from ..ir.bits import undefined
 from ..ir.bind import Bound
-from ..ir.evaluate import evaluate_uniform, mask_block, part_expr, per_head, reads_tensors
+from ..ir.evaluate import evaluate_uniform, mask_block, part_expr, per_row, reads_tensors
 from .boxes import SideBoxes
 from .dense import mask_bounds
 from .layout import Layout, row_major
@@ -136,7 +136,7 @@ def analyse(bound: Bound, block_m: int, block_n: int, layout: Layout | None = No
     full_ptr, full_idx = _csr(fq, fk, n_qt, n_kt)
     part_ptr, part_idx = _csr(*partial, n_qt, n_kt)
     return Schedule(block_m, block_n, nq, nk, full_ptr, full_idx, part_ptr, part_idx,
-                    exact=not (reads_tensors(bound.ir.mask) or per_head(bound.ir.mask)), layout=layout, bound=bound)
+                    exact=not (reads_tensors(bound.ir.mask) or per_row(bound.ir.mask)), layout=layout, bound=bound)
 
 
 def classify_tiles(bound: Bound, exprs: list, layout: Layout, block_m: int, block_n: int,
@@ -216,7 +216,7 @@ def _divisions(e: N.Expr, guard: N.Expr = N.Const(True)):
 
 
 def _varies(e: N.Expr) -> bool:
-    return any(isinstance(x, (N.Coord, N.Lookup, N.Head)) for x in N.walk(e, expand_windows=True))
+    return any(isinstance(x, (N.Coord, N.Lookup, N.Head, N.Batch)) for x in N.walk(e, expand_windows=True))
 
 
 def _any(terms: list) -> N.Expr:
@@ -330,7 +330,7 @@ def _row_counts(s: Schedule) -> np.ndarray:
         rows = np.arange(t * s.block_m, min(s.nq, (t + 1) * s.block_m))
         keys = (tiles[:, None].astype(np.int64) * s.block_n + np.arange(s.block_n)).reshape(-1)
         keys = keys[keys < s.nk]
-        if s.tensors is not None and not per_head(bound.ir.mask):  # a per-call schedule: the data decides
+        if s.tensors is not None and not per_row(bound.ir.mask):  # a per-call schedule: the data decides
             seen = mask_block(bound, lay.q_perm[rows], lay.kv_perm[keys], s.tensors, what="row counts")
         else:
             _, seen = mask_bounds(bound, lay.q_perm[rows], lay.kv_perm[keys])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import nodes as N
+from ..ir.evaluate import per_batch
 
 PTR, INT, FLOAT, CONSTEXPR = "pointer", "int", "float", "constexpr"
 
@@ -219,13 +220,23 @@ def signature(ir: N.Attention, indent: str = "    ", kernel: str = "fwd") -> lis
 def pair_params(ir: N.Attention) -> list[str]:
     """Parameters of the per-pair functions after q_i and k_i: the head, then the kernel
     arguments they read, in ABI order (constexprs annotated)."""
-    return ["h"] + [f"{a.name}: tl.constexpr" if a.kind == CONSTEXPR else a.name
-                    for a in forward_args(ir) if a.pair]
+    return _leading(ir) + [f"{a.name}: tl.constexpr" if a.kind == CONSTEXPR else a.name
+                           for a in forward_args(ir) if a.pair]
 
 
 def pair_call_args(ir: N.Attention) -> list[str]:
     """What the kernel passes to a per-pair function after q_i and k_i."""
-    return ["h"] + [a.name for a in forward_args(ir) if a.pair]
+    return _leading(ir) + [a.name for a in forward_args(ir) if a.pair]
+
+
+def _leading(ir: N.Attention) -> list[str]:
+    """The head, and the batch index when the mask reads `batch` (only then: other kernels
+    keep their signatures)."""
+    return ["h", "b"] if per_batch(ir.mask) else ["h"]
+
+
+def pair_leading(ir: N.Attention) -> int:
+    return len(_leading(ir))
 
 
 def bind(ir: N.Attention, values: dict, kernel: str = "fwd") -> dict:

@@ -11,7 +11,7 @@ nothing a spec names can rewrite the kernel).
 from __future__ import annotations
 
 from ..ir import nodes as N
-from ..ir.evaluate import per_head
+from ..ir.evaluate import per_row
 from ..ir.printer import format_score
 from . import abi
 from .pairs import emit_pair_function, emit_visible, pair_call
@@ -228,9 +228,9 @@ def route_cols(ir: N.Attention, indent: str) -> list[str]:
 
 def csr_row(ir: N.Attention, tile: str, program: str) -> str:
     """The schedule row of this program: per tile, or per (batch * head, tile) when routed or
-    when the mask reads `head` (analysis/rows.py)."""
-    per_row = ir.route is not None or per_head(ir.mask)
-    return f"({program} * tl.num_programs(0) + {tile})" if per_row else tile
+    when the mask reads `head` or `batch` (analysis/rows.py)."""
+    rows = ir.route is not None or per_row(ir.mask)
+    return f"({program} * tl.num_programs(0) + {tile})" if rows else tile
 
 
 def keep_expr(ir: N.Attention, masked: bool, bounds: str) -> str:

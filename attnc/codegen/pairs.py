@@ -55,6 +55,8 @@ class _Emitter:
             return "head_dim"
         if isinstance(e, N.Head):
             return "h"
+        if isinstance(e, N.Batch):
+            return "b"
         if isinstance(e, N.Lookup):
             n, offset, inside = self.lookup_offset(e)
             other = "0.0" if e.type == N.FLOAT else "0"
@@ -211,7 +213,7 @@ def emit_pair_function(ir: N.Attention, name: str, expr: N.Expr, doc: str, produ
         f"q = {format_space(ir.q)}, kv = {format_space(ir.kv)}.",
         '    """',
         "    if INT64:  # widen every integer input, so that no intermediate can wrap",
-        *(f"        {a} = tl.cast({a}, tl.int64)" for a in ["h"] + int_params(ir) + ["head_dim"]),
+        *(f"        {a} = tl.cast({a}, tl.int64)" for a in abi.pair_call_args(ir)[:abi.pair_leading(ir)] + int_params(ir) + ["head_dim"]),
     ]
     is_bool = expr.type == N.BOOL and produce is None
     if isinstance(expr, N.Const) and is_bool:

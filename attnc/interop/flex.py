@@ -31,7 +31,7 @@ from ..ir.evaluate import evaluate, part_expr, show
 from ..ir.intervals import needs_int64
 from ..ir.scores import row_scores, score_reads_n_visible, sink_logits, softcap_value
 
-_VARYING = (N.Coord, N.Head, N.Lookup, N.Window, N.Member, N.NVisible)
+_VARYING = (N.Coord, N.Head, N.Batch, N.Lookup, N.Window, N.Member, N.NVisible)
 # Below it log(softplus(z)) = z - exp(z)/2 + ... is z to double precision; above it softplus
 # (log1p(exp(z))) is accurate in float32 too, so log never sees 0.
 _SOFTPLUS_FLOOR = -80.0
@@ -91,7 +91,8 @@ class FlexExport:
         heads, head_dim = q.shape[1], q.shape[3]
         if self.head_dim is not None and self.head_dim != head_dim:
             raise AttncError(f"this export was made for head_dim={self.head_dim}; q has head_dim {head_dim}")
-        tensors = fn._check_tensors(dict(self.tensors), heads=heads, device=q.device)  # tables' head extents too
+        tensors = fn._check_tensors(dict(self.tensors), heads=heads, device=q.device,  # tables' head extents too
+                                    batch=q.shape[0])
         this = self._remake(head_dim, q.device) if q.device != self.device or self._needs_head_dim else self
         kw = dict(score_mod=this._logits, block_mask=this.block_mask, scale=this.scale, enable_gqa=True)
         if not (return_lse or this._post):
@@ -411,6 +412,10 @@ class _Emitter:
             if "head" not in self.names:
                 self.names["head"] = tmp("h.to(I)", "head")
             return self.names["head"], True
+        if isinstance(e, N.Batch):
+            if "batch" not in self.names:
+                self.names["batch"] = tmp("b.to(I)", "batch")
+            return self.names["batch"], True
         if isinstance(e, N.Window):
             return self.emit(e.expand())
         if isinstance(e, N.Lookup):

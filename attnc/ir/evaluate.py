@@ -114,6 +114,8 @@ def evaluate(e: N.Expr, values: Mapping[str, int | float], coords: Mapping[tuple
             return coords[(e.side, e.axis)]
         if isinstance(e, N.Head):
             return coords[("q", "head")]
+        if isinstance(e, N.Batch):
+            return coords[("q", "batch")]
         if isinstance(e, N.Window):
             return rec(e.expand(), live)
         if isinstance(e, N.Unary) and e.op == "ilog2":
@@ -212,9 +214,9 @@ def pair_count(sel_q, sel, n_q: int) -> tuple[int, int]:
 
 
 def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
-               what: str = "fn.mask()", head: int | None = None) -> np.ndarray:
+               what: str = "fn.mask()", head: int | None = None, batch: int | None = None) -> np.ndarray:
     """Visibility of queries q_idx against keys k_idx: bool [len(q_idx), len(k_idx)], for query
-    head `head` (needed when the mask reads `head`).
+    head `head` and sequence `batch` of the batch (needed when the mask reads `head`, `batch`).
 
     The output is refused above limits.MAX_DENSE_MASK_BYTES (`what` names the caller in the
     message); it is evaluated in chunks of rows, so the int64 intermediates stay small."""
@@ -230,6 +232,10 @@ def mask_block(bound: Bound, q_idx: np.ndarray, k_idx: np.ndarray, tensors=None,
                 coords = coords | {("q", "head"): np.int64(head)}
             elif per_head(bound.ir.mask):
                 raise AttncError(f"{what}: this mask reads `head`; ask for one head's visibility")
+            if batch is not None:
+                coords = coords | {("q", "batch"): np.int64(batch)}
+            elif per_batch(bound.ir.mask):
+                raise AttncError(f"{what}: this mask reads `batch`; ask for one sequence's visibility")
             m = evaluate(part_expr(bound.ir.mask, part.name, qpart.name), bound.env, coords, tensors=tensors,
                          span_of=bound.ir.span_of)
             block[at(sel_q, sel)] = np.broadcast_to(np.asarray(m, dtype=bool), pair_count(sel_q, sel, len(rows)))
@@ -248,6 +254,16 @@ def reads_tensors(e: N.Expr) -> bool:
 def per_head(e: N.Expr) -> bool:
     """Does the expression read the query head index (a mask that differs per head)?"""
     return any(isinstance(x, N.Head) for x in N.walk(e, expand_windows=True))
+
+
+def per_batch(e: N.Expr) -> bool:
+    """Does the expression read the batch index (a mask that differs per sequence)?"""
+    return any(isinstance(x, N.Batch) for x in N.walk(e, expand_windows=True))
+
+
+def per_row(e: N.Expr) -> bool:
+    """Does the mask differ per (batch, head): scheduled per call, per row (analysis/rows.py)?"""
+    return any(isinstance(x, (N.Head, N.Batch)) for x in N.walk(e, expand_windows=True))
 
 
 def modifier_exprs(ir: N.Attention) -> list[N.Expr]:

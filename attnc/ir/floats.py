@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .bind import Bound
 
 
-_VARIES = (N.Coord, N.Lookup, N.Window, N.Head, N.NVisible, N.Member)  # per pair, row or head
+_VARIES = (N.Coord, N.Lookup, N.Window, N.Head, N.Batch, N.NVisible, N.Member)  # per pair, row or head
 
 
 def check_float_constants(bound: "Bound", head_dim: int | None = None) -> None:

@@ -187,7 +187,7 @@ class Ranges:
             return int(v), int(v)
         if isinstance(x, N.HeadDim):
             return self.head_dim
-        if isinstance(x, (N.Coord, N.Head)):
+        if isinstance(x, (N.Coord, N.Head, N.Batch)):
             return env[x]
         if isinstance(x, N.Window):
             return self.boolean(x.expand(), env, hooks)
@@ -308,7 +308,7 @@ class Ranges:
             return None
         if (lo, hi) == cur or self.budget < 0:
             return env
-        if isinstance(x, (N.Coord, N.Head)):
+        if isinstance(x, (N.Coord, N.Head, N.Batch)):
             return {**env, x: (lo, hi)}
         if _narrowable_key(x):  # keep the node's own range too: a box loses relations
             env = {**env, x: (lo, hi)}
@@ -403,7 +403,8 @@ def _join(a: Env | None, b: Env | None) -> Env | None:
 
 def box(ranges: Mapping[tuple[str, str], Interval]) -> Env:
     """An environment from coordinate ranges keyed (side, axis); ('q', 'head') is the head."""
-    return {(N.Head() if key == ("q", "head") else N.Coord(*key)): r for key, r in ranges.items()}
+    special = {("q", "head"): N.Head(), ("q", "batch"): N.Batch()}
+    return {special.get(key, N.Coord(*key)): r for key, r in ranges.items()}
 
 
 def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], Interval], out: list | None = None,
@@ -423,17 +424,20 @@ def int_range(e: N.Expr, values, ranges: Mapping[tuple[str, str], Interval], out
                 inner(x, r, stack)
     env = box(ranges)
     env.setdefault(N.Head(), (0, limits.MAX_HEADS - 1))
+    env.setdefault(N.Batch(), (0, limits.MAX_BATCH - 1))
     return Ranges(values, visit=visit, **hooks).run(e, env, given)
 
 
 # -- ranges under a binding ---------------------------------------------------------------------
 def coord_ranges(bound: "Bound", part: "KeyPart", heads: int | None = None,
-                 q_part: "KeyPart | None" = None) -> dict[tuple[str, str], Interval]:
+                 q_part: "KeyPart | None" = None, batch: int | None = None) -> dict[tuple[str, str], Interval]:
     """Coordinate ranges of the keys of one segment and the queries of one query segment (the
     only one when q is unsegmented)."""
     heads = limits.MAX_HEADS if heads is None else heads
     q_part = q_part or bound.q_parts[0]
-    ranges = {("q", "i"): (0, q_part.size - 1), ("k", "i"): (0, part.size - 1), ("q", "head"): (0, heads - 1)}
+    batch = limits.MAX_BATCH if batch is None else batch
+    ranges = {("q", "i"): (0, q_part.size - 1), ("k", "i"): (0, part.size - 1), ("q", "head"): (0, heads - 1),
+              ("q", "batch"): (0, batch - 1)}
     for axis, size in zip(q_part.space.axes, q_part.dims):
         ranges[("q", axis)] = (0, size - 1)
     for axis, size in zip(part.space.axes, part.dims):

@@ -337,11 +337,8 @@ class _Lowering(Builtins):
                 raise AttncError("head_dim is only known when the attention runs; the mask cannot use it",
                                  e.span, hint="head_dim may be used in the score's arguments and in `bias`")
             return N.HeadDim()
-        if e.id == "head":
-            if not (self.in_modifier or self.in_mask):
-                raise AttncError("head (the query head index) is only defined in the mask, `bias` and the sink "
-                                 "logit", e.span)
-            return N.Head()
+        if e.id in ("head", "batch"):
+            return self.head_or_batch(e)
         if e.id == "n_visible":
             if not self.in_score:
                 raise AttncError("n_visible (keys a query sees) is only defined in a score's scale and bias",

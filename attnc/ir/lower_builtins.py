@@ -17,7 +17,7 @@ SCORE_FUNCS = ("softmax", "sigmoid", "softplus")
 INT_FUNCS = ("abs", "min", "max", "ilog2")
 FLOAT_FUNCS = ("sqrt", "log", "exp")
 MASK_FUNCS = ("window", "same_block", "same_window", "same_grid")
-BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "true", "false")
+BUILTIN_VALUES = ("causal", "head_dim", "n_visible", "head", "batch", "true", "false")
 ROUTE_FUNCS = ("top", "regions", "blocks", "mean")
 # ROUTE_FUNCS are not reserved: they have a meaning only inside a `route = ...` rule.
 # Why a window of kernel 1 is refused, and what to write instead (also used when binding).
@@ -230,6 +230,19 @@ class Builtins:
             return "mean"
         raise AttncError(f"expected `{side}` or `mean({side})` here", e.span)
 
+    def head_or_batch(self, e: A.Name) -> N.Expr:
+        """`head` (the query head: the mask, `bias`, the sink) or `batch` (the sequence of the
+        batch: the mask only; docs/language.md)."""
+        if e.id == "batch":
+            if not self.in_mask:
+                raise AttncError("batch (the index of the sequence in the batch) is only defined in the mask",
+                                 e.span)
+            return N.Batch()
+        if not (self.in_modifier or self.in_mask):
+            raise AttncError("head (the query head index) is only defined in the mask, `bias` and the sink "
+                             "logit", e.span)
+        return N.Head()
+
     def causal(self, e: A.Expr) -> N.Expr:
         # Bottom-right aligned (DESIGN.md section 3): key j visible to query i iff j <= i + Nk - Nq.
         q, kv = self.spaces(e)
@@ -435,11 +448,13 @@ def _mentions(e: N.Expr, kinds: tuple[type, ...]) -> bool:
 
 
 def check_head_mask(mask: N.Expr, score: N.Score, route, span) -> None:
-    """A mask that reads `head` is scheduled per head at call time; two things that need one
-    schedule for all heads are refused with it (not yet supported)."""
-    if not any(isinstance(x, N.Head) for x in N.walk(mask, expand_windows=True)):
+    """A mask that reads `head` (`batch`) is scheduled per head (sequence) at call time; two
+    things that need one schedule for all of them are refused with it (not yet supported)."""
+    read = [name for name, kind in (("head", N.Head), ("batch", N.Batch))
+            if any(isinstance(x, kind) for x in N.walk(mask, expand_windows=True))]
+    if not read:
         return
     if route is not None:
-        raise AttncError("a routed spec's mask cannot read head (not supported yet)", span)
+        raise AttncError(f"a routed spec's mask cannot read {read[0]} (not supported yet)", span)
     if any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) if e is not None for x in N.walk(e)):
-        raise AttncError("n_visible cannot be used with a mask that reads head (not supported yet)", span)
+        raise AttncError(f"n_visible cannot be used with a mask that reads {read[0]} (not supported yet)", span)

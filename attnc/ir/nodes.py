@@ -60,6 +60,13 @@ class Head:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """The batch index b (0 <= b < B) of the call; only in the mask (per-sequence packings)."""
+
+    type = INT
+
+
+@dataclass(frozen=True)
 class Member:
     """`k in name` / `q in name`: the token lies in the named segment of its segmented space."""
 
@@ -171,7 +178,7 @@ class Window:
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 BIT_OPS = ("&", "|", "^", "<<", ">>")  # integers only; shift counts within SHIFT_LIMITS
 SHIFT_LIMITS = (0, 31)  # a count outside is an error where evaluated (kernels shift int32 values)
-Expr = Union[Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary, Binary, Call, Window]
+Expr = Union[Const, Param, HeadDim, NVisible, Head, Batch, Member, Coord, Lookup, Unary, Binary, Call, Window]
 
 
 def _cache_hash(cls) -> None:
@@ -268,7 +275,7 @@ def _binop(op):
 
 
 # Small builder methods keep expansions (Window, causal, blocks) readable.
-for _cls in (Const, Param, HeadDim, NVisible, Head, Member, Coord, Lookup, Unary, Binary, Call, Window):
+for _cls in (Const, Param, HeadDim, NVisible, Head, Batch, Member, Coord, Lookup, Unary, Binary, Call, Window):
     _cls.__add__ = _binop("+")
     _cls.__sub__ = _binop("-")
     _cls.__mul__ = _binop("*")

@@ -73,6 +73,8 @@ def _fmt(e: N.Expr) -> tuple[str, int]:
         return "n_visible", _ATOM
     if isinstance(e, N.Head):
         return "head", _ATOM
+    if isinstance(e, N.Batch):
+        return "batch", _ATOM
     if isinstance(e, N.Member):
         return f"{e.side} in {e.segment}", _PREC["in"]
     if isinstance(e, N.Coord):

@@ -35,7 +35,7 @@ _NUMERIC = (N.INT, N.FLOAT)
 
 # What may appear in each place (beyond constants, parameters and operators).
 _UNIFORM = (N.Call,)  # parameter defaults may be float math: `scale = sqrt(2.0)`
-_MASK = (N.Coord, N.Lookup, N.Member, N.Window, N.Head)  # no head_dim: tile analysis runs before q exists
+_MASK = (N.Coord, N.Lookup, N.Member, N.Window, N.Head, N.Batch)  # no head_dim: tile analysis runs before q exists
 _SCORE_ARG = (N.HeadDim, N.NVisible, N.Call)
 _SOFTCAP = (N.HeadDim, N.Call)
 _LOGIT_BIAS = (N.Coord, N.Lookup, N.Member, N.Head, N.HeadDim, N.Call)
@@ -194,7 +194,7 @@ class _Verifier:
             if decl.type != x.type:
                 self.fail(f"parameter '{x.name}' is {decl.type} but read as {x.type} in {what}")
             return x.type
-        if isinstance(x, (N.HeadDim, N.NVisible, N.Head, N.Coord)):
+        if isinstance(x, (N.HeadDim, N.NVisible, N.Head, N.Batch, N.Coord)):
             return N.INT
         if isinstance(x, N.Member):
             return N.BOOL
@@ -243,7 +243,7 @@ class _Verifier:
             self.fail(f"malformed window {w!r}")
         if w.length != q.dims[q.axes.index(w.axis)]:
             self.fail(f"window along {w.axis}: length {w.length!r} is not the axis size")
-        varying = (N.Coord, N.Lookup, N.Member, N.Window, N.Head, N.NVisible)
+        varying = (N.Coord, N.Lookup, N.Member, N.Window, N.Head, N.Batch, N.NVisible)
         for arg in N.children(w):
             if any(isinstance(x, varying) for x in _post_order(arg)):
                 self.fail(f"window arguments must be uniform: {arg!r}")

@@ -9,16 +9,21 @@ import numpy as np
 from ... import limits
 from ...errors import AttncError
 from ...ir.bind import Bound
-from ...ir.evaluate import mask_block, pair_coords, part_expr, per_head, show
+from ...ir.evaluate import mask_block, pair_coords, part_expr, per_batch, per_head, show
 from ...ir.scores import evaluate_torch, row_scores, sink_logits, softcap_value
 from ..inputs import host_ints
 from .routing import routed_mask
 
 
-def dense_mask(bound: Bound, tensors=None, heads: int | None = None) -> np.ndarray:
+def dense_mask(bound: Bound, tensors=None, heads: int | None = None, batch: int | None = None) -> np.ndarray:
     """bool [Nq, Nk]: the mask at every pair, row-major tokens; with `heads`, for a mask that
-    reads `head`, [heads, Nq, Nk]."""
+    reads `head`, [heads, Nq, Nk]; with `batch` too, for one that reads `batch`, [batch, heads or
+    1, Nq, Nk]."""
     q, k, what = np.arange(bound.nq), np.arange(bound.nk), "the reference backend's dense mask"
+    if batch is not None:
+        return np.stack([np.stack([mask_block(bound, q, k, tensors, what=what, head=h, batch=b)
+                                   for h in (range(heads) if heads is not None else [None])])
+                         for b in range(batch)])
     if heads is None:
         return mask_block(bound, q, k, tensors, what=what)
     return np.stack([mask_block(bound, q, k, tensors, what=what, head=h) for h in range(heads)])
@@ -82,7 +87,8 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
     if mask is None and bound.ir.route is not None:
         mask = routed_mask(bound, q, k, host)  # [B, Hq, Nq, Nk]: routing depends on the data
     by_head = q.shape[1] if per_head(bound.ir.mask) else None
-    dense = dense_mask(bound, host, by_head) if mask is None else mask.cpu().numpy()
+    by_batch = q.shape[0] if per_batch(bound.ir.mask) else None
+    dense = dense_mask(bound, host, by_head, by_batch) if mask is None else mask.cpu().numpy()
     mask = torch.from_numpy(dense).to(q.device)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if hq != hkv:

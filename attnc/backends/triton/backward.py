@@ -12,7 +12,7 @@ from ... import limits
 from ...codegen import abi
 from ...codegen.target import dkdv_rows
 from ...ir import nodes as N
-from ...ir.evaluate import per_head
+from ...ir.evaluate import per_row
 from ...ir.scores import sink_logits
 from ...pipeline import Compiled
 from ...settings import launch_guard
@@ -69,7 +69,7 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
         route = state.route(s, host_ints(tensors), q, k)
         dq_args.update(routed(route, "dq"))
         dkdv_args.update(routed(route, "dkdv"))
-    elif per_head(ir.mask):  # per-(batch * head) schedules of a mask that reads `head`
+    elif per_row(ir.mask):  # per-(batch * head) schedules of a mask that reads `head` or `batch`
         heads = state.head_tables(host_ints(tensors), B, Hq, Hkv, device)
         dq_args.update(routed(heads, "dq"))
         dkdv_args.update(routed(heads, "dkdv"))

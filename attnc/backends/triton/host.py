@@ -16,7 +16,7 @@ from ...analysis.layout import inverse
 from ...analysis.tiles import Schedule
 from ...codegen.parts import token_parts
 from ...errors import AttncError
-from ...ir.evaluate import decode, evaluate, per_head, reads_tensors
+from ...ir.evaluate import decode, evaluate, per_row, reads_tensors
 from ...ir.scores import row_scores, score_reads_n_visible
 from ...pipeline import Compiled
 
@@ -52,8 +52,8 @@ class HostState:
         the one classified with their data (analysis/data.py)."""
         s = self.c.schedule
         # A mask that reads `head` keeps the compiled schedule for its sizes: its tiles come per
-        # head from head_tables.
-        return s if s.exact or per_head(self.c.spec.ir.mask) else data_schedule(s, ints)
+        # (batch, head) row from head_tables.
+        return s if s.exact or per_row(self.c.spec.ir.mask) else data_schedule(s, ints)
 
     def tables(self, device: torch.device, schedule: Schedule) -> tuple[torch.Tensor, ...]:
         """The schedule's CSR lists on `device` (int32): cached for the compiled schedule, made

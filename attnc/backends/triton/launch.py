@@ -13,7 +13,7 @@ import torch
 from ...codegen import abi
 from ...codegen.target import dot_precision, launch_config
 from ...ir import nodes as N
-from ...ir.evaluate import per_head
+from ...ir.evaluate import per_row
 from ...ir.scores import sink_logits, softcap_value
 from ...analysis.tiles import Schedule
 from ...pipeline import Compiled
@@ -127,7 +127,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
     if ir.route is not None:  # the per-(batch * head) schedule of this call's selection
         values.update(routed(state.route(s, host_ints(tensors), q, k), "fwd"))
-    elif per_head(ir.mask):  # the per-(batch * head) schedule of a mask that reads `head`
+    elif per_row(ir.mask):  # the per-(batch * head) schedule of a mask that reads `head` or `batch`
         values.update(routed(state.head_tables(host_ints(tensors), B, Hq, k.shape[1], device), "fwd"))
     kwargs = abi.bind(ir, values)
     with launch_guard():  # the interpreter is not reentrant across threads

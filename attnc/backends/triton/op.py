@@ -48,7 +48,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[t
     named = fn._named(tensors)
     if not checked:
         fn._check(q, k, v)
-        named = fn._check_tensors(named, heads=q.shape[1], device=q.device)
+        named = fn._check_tensors(named, heads=q.shape[1], device=q.device, batch=q.shape[0])
     return forward(fn.compiled, fn._host, q, k, v, named, kernel_order)
 
 
