@@ -83,3 +83,19 @@ def test_window_range_test_is_the_window(n, data):
     inside = (code - lo >= 0) & (code - lo < length)
     assert (inside == np.asarray(evaluate(w.expand(), {}, coords))).all()
     assert code.max() < 2 * n and (np.asarray(lo) + np.asarray(length)).max() <= 2 * n  # int32 for n < 2**30
+
+
+def test_a_sub_expression_that_reads_the_batch_index_is_not_a_part():
+    """`q.y + batch` reads one side's coordinates but changes per sequence: the host cannot
+    compute it once per token (it raised a KeyError), so the kernel computes it. Found in review."""
+    spec = """attention a(H, W) {
+        q, kv = grid(H, W)
+        mask  = abs(q.y + batch - k.y) <= 1 and abs(q.x - k.x) <= 2
+    }"""
+    fn = attnc.compile(spec, tiles=(16, 16), H=6, W=7)
+    assert all("batch" not in str(p.expr).lower() for p in token_parts(fn.ir))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 42, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        out = fn(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)).cpu().double()
+    assert torch.allclose(out, _reference(fn, q, k, v), atol=2e-5)

@@ -6,8 +6,8 @@ vectors, so that a tile pays per pair only for what truly mixes the two sides.
 Without them, every key tile would decode its keys' coordinates with runtime divisors and
 recompute each window bound: integer divisions, dozens of instructions each, per element of
 the tile and per iteration (docs/analysis.md, "Kernel cost"). A part is an integer expression
-of parameters and one side's coordinates; it never reads a runtime tensor, the head or
-head_dim (those change per call), and a bare flat index (`q.i`, the kernel's q_i) is not one.
+of parameters and one side's coordinates; it never reads a runtime tensor, the head, the batch
+index or head_dim (those change per call), and a bare flat index (`q.i`, the kernel's q_i) is not one.
 Key parts belong to a key segment, and query parts to a query segment: they are the segment's
 own specialised expressions, read only where the token lies in that segment.
 """
@@ -38,7 +38,7 @@ def _side_of(e: N.Expr) -> str | None:
         return None
     sides = set()
     for x in N.walk(e, expand_windows=True):
-        if isinstance(x, (N.Lookup, N.Head, N.HeadDim, N.NVisible, N.Member)):
+        if isinstance(x, (N.Lookup, N.Head, N.Batch, N.HeadDim, N.NVisible, N.Member)):
             return None
         if isinstance(x, N.Coord):
             sides.add(x.side)
