@@ -18,7 +18,7 @@ from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
 from .host import HostState
-from .launch import ADDR_LIMIT, _extent, common_values, launch_options, routed, to_kernel_order
+from .launch import ADDR_LIMIT, _extent, common_values, device_arch, launch_options, routed, to_kernel_order
 
 
 def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
@@ -64,7 +64,7 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     dkdv_args = {**shared, "Q": q, "K": k, "V": v, "DK": dk, "DV": dv,
                  **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
                  "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx,
-                 "SUB_M": dkdv_rows(_arch(q), max(D, v.shape[3]), int(s.block_m))}
+                 "SUB_M": dkdv_rows(device_arch(q), max(D, v.shape[3]), int(s.block_m))}
     if ir.route is not None:  # the same selection as the forward's: recomputed from the same q and k
         route = state.route(s, host_ints(tensors), q, k)
         dq_args.update(routed(route, "dq"))
@@ -96,13 +96,6 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
         if not lay.kv_identity:
             dk, dv = dk.index_select(2, orders[3]), dv.index_select(2, orders[3])
     return dq if want_q else None, dk if want_kv else None, dv if want_kv else None, table_grads
-
-
-def _arch(q) -> int | None:
-    if q.device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(q.device)
-    return major * 10 + minor
 
 
 def _grad_rows(ir: N.Attention, n: int, shared: dict, programs: int, device) -> torch.Tensor:

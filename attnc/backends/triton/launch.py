@@ -66,13 +66,20 @@ OVERRIDE: dict[tuple[str, str], tuple[int, int]] = {}
 _TUNED: dict[tuple, dict | None] = {}
 
 
+def device_arch(t: torch.Tensor) -> int | None:
+    """sm_XY of the GPU holding `t` as XY, or None off a GPU (the interpreter)."""
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
 def launch_options(kernel: str, q, v, c: Compiled | None = None) -> dict:
     """Warps and stages of a native launch: `attnc tune`'s choice for these kernels when there is
     one (attnc/tune.py), else codegen/target.launch_config; none in the interpreter."""
-    if q.device.type != "cuda":
+    arch, head_dim = device_arch(q), max(q.shape[3], v.shape[3])
+    if arch is None:
         return {}
-    major, minor = torch.cuda.get_device_capability(q.device)
-    arch, head_dim = major * 10 + minor, max(q.shape[3], v.shape[3])
     if c is not None and (c.kernel_path.stem, kernel) in OVERRIDE:
         warps, stages = OVERRIDE[(c.kernel_path.stem, kernel)]
     else:
