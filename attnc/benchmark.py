@@ -45,7 +45,7 @@ def visible_pairs(fn, tensors: dict) -> int:
     return int(s.row_counts.sum())
 
 
-def _timed(call, repeats: int, device) -> float:
+def median_seconds(call, repeats: int, device) -> float:
     """Median seconds of `call()` after one warm-up (CUDA events on a GPU)."""
     call()
     times = []
@@ -109,7 +109,7 @@ def run(fn, batch: int = 1, heads: int = 8, head_dim: int = 64, dtype=torch.floa
         for name, f in systems.items():
             call = _pass(f, q, k, v, pass_)
             try:
-                secs = _timed(call, repeats, device)
+                secs = median_seconds(call, repeats, device)
             except Exception as exc:
                 rows.append({"system": name, "pass": pass_, "skipped": f"{type(exc).__name__}: {exc}"[:200]})
                 continue

@@ -63,7 +63,7 @@ def cmd_tune(args, extra) -> int:
     from .tune import tune
 
     fn = compile(args.file, tiles=_tiles(args.tiles), layout=args.layout, **_param_values(extra))
-    arch = int(args.target.lower().removeprefix("sm_").removeprefix("sm")) if args.target else None
+    arch = _target_arch(args.target) if args.target else None
     kernels, path = tune(fn, args.head_dim, args.dtype, arch, batch=args.batch, heads=args.heads,
                          progress=lambda line: print(line, file=sys.stderr, flush=True))
     for kernel, choice in kernels.items():
@@ -72,6 +72,14 @@ def cmd_tune(args, extra) -> int:
         print(f"{kernel:5} {choice['num_warps']} warps x {choice['num_stages']} stages ({how})")
     print(f"wrote {path}")
     return 0
+
+
+def _target_arch(text: str) -> int:
+    """--target sm90 / sm_90 / 90 -> 90."""
+    try:
+        return int(text.lower().removeprefix("sm_").removeprefix("sm"))
+    except ValueError:
+        raise AttncError(f"--target {text!r}: give a GPU target such as sm80 or sm90") from None
 
 
 def _tiles(text: str) -> tuple[int, int]:
@@ -133,7 +141,7 @@ def _report(compiled, args) -> None:
     """The static GPU report (codegen/target.py) as a table, and with --sass the main loops' SASS."""
     from .codegen.target import SHARED_LIMIT, dtype_name
 
-    arch = int(args.target.lower().removeprefix("sm_").removeprefix("sm"))
+    arch = _target_arch(args.target)
     dtype = dtype_name(args.dtype)
     s = compiled.schedule
     print(f"\n== static GPU report: sm_{arch}, {dtype}, head dim {args.head_dim}, tiles {s.block_m}x{s.block_n} "

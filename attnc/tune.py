@@ -16,7 +16,6 @@ Tiles are not tuned: the schedule is analysed for the compiled tile shape (`tile
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from .codegen.target import KERNELS, SHARED_LIMIT, dtype_name, launch_config, tune_path
@@ -60,7 +59,7 @@ def _timed(fn, dtype, head_dim: int, batch: int, heads: int, repeats: int, progr
     import torch
 
     from .backends.triton import launch
-    from .benchmark import random_tensors
+    from .benchmark import median_seconds, random_tensors
 
     dt = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype_name(dtype)])
     b = fn.compiled.bound
@@ -78,29 +77,16 @@ def _timed(fn, dtype, head_dim: int, batch: int, heads: int, repeats: int, progr
         out = fn(q, k, v, **tensors)
         out.backward(dout)
 
-    def median(call) -> float:
-        call()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
     out, chosen = {}, {}
-    plan = [("fwd", forward, [(c,) for c in CANDIDATES["fwd"]]),
-            ("bwd", backward, [(a, d) for a in CANDIDATES["dq"] for d in CANDIDATES["dkdv"]])]
-    for what, call, grid in plan:
+    stem = fn.compiled.kernel_path.stem
+    plan = [("fwd", ["fwd"], forward, [(c,) for c in CANDIDATES["fwd"]]),
+            ("bwd", ["dq", "dkdv"], backward, [(a, d) for a in CANDIDATES["dq"] for d in CANDIDATES["dkdv"]])]
+    for what, kernels, call, grid in plan:
         best = None
         for n, combo in enumerate(grid):
-            kernels = ["fwd"] if what == "fwd" else ["dq", "dkdv"]
-            stem = fn.compiled.kernel_path.stem
             launch.OVERRIDE.update({(stem, k): c for k, c in {**chosen, **dict(zip(kernels, combo))}.items()})
             try:
-                ms = median(call)
+                ms = median_seconds(call, repeats, torch.device("cuda")) * 1e3
             except Exception as err:  # a config that does not fit this GPU (shared memory): skip it
                 progress(f"[{what} {n + 1}/{len(grid)}] {combo}: failed ({type(err).__name__})")
                 continue
@@ -111,7 +97,7 @@ def _timed(fn, dtype, head_dim: int, batch: int, heads: int, repeats: int, progr
                 best = (ms, combo)
         if best is None:
             raise AttncError(f"no {what} launch config ran on this GPU")
-        for kernel, c in zip(["fwd"] if what == "fwd" else ["dq", "dkdv"], best[1]):
+        for kernel, c in zip(kernels, best[1]):
             chosen[kernel] = c
             out[kernel] = {"num_warps": c[0], "num_stages": c[1], "how": "timed", "median_ms": best[0]}
     return out

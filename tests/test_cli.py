@@ -85,3 +85,8 @@ def test_explain_shows_the_layout_candidates(capsys):
     chosen = re.search(r"chosen: (\S+),", out).group(1)
     assert re.search(rf"^{re.escape(chosen)} .*<- chosen$", out, re.M), out
     assert re.search(r"^row_major +row-major +row-major +\d+ +\d+ +\d+\.\d+% +\d+\.\d", out, re.M), out
+
+
+def test_a_target_that_is_not_a_gpu_is_an_error(capsys):
+    assert main(["tune", "specs/causal.attn", "--N", "64", "--target", "foo"]) == 1
+    assert "--target 'foo': give a GPU target such as sm80 or sm90" in capsys.readouterr().err
