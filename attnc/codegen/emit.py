@@ -15,7 +15,7 @@ from ..ir.evaluate import per_row
 from ..ir.printer import format_score
 from . import abi
 from .pairs import emit_pair_function, emit_visible, pair_call
-from .parts import load_lines
+from .parts import load_lines, pair_exprs
 
 LOG2E = "1.4426950408889634"
 LN2 = "0.6931471805599453"
@@ -403,8 +403,7 @@ def emit_kernel(ir: N.Attention) -> list[str]:
 
 
 def _has_window(ir: N.Attention) -> bool:
-    exprs = [ir.mask] + ([ir.score.logit_bias] if ir.score.logit_bias is not None else [])
-    return any(isinstance(x, N.Window) for e in exprs for x in N.walk(e))
+    return any(isinstance(x, N.Window) for e in pair_exprs(ir) for x in N.walk(e))
 
 
 def emit_forward(ir: N.Attention, header: str, backward: list[list[str]] = ()) -> str:

@@ -69,12 +69,17 @@ def window_range(w: N.Window) -> tuple[N.Expr, N.Expr, N.Expr]:
     return (j % d) * m + j // d, group * m + start, end - start
 
 
+def pair_exprs(ir: N.Attention) -> list[N.Expr]:
+    """What the per-pair functions compute: the mask, and the logit bias when there is one."""
+    return [ir.mask] + ([ir.score.logit_bias] if ir.score.logit_bias is not None else [])
+
+
 @functools.lru_cache(maxsize=256)
 def token_parts(ir: N.Attention) -> tuple[Part, ...]:
     """Every part of the mask and the logit bias (IR only: the kernel source depends on nothing
     else). Query parts of a query segment are shared by all key segments, and key parts of a
     key segment by all query segments."""
-    exprs = [ir.mask] + ([ir.score.logit_bias] if ir.score.logit_bias is not None else [])
+    exprs = pair_exprs(ir)
     out: list[Part] = []
     for q_seg, _ in N.parts(ir.q):
         for seg, _ in N.parts(ir.kv):
