@@ -582,10 +582,11 @@ def test_torch_compile_with_strided_inputs_and_a_permuting_layout(device):
     ("swin_bias", dict(H=7, W=14), dict(tables=_rel_bias(True))),
     ("moba", dict(N=70, B=16, K=2), dict(hq=4, hkv=2)),
 ])
-def test_dkdv_takes_q_tiles_in_sub_tiles(spec, params, kw, device, monkeypatch):
-    """Above head dim 64 the dK/dV kernel takes each q tile SUB_M rows at a time (fewer live
-    registers: codegen/target.dkdv_rows); forced here at head dim 16, 64-row tiles in 16-row steps."""
+def test_backward_takes_q_tiles_in_sub_tiles(spec, params, kw, device, monkeypatch):
+    """The backward kernels may take each q tile SUB_M rows at a time (fewer live registers:
+    dK/dV above head dim 64, dQ above 128 or with table gradients; codegen/target.sub_rows);
+    forced here for both at head dim 16, 64-row tiles in 16-row steps."""
     from attnc.backends.triton import backward as bw
 
-    monkeypatch.setattr(bw, "dkdv_rows", lambda arch, head_dim, block_m: min(block_m, 16))
+    monkeypatch.setattr(bw, "sub_rows", lambda kernel, arch, head_dim, block_m, tables=False: min(block_m, 16))
     _check(SPECS / f"{spec}.attn", params, torch.float32, device, tiles=(64, 32), **kw)

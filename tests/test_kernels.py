@@ -206,6 +206,15 @@ def test_non_softmax_rows_that_see_nothing_output_zero(score, device):
         fn(q, k, v, return_lse=True)
 
 
+@pytest.mark.parametrize("scale", ["0.0", "-0.7", "log(n_visible) / 2.0 - 1.0"])
+def test_softmax_scale_that_is_not_positive(scale, device):
+    """A positive row scale is applied after the maximum (POS_SCALE, in exp2's FMA); a zero or
+    negative one, for all rows or some, takes the plain path (the launcher checks every row)."""
+    spec = f"attention s(N) {{ q, kv = seq(N) mask = causal and q.i - k.i < 20 score = softmax(scale = {scale}) }}"
+    fn = attnc.compile(spec, tiles=(16, 16), N=45)
+    _check(fn, *_qkv(45, 45, device=device))
+
+
 def test_sigmoid_weights_are_not_normalised(device):
     # With v = 1 the output is the row's total weight: sum over visible keys of sigmoid(s + b).
     spec = "attention s(N) { q, kv = seq(N) mask = causal score = sigmoid(scale = 0.0, bias = 1.5) }"
@@ -220,9 +229,12 @@ def test_sigmoid_weights_are_not_normalised(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec,params", [("specs/natten2d.attn", dict(H=13, W=17, kernel=5, dilation=2)),
-                                         ("specs/causal.attn", dict(N=300))])
+                                         ("specs/causal.attn", dict(N=300)),
+                                         ("attention cap(N) { q, kv = seq(N) mask = causal "
+                                          "score = softmax(softcap = 5.0) }", dict(N=300))])
 def test_bfloat16_error_within_eager_error_on_gpu(spec, params):
-    """bfloat16 exists only natively (Triton's interpreter has none): FlexAttention's criterion."""
+    """bfloat16 exists only natively (Triton's interpreter has none): FlexAttention's criterion.
+    The soft-cap runs on the GPU's tanh.approx there (its error is below an fp16 rounding)."""
     fn = attnc.compile(spec, **params)
     ref = attnc.compile(spec, backend="reference", **params)
     n = fn.compiled.bound.nq

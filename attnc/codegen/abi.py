@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..ir import nodes as N
 from ..ir.evaluate import per_batch
+from ..ir.scores import base2_logits
 
 PTR, INT, FLOAT, CONSTEXPR = "pointer", "int", "float", "constexpr"
 
@@ -189,12 +190,16 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         Arg("BLOCK_M", CONSTEXPR, "schedule.block_m", "blocks"),
         Arg("BLOCK_N", CONSTEXPR, "schedule.block_n", "blocks"),
         *([Arg("SUB_M", CONSTEXPR, "rows of a q tile taken at a time (divides BLOCK_M; "
-               "codegen/target.dkdv_rows)", "blocks")] if kernel == "dkdv" else []),
+               "codegen/target.sub_rows)", "blocks")] if kernel != "fwd" else []),
         Arg("INT64", CONSTEXPR, "mask and bias integers in int64 (their ranges, or a runtime table's "
             "addresses, need it)", "flags", pair=True),
         Arg("ADDR64", CONSTEXPR, "offsets inside one (batch, head) slice of q, k, v or out reach 2**31", "flags"),
         Arg("DOT_PRECISION", CONSTEXPR, "tl.dot's input precision: 'tf32x3' or 'tf32', from "
             "torch.get_float32_matmul_precision() for float32 inputs ('ieee' for 16-bit ones)", "flags"),
+        *([Arg("FAST_TANH", CONSTEXPR, "the soft-cap's tanh is the GPU's tanh.approx (a GPU, 16-bit q and k)",
+               "flags")] if ir.score.softcap is not None else []),
+        *([Arg("POS_SCALE", CONSTEXPR, "every row scale is > 0: the forward applies it after the max, in "
+               "exp2's FMA", "flags")] if kernel == "fwd" and base2_logits(ir.score) else []),
         Arg("Q_PERMUTED", CONSTEXPR, "the layout reorders queries", "flags"),
         Arg("KV_PERMUTED", CONSTEXPR, "the layout reorders keys", "flags"),
     ]

@@ -13,9 +13,10 @@ from __future__ import annotations
 from ..ir import nodes as N
 from ..ir.evaluate import per_row
 from ..ir.printer import format_score
+from ..ir.scores import base2_logits
 from . import abi
 from .pairs import emit_pair_function, emit_visible, pair_call
-from .parts import load_lines, pair_exprs
+from .parts import bounding_part, load_lines, pair_exprs
 
 LOG2E = "1.4426950408889634"
 LN2 = "0.6931471805599453"
@@ -41,7 +42,7 @@ def _prelude(score: N.Score, windows: bool, routed: bool) -> list[str]:
     if routed:
         lines += ["", "", *_CHOSEN]
     if score.softcap is not None:
-        lines += ["", "", *_SOFTCAP]
+        lines += ["", "", *_TANH]
     if score.kind == "softplus":
         lines += ["", "", *_LOG_SOFTPLUS]
     return lines
@@ -70,12 +71,19 @@ _IN_RANGE = [
 
 # tanh(x) / x = 1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835 - 1382x^10/155925 + ...: for |x| < 1/4
 # the next term is below 1e-9 relative to the sum.
-_SOFTCAP = [
+_TANH = [
     "@triton.jit",
-    "def _softcap(s, cap):",
-    '    """cap * tanh(s / cap) without cancellation, so that a huge cap returns s itself."""',
-    "    ax = tl.abs(s * (1.0 / cap))  # one scalar division, not one per element",
-    "    # |x| < 1/4: s * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped",
+    "def _tanh(x, FAST: tl.constexpr):",
+    '    """tanh(x) for the soft-cap, cap * tanh(s / cap). FAST (a GPU, 16-bit q and k): the GPU\'s',
+    "    tanh.approx.f32, one instruction, relative error below 2**-10.9: a capped logit as accurate",
+    "    as rounding it to fp16 (FlashAttention-2 and FlashInfer soft-cap the same way). Otherwise a",
+    "    few ulp and no cancellation, so that a huge cap returns the logit itself.",
+    '    """',
+    "    if FAST:",
+    '        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,',
+    "                                         is_pure=True, pack=1)",
+    "    ax = tl.abs(x)",
+    "    # |x| < 1/4: x * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped",
     "    # |x|, so that the branch not taken cannot overflow).",
     "    a = tl.minimum(ax, 0.25)",
     "    y = a * a",
@@ -83,8 +91,8 @@ _SOFTCAP = [
     "             + y * (0.021869488536155203 + y * -0.008863235529902197))))",
     "    # otherwise tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) <= exp(-1/2): no cancellation, no overflow.",
     "    e = tl.exp(-2.0 * ax)",
-    "    big = cap * tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # the GPU's reciprocal: 2 ulp",
-    "    return tl.where(ax < 0.25, s * series, tl.where(s < 0.0, -big, big))",
+    "    big = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # the GPU's reciprocal: 2 ulp",
+    "    return tl.where(ax < 0.25, x * series, tl.where(x < 0.0, -big, big))",
 ]
 
 
@@ -184,7 +192,13 @@ def _setup(ir: N.Attention) -> list[str]:
         "    # Unmodified sigmoid: the exponent -(s * scale + bias) log2(e) is one FMA per element.",
         f"    row_scale = row_scale * -{LOG2E}",
         f"    row_bias = row_bias * -{LOG2E}",
-    ] if score.kind == "sigmoid" and not score.modified else [])
+    ] if score.kind == "sigmoid" and not score.modified else []) + ([
+        "    # Soft-cap: cap * tanh(s / cap), 1 / cap folded into the row scale (no bias in between) and",
+        "    # the factor cap (times log2(e) for a softmax, whose logits go on in base 2) applied after.",
+        "    cap_in = 1.0 / softcap",
+        f"    cap_out = softcap{f' * {LOG2E}' if score.kind == 'softmax' else ''}",
+        *(["    row_scale = row_scale * cap_in"] if score.logit_bias is None else []),
+    ] if score.softcap is not None else [])
 
 
 def _init_state(score: N.Score) -> list[str]:
@@ -271,11 +285,16 @@ def _load_kv(masked: bool) -> list[str]:
 
 
 def _logits(ir: N.Attention, masked: bool) -> list[str]:
-    """s: the tile's logits after the logit bias and the soft-cap (natural units, or base 2 for an
-    unmodified softmax, whose host scale includes log2(e))."""
+    """s: the tile's logits after the logit bias and the soft-cap (natural units; base 2 for a
+    softmax without a bias, whose row scale or soft-cap factor includes log2(e))."""
     score = ir.score
     call = pair_call(ir)
-    lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
+    if base2_logits(score):
+        lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)',
+                 "        if not POS_SCALE:  # else the scale comes after the max, in exp2's FMA (FlashAttention-2)",
+                 "            s = s * row_scale[:, None]"]
+    else:
+        lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     lines += route_cols(ir, "        ")
     if masked or score.logit_bias is not None:
         lines += [
@@ -289,7 +308,8 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
-        lines.append("        s = _softcap(s, softcap)")
+        x = "s * cap_in" if score.logit_bias is not None else "s"
+        lines.append(f"        s = _tanh({x}, FAST_TANH) * cap_out")
     return lines
 
 
@@ -299,7 +319,9 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
     log softplus(s), so its weights are normalised in log space. Sigmoid weights are not
     normalised and need no running max."""
     score = ir.score
-    keep = f"        keep = {keep_expr(ir, masked, '(offs_n[None, :] < Nk)' if masked else '')}"
+    # A window test on a key part that is SENTINEL past the last key rejects those keys itself.
+    bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
+    keep = f"        keep = {keep_expr(ir, masked, bounds)}"
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     lines = []
     if score.kind == "sigmoid":
@@ -315,11 +337,17 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         ]
     if score.kind == "softplus":
         return lines + _softplus_accumulate(masked, keep)
-    if score.modified:
-        lines.append(f"        s = s * {LOG2E}  # to base 2 after the modifiers")
+    if score.logit_bias is not None and score.softcap is None:  # else base 2 already (base2_logits)
+        lines.append(f"        s = s * {LOG2E}  # to base 2 after the bias")
     if masked:
         lines += [keep, '        s = tl.where(keep, s, float("-inf"))']
-    lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1))")
+    if base2_logits(score):  # a positive scale keeps the maximum's place: max(s c) = max(s) c
+        lines += ["        if POS_SCALE:",
+                  "            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)",
+                  "        else:",
+                  "            m_new = tl.maximum(m_i, tl.max(s, 1))"]
+    else:
+        lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1))")
     if masked or score.modified:
         lines += [
             "        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.",
@@ -327,9 +355,16 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         ]
     else:
         lines.append("        m_use = m_new")
+    if base2_logits(score):
+        exp = ["        if POS_SCALE:",
+               "            p = tl.math.exp2(s * row_scale[:, None] - m_use[:, None])",
+               "        else:",
+               "            p = tl.math.exp2(s - m_use[:, None])"]
+    else:
+        exp = ["        p = tl.math.exp2(s - m_use[:, None])"]
     return lines + [
         "        alpha = tl.math.exp2(m_i - m_use)",
-        "        p = tl.math.exp2(s - m_use[:, None])",
+        *exp,
         "        l_i = l_i * alpha + tl.sum(p, 1)",
         '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         "        m_i = m_new",

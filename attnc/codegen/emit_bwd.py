@@ -23,7 +23,7 @@ from ..ir import nodes as N
 from ..ir.printer import format_score
 from . import abi
 from .emit import LOG2E, csr_row, keep_expr, route_cols, route_rows
-from .pairs import _Emitter, emit_pair_function, pair_call
+from .pairs import _Emitter, emit_pair_function, pair_call, varies_per_pair
 from .parts import load_lines
 
 _INF = 'float("inf")'
@@ -110,40 +110,54 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
     over rows, so padding rows must add exact zeros even where a bias is not finite there)."""
     score = ir.score
     call = pair_call(ir)
+    r, c = "[:, None]", "[None, :]"  # a per-query and a per-key vector against the tile
     lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
-        lines += ["        s = _softcap(s, softcap)",
-                  "        t_cap = s * (1.0 / softcap)",
+        lines += ["        t_cap = _tanh(s * (1.0 / softcap), FAST_TANH)",
+                  "        s = t_cap * softcap",
                   "        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz"]
     if masked:
-        lines.append(f"        keep = {keep_expr(ir, True, '(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)')}")
+        lines.append(f"        keep = {keep_expr(ir, True, f'(offs_m{r} < Nq) & (offs_n{c} < Nk)')}")
     elif rows:
-        lines.append(f"        keep = {keep_expr(ir, False, '(offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)')}")
+        lines.append(f"        keep = {keep_expr(ir, False, f'(offs_m{r} < Nq) & (offs_n{c} >= 0)')}")
     elif ir.route is not None:
         lines.append(f"        keep = {keep_expr(ir, False, '')}")
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked or rows else (lambda x: x)
     lines.append('        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)')
     if score.kind == "softmax":
-        lines += [f"        p = {hide('tl.exp(s - stat_safe[:, None])')}",
-                  "        ds = p * (dp - delta[:, None])"]
+        lines += [f"        p = {hide(f'tl.exp(s - stat_safe{r})')}",
+                  f"        ds = p * (dp - delta{r})"]
     elif score.kind == "sigmoid":
-        lines += ["        x = s + row_bias[:, None]",
+        lines += [f"        x = s + row_bias{r}",
                   f"        p = {hide('tl.sigmoid(x)')}",
                   "        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation"]
     else:  # softplus: w = softplus(s) / L, dw/ds = sigmoid(s) / L, both in log space
         lines.append("        log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p")
         if weights:
-            lines.append(f"        p = {hide(f'tl.math.exp2(log2_sp - stat_safe[:, None] * {LOG2E})')}")
-        lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])')}")
+            lines.append(f"        p = {hide(f'tl.math.exp2(log2_sp - stat_safe{r} * {LOG2E})')}")
+        lines.append(f"        ds = (dp - delta{r}) * {hide(f'tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe{r})')}")
     if score.softcap is not None:
         lines.append("        ds = ds * d_cap")
     if (masked or rows) and score.logit_bias is not None and (score.softcap is not None or score.kind != "softmax"):
         # factors computed at hidden pairs (a bias may be nan there) must not reach ds
         lines.append("        ds = tl.where(keep, ds, 0.0)")
     return lines
+
+
+def _uniform_read(ir: N.Attention, n: int, r: int) -> bool:
+    """Read r of table n names one entry for the whole tile (`slopes[head]`). Not on segmented
+    spaces: there the read, and whether there is one, may change within a tile."""
+    name = ir.tensors[n].name
+    if isinstance(ir.q, N.Segments) or isinstance(ir.kv, N.Segments):
+        return False
+    for seg, _ in N.parts(ir.kv):
+        reads = _table_reads(N.specialise(ir.score.logit_bias, seg), name)
+        if r < len(reads) and any(varies_per_pair(i) for i in reads[r].indices):
+            return False
+    return True
 
 
 def _table_grads(ir: N.Attention, masked: bool) -> list[str]:
@@ -158,6 +172,12 @@ def _table_grads(ir: N.Attention, masked: bool) -> list[str]:
             "ds * d bias / d entry over the tile",
             f"            g_at, g_w = bias_grad_{n}_{r}({call})",
             "            g_val = tl.where(keep, ds * g_w, 0.0)",
+        ]
+        if _uniform_read(ir, n, r):  # one entry for the whole tile: one sum, no loop over entries
+            lines += [f"            g_ptr = G{n} + g_at",
+                      "            tl.store(g_ptr, tl.load(g_ptr) + tl.sum(g_val))"]
+            continue
+        lines += [
             "            g_lo = tl.min(tl.where(keep, g_at, tl.max(g_at)))",
             "            g_hi = tl.max(tl.where(keep, g_at, -1))",
             "            for g_f in range(g_lo, g_hi + 1):  # ascending: a fixed order of additions",
@@ -250,14 +270,11 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
         "    DO_base = DO + b64 * stride_dob + h64 * stride_doh",
         "    DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh",
-        "    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)",
         "    offs_n0 = tl.arange(0, BLOCK_N)",
         "    if ADDR64:",
-        "        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)",
+        "        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)",
         *_OFFSETS,
-        *_load_rows(ir, "    "),
-        *_row_vectors(score, "    "),
-        "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
     ]
     for n in abi.grad_tables(ir):
         # This program's own row; a table passed per head holds this head's slice only (offsets
@@ -265,23 +282,31 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         head = f" - h64 * {abi.table_name(n, 'hs')}" if ir.tensors[n].per_head else ""
         lines.append(f"    G{n} = {abi.table_name(n, 'grad')} + (bh64 * tl.num_programs(0) + q_tile) * "
                      f"{abi.table_name(n, 'gstride')}{head}")
+    lines += [
+        "    for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time",
+        "        offs_m = q_tile * BLOCK_M + sub + offs_m0",
+        *_load_rows(ir, "        "),
+        *_row_vectors(score, "        "),
+        "        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)",
+    ]
     for masked in (False, True):
         ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
-        lines += [
-            "",
-            "    # PARTIAL tiles: the mask per element." if masked else "    # FULL tiles: no mask, no bounds checks.",
-            f"    for t in range(tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')}), "
+        body = [
+            f"        for t in range(tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')}), "
             f"tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)):",
-            f"        offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
-            *_load_cols(ir, "        ", bounded=masked),
-            *_logits_and_ds(ir, masked, weights=False),
-            *_table_grads(ir, masked),
-            '        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
+            f"            offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
+            *("    " + x for x in _load_cols(ir, "        ", bounded=masked)),
+            *("    " + x for x in _logits_and_ds(ir, masked, weights=False)),
+            '            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
+            # after the matmul: k is dead by then (fewer live registers)
+            *("    " + x for x in _table_grads(ir, masked)),
         ]
+        lines += ["", "        # PARTIAL tiles: the mask per element." if masked else
+                  "        # FULL tiles: no mask, no bounds checks.", *body]
     return lines + [
         "",
-        "    tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),",
-        "             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))",
+        "        tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,",
+        "                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))",
     ]
 
 

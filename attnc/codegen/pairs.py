@@ -76,12 +76,14 @@ class _Emitter:
     def lookup_offset(self, e: N.Lookup) -> tuple[int, str, str]:
         """(tensor number, element offset, in-bounds condition) of a runtime tensor read."""
         n = [t.name for t in self.ir.tensors].index(e.tensor)
-        # An index that is the same for the whole tile (`t[head, ...]`, `t[P, ...]`) is
-        # broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
+        # A read whose indices are all the same for the whole tile (`slopes[head]`) is one scalar
+        # load. In a read that mixes such indices with per-pair ones (`t[head, q.i - k.i]`), they
+        # are broadcast to the tile first: Triton's interpreter mis-types a load mask that mixes
         # scalar and tile conditions.
+        mixed = any(varies_per_pair(i) for i in e.indices)
         idx = []
         for i in e.indices:
-            if _varies_per_pair(i):
+            if varies_per_pair(i) or not mixed:
                 idx.append(self.emit(i))
             else:
                 idx.append(self.temp(f"{self.emit(i)} + tile0"))
@@ -122,7 +124,7 @@ class _Emitter:
         return self.emit(e)
 
 
-def _varies_per_pair(e: N.Expr) -> bool:
+def varies_per_pair(e: N.Expr) -> bool:
     return any(isinstance(x, (N.Coord, N.Window)) for x in N.walk(e))
 
 

@@ -93,6 +93,29 @@ def token_parts(ir: N.Attention) -> tuple[Part, ...]:
     return tuple(out)
 
 
+# Key parts past the last key read this where one of them bounds the mask (`bounding_part`): a
+# window test `code - lo < length` (unsigned) fails there, since with 0 <= lo, lo + length <= 2**31
+# the difference, wrapped or not, is at least 2**30 + length as an unsigned number.
+SENTINEL = -(2**30)
+
+
+def _conjuncts(e: N.Expr) -> list[N.Expr]:
+    if isinstance(e, N.Binary) and e.op == "and":
+        return _conjuncts(e.lhs) + _conjuncts(e.rhs)
+    return [e]
+
+
+@functools.lru_cache(maxsize=256)
+def bounding_part(ir: N.Attention) -> Part | None:
+    """A key part that no key past the last one passes: the code of a window test that the
+    mask requires (a conjunct at its top level), loaded as SENTINEL there, so that PARTIAL
+    tiles need no separate key bounds test. Not on segmented spaces (parts per segment)."""
+    if isinstance(ir.q, N.Segments) or isinstance(ir.kv, N.Segments):
+        return None
+    codes = [window_range(c)[0] for c in _conjuncts(ir.mask) if isinstance(c, N.Window)]
+    return next((p for p in token_parts(ir) if p.side == "k" and p.expr in codes), None)
+
+
 def names(ir: N.Attention) -> list[str]:
     """The parts' names, as the per-pair functions take them after the kernel arguments."""
     every = token_parts(ir)
@@ -106,13 +129,15 @@ def load_lines(ir: N.Attention, side: str, indent: str) -> list[str]:
     ptr, offs, n, shape = ("ROW_PARTS", "offs_m", "Nq", "[:, None]") if side == "q" else \
         ("COL_PARTS", "offs_n", "Nk", "[None, :]")
     lines = []
+    bound = bounding_part(ir)
     for p in token_parts(ir):
         if p.side == side:
+            other = SENTINEL if p == bound else 0
             what = format_expr(p.expr)
             where = f" ({'queries' if side == 'q' else 'keys'} in {p.segment})" if p.segment else ""
             lines += [f"{indent}# {p.name} = {what if len(what) <= 80 else what[:77] + '...'}{where}",
                       f"{indent}{p.name} = tl.load({ptr} + tl.cast({n}, tl.int64) * {p.index} + {offs}, "
-                      f"mask={offs} < {n}, other=0){shape}",
+                      f"mask={offs} < {n}, other={other}){shape}",
                       f"{indent}if INT64:",
                       f"{indent}    {p.name} = {p.name}.to(tl.int64)"]
     return lines

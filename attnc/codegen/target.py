@@ -89,12 +89,18 @@ def tuned(cache_dir: Path, module: str, tiles: tuple[int, int], arch: int, dtype
         return None  # none, or not ours: the static launch config applies
 
 
-def dkdv_rows(arch: int | None, head_dim: int, block_m: int) -> int:
-    """Rows of a q tile the dK/dV kernel takes at a time: 32 above head dim 64, where whole
-    64-row tiles leave dK, dV, K, V and the [64, 64] score tiles too few registers (it spilled
-    at D = 128 on sm_90 and at D = 256 everywhere: bench/results/kernel-quality-*.md), else the
-    whole tile. Any power of two dividing BLOCK_M gives the same sums in the same order."""
-    return min(block_m, 32) if head_dim > 64 else block_m
+def sub_rows(kernel: str, arch: int | None, head_dim: int, block_m: int, tables: bool = False) -> int:
+    """Rows of a q tile the backward kernels take at a time (SUB_M), where whole 64-row tiles
+    leave too few registers (bench/results/kernel-quality-*.md):
+    - dK/dV: 32 above head dim 64 (dK, dV, K, V and the [64, 64] score tiles spilled at D = 128
+      on sm_90 and at D = 256 everywhere);
+    - dQ: 32 above head dim 128 (it spilled 16-68 bytes at D = 256), and when it also sums bias
+      table gradients (`tables`: the per-entry loop over the tile spilled 100-1,000 bytes).
+    Else the whole tile. Any power of two dividing BLOCK_M gives the same sums in the same order
+    (dQ rows are independent; table entries are summed tile by tile in schedule order either way)."""
+    if kernel == "dkdv":
+        return min(block_m, 32) if head_dim > 64 else block_m
+    return min(block_m, 32) if head_dim > 128 or tables else block_m
 
 
 def launch_values(ir: N.Attention, kernel: str, head_dim: int, values: dict | None) -> dict[str, int]:
@@ -156,7 +162,8 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
             sig[a.name] = "constexpr"
             const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
                              "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
-                             "ROUTE_K": known.get("ROUTE_K", 4), **(flags or {})}.get(a.name, a.name.endswith("_want"))
+                             "ROUTE_K": known.get("ROUTE_K", 4), "FAST_TANH": dtype != "fp32", "POS_SCALE": True,
+                             **(flags or {})}.get(a.name, a.name.endswith("_want"))
     return sig, const, attrs
 
 
@@ -165,7 +172,8 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
                flags: dict | None = None, values: dict | None = None) -> list[dict]:
     """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
     'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop, in program
-    order), cubin (bytes), and with sass=True the SASS text. float32 follows
+    order), cubin (bytes), for the backward kernels sub_m (`sub_rows`: below 64, sm_90 runs
+    their matmuls as mma, wgmma needing 64 rows per warp group), and with sass=True the SASS text. float32 follows
     torch.get_float32_matmul_precision(), as the launch does; warps and stages are the launch's
     (`launch_config`) unless given. Arguments are specialised as a launch on contiguous tensors
     with `values` (the binding's sizes and parameters) specialises them (`signature`)."""
@@ -199,7 +207,11 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
         compiled = json.loads(done.stdout.strip().splitlines()[-1])
     else:
         compiled = _compile_all(job, ir)
-    return [describe(KERNELS[kernel], entry, *configs[kernel], sass) for kernel, entry in compiled.items()]
+    rows = [describe(KERNELS[kernel], entry, *configs[kernel], sass) for kernel, entry in compiled.items()]
+    for kernel, row in zip(compiled, rows):
+        if kernel != "fwd":  # rows of a q tile the kernel takes at a time
+            row["sub_m"] = sub_rows(kernel, arch, head_dim, block_m, bool(abi.grad_tables(ir)))
+    return rows
 
 
 def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
@@ -220,8 +232,8 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     out = {}
     for kernel, name in KERNELS.items():
         flags = dict(job.get("flags") or {})
-        if kernel == "dkdv":
-            flags["SUB_M"] = dkdv_rows(job["arch"], job["head_dim"], job["block_m"])
+        if kernel != "fwd":
+            flags["SUB_M"] = sub_rows(kernel, job["arch"], job["head_dim"], job["block_m"], bool(abi.grad_tables(ir)))
         sig, const, attrs = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
                                       job["precision"], flags, job.get("values"))
         k = triton.compile(ASTSource(getattr(module, name), sig, const, attrs),

@@ -11,6 +11,13 @@ from .bind import Bound
 from .evaluate import evaluate, evaluate_uniform, modifier_exprs, show
 from .floats import check_float_constants
 
+def base2_logits(score: N.Score) -> bool:
+    """The forward kernel's logits are in base 2 straight from the row scale (the host folds
+    log2(e) into it): a softmax with no logit bias and no soft-cap (a sink is folded separately;
+    a soft-cap folds log2(e) into its output factor instead)."""
+    return score.kind == "softmax" and score.logit_bias is None and score.softcap is None
+
+
 def score_reads_n_visible(score: N.Score) -> bool:
     return any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) for x in N.walk(e))
 

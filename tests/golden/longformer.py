@@ -54,7 +54,7 @@ def attnc_fwd(
     p_N, p_W, p_G,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, POS_SCALE: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
 
@@ -108,11 +108,19 @@ def attnc_fwd(
                     mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if not POS_SCALE:  # else the scale comes after the max, in exp2's FMA (FlashAttention-2)
+            s = s * row_scale[:, None]
+        if POS_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        if POS_SCALE:
+            p = tl.math.exp2(s * row_scale[:, None] - m_use[:, None])
+        else:
+            p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -127,7 +135,9 @@ def attnc_fwd(
                     mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if not POS_SCALE:  # else the scale comes after the max, in exp2's FMA (FlashAttention-2)
+            s = s * row_scale[:, None]
         k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
         if KV_PERMUTED:
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
@@ -135,11 +145,17 @@ def attnc_fwd(
             k_i = k_i.to(tl.int64)
         keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, p_G, INT64)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if POS_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        if POS_SCALE:
+            p = tl.math.exp2(s * row_scale[:, None] - m_use[:, None])
+        else:
+            p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -166,7 +182,7 @@ def attnc_bwd_dq(
     n_heads, kv_group, Nq, Nk, head_dim,
     p_N, p_W, p_G,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
@@ -185,69 +201,71 @@ def attnc_bwd_dq(
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
     DO_base = DO + b64 * stride_dob + h64 * stride_doh
     DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)
     offs_n0 = tl.arange(0, BLOCK_N)
     if ADDR64:
-        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)
+        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if ADDR64:
         offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
-    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    q_i = offs_m[:, None]
-    if Q_PERMUTED:
-        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        q_i = q_i.to(tl.int64)
-    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-    stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
-    # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
-    stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
-    delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    # FULL tiles: no mask, no bounds checks.
-    for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
-        offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        k_i = offs_n[None, :]
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
+        offs_m = q_tile * BLOCK_M + sub + offs_m0
+        q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        q_i = offs_m[:, None]
+        if Q_PERMUTED:
+            q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
         if INT64:
-            k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        p = tl.exp(s - stat_safe[:, None])
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+            q_i = q_i.to(tl.int64)
+        row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+        stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+        # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+        stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+        delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)
 
-    # PARTIAL tiles: the mask per element.
-    for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
-        offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        k_i = offs_n[None, :]
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, p_G, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+        # FULL tiles: no mask, no bounds checks.
+        for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
+            offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k_i = offs_n[None, :]
+            if KV_PERMUTED:
+                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            if INT64:
+                k_i = k_i.to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.exp(s - stat_safe[:, None])
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+        # PARTIAL tiles: the mask per element.
+        for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
+            offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k_i = offs_n[None, :]
+            if KV_PERMUTED:
+                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            if INT64:
+                k_i = k_i.to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, p_G, INT64)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit

@@ -150,7 +150,7 @@ def attnc_bwd_dq(
     n_heads, kv_group, Nq, Nk, head_dim,
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
@@ -168,68 +168,70 @@ def attnc_bwd_dq(
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
     DO_base = DO + b64 * stride_dob + h64 * stride_doh
     DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)
     offs_n0 = tl.arange(0, BLOCK_N)
     if ADDR64:
-        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)
+        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if ADDR64:
         offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
-    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    q_i = offs_m[:, None]
-    if Q_PERMUTED:
-        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        q_i = q_i.to(tl.int64)
-    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    # FULL tiles: no mask, no bounds checks.
-    for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
-        offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        k_i = offs_n[None, :]
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
+        offs_m = q_tile * BLOCK_M + sub + offs_m0
+        q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        q_i = offs_m[:, None]
+        if Q_PERMUTED:
+            q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
         if INT64:
-            k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        x = s + row_bias[:, None]
-        p = tl.sigmoid(x)
-        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+            q_i = q_i.to(tl.int64)
+        row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+        row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)
+        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)
 
-    # PARTIAL tiles: the mask per element.
-    for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
-        offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        k_i = offs_n[None, :]
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        x = s + row_bias[:, None]
-        p = tl.where(keep, tl.sigmoid(x), 0.0)
-        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+        # FULL tiles: no mask, no bounds checks.
+        for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
+            offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k_i = offs_n[None, :]
+            if KV_PERMUTED:
+                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            if INT64:
+                k_i = k_i.to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            x = s + row_bias[:, None]
+            p = tl.sigmoid(x)
+            ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
+            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+        # PARTIAL tiles: the mask per element.
+        for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
+            offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k_i = offs_n[None, :]
+            if KV_PERMUTED:
+                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            if INT64:
+                k_i = k_i.to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            x = s + row_bias[:, None]
+            p = tl.where(keep, tl.sigmoid(x), 0.0)
+            ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation
+            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit

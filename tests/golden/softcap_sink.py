@@ -20,10 +20,17 @@ def _floormod(a, b):
 
 
 @triton.jit
-def _softcap(s, cap):
-    """cap * tanh(s / cap) without cancellation, so that a huge cap returns s itself."""
-    ax = tl.abs(s * (1.0 / cap))  # one scalar division, not one per element
-    # |x| < 1/4: s * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped
+def _tanh(x, FAST: tl.constexpr):
+    """tanh(x) for the soft-cap, cap * tanh(s / cap). FAST (a GPU, 16-bit q and k): the GPU's
+    tanh.approx.f32, one instruction, relative error below 2**-10.9: a capped logit as accurate
+    as rounding it to fp16 (FlashAttention-2 and FlashInfer soft-cap the same way). Otherwise a
+    few ulp and no cancellation, so that a huge cap returns the logit itself.
+    """
+    if FAST:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    ax = tl.abs(x)
+    # |x| < 1/4: x * tanh(x) / x, by the Taylor series of tanh(x) / x to x**10 (in a clamped
     # |x|, so that the branch not taken cannot overflow).
     a = tl.minimum(ax, 0.25)
     y = a * a
@@ -31,8 +38,8 @@ def _softcap(s, cap):
              + y * (0.021869488536155203 + y * -0.008863235529902197))))
     # otherwise tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) <= exp(-1/2): no cancellation, no overflow.
     e = tl.exp(-2.0 * ax)
-    big = cap * tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # the GPU's reciprocal: 2 ulp
-    return tl.where(ax < 0.25, s * series, tl.where(s < 0.0, -big, big))
+    big = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)  # the GPU's reciprocal: 2 ulp
+    return tl.where(ax < 0.25, x * series, tl.where(x < 0.0, -big, big))
 
 
 @triton.jit
@@ -67,7 +74,7 @@ def attnc_fwd(
     rt0_ptr, rt0_n0, rt0_s0,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
 
@@ -107,6 +114,11 @@ def attnc_fwd(
     if INT64:
         q_i = q_i.to(tl.int64)
     row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+    # Soft-cap: cap * tanh(s / cap), 1 / cap folded into the row scale (no bias in between) and
+    # the factor cap (times log2(e) for a softmax, whose logits go on in base 2) applied after.
+    cap_in = 1.0 / softcap
+    cap_out = softcap * 1.4426950408889634
+    row_scale = row_scale * cap_in
     m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINK + h64) * 1.4426950408889634)
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -122,8 +134,7 @@ def attnc_fwd(
         v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        s = _softcap(s, softcap)
-        s = s * 1.4426950408889634  # to base 2 after the modifiers
+        s = _tanh(s, FAST_TANH) * cap_out
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,8 +160,7 @@ def attnc_fwd(
             k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
         if INT64:
             k_i = k_i.to(tl.int64)
-        s = _softcap(s, softcap)
-        s = s * 1.4426950408889634  # to base 2 after the modifiers
+        s = _tanh(s, FAST_TANH) * cap_out
         keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -185,8 +195,8 @@ def attnc_bwd_dq(
     p_N, p_W,
     rt0_ptr, rt0_n0, rt0_s0,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
 
@@ -204,77 +214,79 @@ def attnc_bwd_dq(
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
     DO_base = DO + b64 * stride_dob + h64 * stride_doh
     DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)
     offs_n0 = tl.arange(0, BLOCK_N)
     if ADDR64:
-        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)
+        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if ADDR64:
         offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
-    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    q_i = offs_m[:, None]
-    if Q_PERMUTED:
-        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        q_i = q_i.to(tl.int64)
-    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-    stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
-    # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
-    stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
-    delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    # FULL tiles: no mask, no bounds checks.
-    for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
-        offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        k_i = offs_n[None, :]
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
+        offs_m = q_tile * BLOCK_M + sub + offs_m0
+        q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        q_i = offs_m[:, None]
+        if Q_PERMUTED:
+            q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
         if INT64:
-            k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        s = _softcap(s, softcap)
-        t_cap = s * (1.0 / softcap)
-        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        p = tl.exp(s - stat_safe[:, None])
-        ds = p * (dp - delta[:, None])
-        ds = ds * d_cap
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+            q_i = q_i.to(tl.int64)
+        row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+        stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+        # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+        stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+        delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)
 
-    # PARTIAL tiles: the mask per element.
-    for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
-        offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        k_i = offs_n[None, :]
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-        if INT64:
-            k_i = k_i.to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-        s = _softcap(s, softcap)
-        t_cap = s * (1.0 / softcap)
-        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
-        keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        ds = ds * d_cap
-        dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+        # FULL tiles: no mask, no bounds checks.
+        for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
+            offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k_i = offs_n[None, :]
+            if KV_PERMUTED:
+                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            if INT64:
+                k_i = k_i.to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            t_cap = _tanh(s * (1.0 / softcap), FAST_TANH)
+            s = t_cap * softcap
+            d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.exp(s - stat_safe[:, None])
+            ds = p * (dp - delta[:, None])
+            ds = ds * d_cap
+            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
+        # PARTIAL tiles: the mask per element.
+        for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
+            offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
+            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k_i = offs_n[None, :]
+            if KV_PERMUTED:
+                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            if INT64:
+                k_i = k_i.to(tl.int64)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+            t_cap = _tanh(s * (1.0 / softcap), FAST_TANH)
+            s = t_cap * softcap
+            d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
+            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            ds = ds * d_cap
+            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -293,7 +305,7 @@ def attnc_bwd_dkdv(
     rt0_ptr, rt0_n0, rt0_s0,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
     query heads of the group in order (deterministic grouped-query gradients).
@@ -353,8 +365,8 @@ def attnc_bwd_dkdv(
                 stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
                 delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-                s = _softcap(s, softcap)
-                t_cap = s * (1.0 / softcap)
+                t_cap = _tanh(s * (1.0 / softcap), FAST_TANH)
+                s = t_cap * softcap
                 d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
                 p = tl.exp(s - stat_safe[:, None])
@@ -382,8 +394,8 @@ def attnc_bwd_dkdv(
                 stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
                 delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-                s = _softcap(s, softcap)
-                t_cap = s * (1.0 / softcap)
+                t_cap = _tanh(s * (1.0 / softcap), FAST_TANH)
+                s = t_cap * softcap
                 d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz
                 keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, p_W, rt0_ptr, rt0_n0, rt0_s0, INT64)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

@@ -17,7 +17,7 @@ from ...analysis.tiles import Schedule
 from ...codegen.parts import token_parts
 from ...errors import AttncError
 from ...ir.evaluate import decode, evaluate, per_row, reads_tensors
-from ...ir.scores import row_scores, score_reads_n_visible
+from ...ir.scores import base2_logits, row_scores, score_reads_n_visible
 from ...pipeline import Compiled
 
 LOG2E = 1.4426950408889634
@@ -33,7 +33,7 @@ class HostState:
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._orders: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._transposed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self._parts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._route_plan = None
         self._heads: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -118,16 +118,18 @@ class HostState:
         return self._cached(self._transposed, device, make)
 
     def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule, natural: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 per-position score scale and bias (softmax's scale in base 2 when unmodified,
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """float32 per-position score scale and bias, and whether every scale is > 0 (softmax's scale in base 2: ir.scores.base2_logits,
         for the forward kernel; `natural` for the backward kernels, which work in natural units)."""
         ir = self.c.spec.ir
 
         def make(counts):
             scale, bias = row_scores(self.c.bound, head_dim, counts)
-            if ir.score.kind == "softmax" and not ir.score.modified and not natural:
+            if base2_logits(ir.score) and not natural:
                 scale = scale * LOG2E  # the kernel's online softmax works in base 2
-            return tuple(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias))
+            # every row's scale > 0 (checked here, once): the forward may apply it after the max
+            positive = bool((scale.astype(np.float32) > 0).all())
+            return (*(torch.from_numpy(x).to(device, torch.float32) for x in (scale, bias)), positive)
 
         # Counts matter only through n_visible: any other score depends on head_dim alone (rows
         # that see nothing output 0 whatever their scale), so it is computed once; one that reads

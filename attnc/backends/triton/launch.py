@@ -14,7 +14,7 @@ from ...codegen import abi
 from ...codegen.target import dot_precision, launch_config
 from ...ir import nodes as N
 from ...ir.evaluate import per_row
-from ...ir.scores import sink_logits, softcap_value
+from ...ir.scores import base2_logits, sink_logits, softcap_value
 from ...analysis.tiles import Schedule
 from ...pipeline import Compiled
 from ...settings import launch_guard
@@ -35,7 +35,7 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
     Hkv, Dv = k.shape[1], v.shape[3]
     device = q.device
     q_order, kv_order = state.orders(device)[:2]
-    scale, bias = state.row_scores(D, device, s, natural)
+    scale, bias, positive = state.row_scores(D, device, s, natural)
     f32 = torch.empty(0, dtype=torch.float32, device=device)
     sink = f32.new_zeros(1) if sink is None else sink.detach().to(torch.float32).contiguous()
     tables = {decl.name: _table(decl, tensors[decl.name]) for decl in ir.tensors}
@@ -56,6 +56,8 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
         "ADDR64": any(_extent(t, dims=(2, 3)) >= ADDR_LIMIT for t in (q, k, v)),
         "Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity,
         "DOT_PRECISION": dot_precision(q.dtype),
+        **({"FAST_TANH": fast_tanh(q)} if ir.score.softcap is not None else {}),
+        **({"POS_SCALE": positive} if base2_logits(ir.score) and not natural else {}),  # the forward's
     }
 
 
@@ -64,6 +66,12 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
 # read once per (cache dir, kernels, tiles, arch, dtype, head dim).
 OVERRIDE: dict[tuple[str, str], tuple[int, int]] = {}
 _TUNED: dict[tuple, dict | None] = {}
+
+
+def fast_tanh(q: torch.Tensor) -> bool:
+    """The soft-cap uses the GPU's tanh.approx.f32 (NVIDIA, 16-bit inputs: codegen/emit._TANH);
+    float32 inputs and the interpreter take the accurate form."""
+    return q.device.type == "cuda" and torch.version.hip is None and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def device_arch(t: torch.Tensor) -> int | None:
