@@ -1,11 +1,12 @@
 """Kernel quality without a GPU: every spec's kernels compiled for sm_80 and sm_90, checked and
 measured by `fn.gpu_report`, against a plain FlashAttention-2 kernel compiled the same way.
 
-    python -m bench.kernel_quality                     # the full matrix (about 10 minutes on 2 cores)
+    python -m bench.kernel_quality                     # the full matrix (about 15 minutes on 2 cores)
     python -m bench.kernel_quality --quick             # sm_90 bf16 D=128 and sm_80 fp16 D=64
     python -m bench.kernel_quality --out bench/results
 
-Per (spec, arch, dtype, head dim) and kernel (forward, dQ, dK/dV): registers, spill bytes, shared
+Per (spec, arch, dtype, head dim; float32 at "highest", torch's default: 3xTF32) and kernel
+(forward, dQ, dK/dV): registers, spill bytes, shared
 memory against the target's limit, tensor cores, and the SASS instructions of each main loop
 (forward: FULL then PARTIAL tiles) with its ratio to the yardstick's loop (bench/yardstick.py).
 Writes kernel-quality-<date>.md and .json.
@@ -35,7 +36,8 @@ PARAMS = {"causal": dict(N=64), "cross_causal": dict(M=64, N=64), "sliding_windo
           "scale_dit": dict(H=12, W=8), "document_causal": dict(N=64), "alibi_causal": dict(N=64),
           "softcap_sink": dict(N=64, W=16), "power_attention": dict(N=64, W=8),
           "biformer": dict(H=8, W=8, R=4, K=2), "moba": dict(N=64, B=16, K=2)}
-FULL = [(a, d, h) for a in (80, 90) for d in ("fp16", "bf16") for h in (64, 128)] + [(90, "bf16", 256), (90, "fp16", 256)]
+FULL = [(a, d, h) for a in (80, 90) for d in ("fp16", "bf16", "fp32") for h in (64, 128)] + \
+    [(90, "bf16", 256), (90, "fp16", 256)]
 QUICK = [(90, "bf16", 128), (80, "fp16", 64)]
 
 
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     rows, yard = [], {}
     start = time.time()
     for t, (arch, dtype, hd) in enumerate(targets):
-        yard[(arch, dtype, hd)] = yardstick(arch, dtype, hd)
+        # float32 runs 3xTF32 (torch's "highest"): no plain FlashAttention-2 loop to compare with
+        yard[(arch, dtype, hd)] = yardstick(arch, dtype, hd) if dtype != "fp32" else None
         for s, name in enumerate(names):
             fn = attnc.compile(SPECS / f"{name}.attn", **PARAMS[name])
             print(f"[{t * len(names) + s + 1}/{len(targets) * len(names)}] sm_{arch} {dtype} D={hd} {name} "
@@ -100,11 +103,13 @@ def main(argv=None) -> int:
         "|---|---|---|---:|---:|---:|---|---|---|---|",
     ]
     for r in rows:
-        ratio = " / ".join(f"{x / r['yardstick_loop']:.2f}" for x in r["loops"]) if r["kernel"] == "attnc_fwd" else ""
+        ratio = " / ".join(f"{x / r['yardstick_loop']:.2f}" for x in r["loops"]) \
+            if r["kernel"] == "attnc_fwd" and r["yardstick_loop"] else ""
         lines.append(f"| {r['spec']} | sm_{r['arch']} {r['dtype']} D={r['head_dim']} | {r['kernel']} | {r['registers']} | "
                      f"{r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | {r['tensor_cores']} | "
                      f"{' / '.join(map(str, r['loops']))} | {ratio} | {'yes' if r['ok'] else '**no**'} |")
-    lines += ["", "Yardstick loop (instructions): " + ", ".join(f"sm_{a} {d} D={h}: {n}" for (a, d, h), n in yard.items())]
+    lines += ["", "Yardstick loop (instructions): " + ", ".join(f"sm_{a} {d} D={h}: {n}" for (a, d, h), n in yard.items()
+                                                            if n)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
 
 def _summary(rows: list[dict], yard: dict) -> list[str]:
     """Forward loops (FULL / PARTIAL) against the yardstick, spec x target at head dim 128."""
-    targets = [t for t in yard if t[2] == 128]
+    targets = [t for t, n in yard.items() if t[2] == 128 and n]
     out = ["Forward main loops at head dim 128, FULL / PARTIAL, as multiples of the yardstick's loop:", "",
            "| spec | " + " | ".join(f"sm_{a} {d}" for a, d, _ in targets) + " |",
            "|---|" + "---|" * len(targets)]

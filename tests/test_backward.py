@@ -581,12 +581,16 @@ def test_torch_compile_with_strided_inputs_and_a_permuting_layout(device):
     ("natten2d", dict(H=10, W=11, kernel=5, dilation=2), dict()),
     ("swin_bias", dict(H=7, W=14), dict(tables=_rel_bias(True))),
     ("moba", dict(N=70, B=16, K=2), dict(hq=4, hkv=2)),
+    ("softcap_sink", dict(N=70, W=20, cap=3.0), dict(tables=_sinks)),
+    ("softplus", dict(N=70), dict()),
+    ("sigmoid_causal", dict(N=70), dict()),
 ])
-def test_backward_takes_q_tiles_in_sub_tiles(spec, params, kw, device, monkeypatch):
-    """The backward kernels may take each q tile SUB_M rows at a time (fewer live registers:
-    dK/dV above head dim 64, dQ above 128 or with table gradients; codegen/target.sub_rows);
-    forced here for both at head dim 16, 64-row tiles in 16-row steps."""
-    from attnc.backends.triton import backward as bw
+def test_kernels_take_tiles_in_pieces(spec, params, kw, device, monkeypatch):
+    """Every kernel may take a q tile SUB_M rows and a kv tile SUB_N columns at a time (fewer
+    live registers: codegen/target.sub_tiles, float32 on a GPU, and the backward at large head
+    dims); forced here for all three at head dim 16: 64 x 32 tiles in 16 x 16 pieces."""
+    from attnc.backends.triton import launch
 
-    monkeypatch.setattr(bw, "sub_rows", lambda kernel, arch, head_dim, block_m, tables=False: min(block_m, 16))
+    monkeypatch.setattr(launch, "sub_tiles", lambda kernel, arch, dtype, head_dim, block_m, block_n, tables=False, bias=False:
+                        (min(block_m, 16), min(block_n, 16)))
     _check(SPECS / f"{spec}.attn", params, torch.float32, device, tiles=(64, 32), **kw)

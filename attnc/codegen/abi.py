@@ -189,8 +189,9 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         Arg("BLOCK_DV", CONSTEXPR, "Dv padded to a power of two (>= 16)", "blocks"),
         Arg("BLOCK_M", CONSTEXPR, "schedule.block_m", "blocks"),
         Arg("BLOCK_N", CONSTEXPR, "schedule.block_n", "blocks"),
-        *([Arg("SUB_M", CONSTEXPR, "rows of a q tile taken at a time (divides BLOCK_M; "
-               "codegen/target.sub_rows)", "blocks")] if kernel != "fwd" else []),
+        Arg("SUB_M", CONSTEXPR, "rows of a q tile taken at a time (divides BLOCK_M; codegen/target.sub_tiles)",
+            "blocks"),
+        Arg("SUB_N", CONSTEXPR, "columns of a kv tile taken at a time (divides BLOCK_N)", "blocks"),
         Arg("INT64", CONSTEXPR, "mask and bias integers in int64 (their ranges, or a runtime table's "
             "addresses, need it)", "flags", pair=True),
         Arg("ADDR64", CONSTEXPR, "offsets inside one (batch, head) slice of q, k, v or out reach 2**31", "flags"),

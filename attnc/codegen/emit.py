@@ -154,8 +154,7 @@ def _docstring(score: N.Score) -> list[str]:
 
 
 def _setup(ir: N.Attention) -> list[str]:
-    """Program ids, base pointers, offsets, the q tile, its tokens, token parts and row scores."""
-    score = ir.score
+    """Program ids, base pointers and offsets."""
     return [
         "    q_tile = tl.program_id(0)",
         "    bh = tl.program_id(1)",
@@ -169,13 +168,21 @@ def _setup(ir: N.Attention) -> list[str]:
         "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
         "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
         "    O_base = Out + b64 * stride_ob + h64 * stride_oh",
-        "    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)",
-        "    offs_n0 = tl.arange(0, BLOCK_N)",
+        "    offs_m0 = tl.arange(0, SUB_M)",
+        "    offs_n0 = tl.arange(0, SUB_N)",
         "    offs_d = tl.arange(0, BLOCK_D)",
         "    offs_dv = tl.arange(0, BLOCK_DV)",
         "    if ADDR64:",
-        "        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)",
+        "        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)",
         "        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)",
+    ]
+
+
+def _rows(ir: N.Attention) -> list[str]:
+    """The q sub-tile at offs_m: its rows, tokens, token parts and row scores."""
+    score = ir.score
+    return [
+        "    offs_m = q_tile * BLOCK_M + sub + offs_m0",
         "    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
         "                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)",
         "    q_i = offs_m[:, None]",
@@ -193,6 +200,12 @@ def _setup(ir: N.Attention) -> list[str]:
         f"    row_scale = row_scale * -{LOG2E}",
         f"    row_bias = row_bias * -{LOG2E}",
     ] if score.kind == "sigmoid" and not score.modified else []) + ([
+        "    # A positive row scale (POS_SCALE: the launcher checks every row) is applied after the row",
+        "    # maximum, inside exp2's FMA, as FlashAttention-2 does; another one before (a factor 1.0 folds away).",
+        "    ones = tl.full([SUB_M], 1.0, tl.float32)",
+        "    scale_before = ones if POS_SCALE else row_scale",
+        "    scale_after = row_scale if POS_SCALE else ones",
+    ] if base2_logits(score) else []) + ([
         "    # Soft-cap: cap * tanh(s / cap), 1 / cap folded into the row scale (no bias in between) and",
         "    # the factor cap (times log2(e) for a softmax, whose logits go on in base 2) applied after.",
         "    cap_in = 1.0 / softcap",
@@ -205,23 +218,23 @@ def _init_state(score: N.Score) -> list[str]:
     if score.sink is not None:
         # The sink is a virtual key with logit SINK[h] and value 0: it starts the running max and sum.
         state = [
-            f"    m_i = tl.full([BLOCK_M], 1.0, tl.float32) * (tl.load(SINK + h64) * {LOG2E})",
-            "    l_i = tl.full([BLOCK_M], 1.0, tl.float32)",
+            f"    m_i = tl.full([SUB_M], 1.0, tl.float32) * (tl.load(SINK + h64) * {LOG2E})",
+            "    l_i = tl.full([SUB_M], 1.0, tl.float32)",
         ]
     elif score.kind == "sigmoid":  # weights are not normalised: no running maximum
-        state = ["    l_i = tl.zeros([BLOCK_M], tl.float32)"]
+        state = ["    l_i = tl.zeros([SUB_M], tl.float32)"]
     elif score.kind == "softplus":  # the running max and log2 of the scale (_softplus_accumulate)
         state = [
-            '    mx_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
-            '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
-            "    l_i = tl.zeros([BLOCK_M], tl.float32)",
+            '    mx_i = tl.full([SUB_M], float("-inf"), tl.float32)',
+            '    m_i = tl.full([SUB_M], float("-inf"), tl.float32)',
+            "    l_i = tl.zeros([SUB_M], tl.float32)",
         ]
     else:
         state = [
-            '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
-            "    l_i = tl.zeros([BLOCK_M], tl.float32)",
+            '    m_i = tl.full([SUB_M], float("-inf"), tl.float32)',
+            "    l_i = tl.zeros([SUB_M], tl.float32)",
         ]
-    return state + ["    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)"]
+    return state + ["    acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)"]
 
 
 def route_rows(ir: N.Attention, indent: str) -> list[str]:
@@ -267,16 +280,15 @@ def _tile_loop(ir: N.Attention, masked: bool) -> list[str]:
         f"    hi = tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)",
         "    for t in range(lo, hi):",
         f"        kv_tile = tl.load({idx} + t)",
-        *_load_kv(masked),
-        *_logits(ir, masked),
-        *_accumulate(ir, masked),
+        "        for col in range(0, BLOCK_N, SUB_N):",
+        *indent([*_load_kv(masked), *_logits(ir, masked), *_accumulate(ir, masked)]),
     ]
 
 
 def _load_kv(masked: bool) -> list[str]:
     bounds = "(offs_n[:, None] < Nk) & " if masked else ""
     return [
-        "        offs_n = kv_tile * BLOCK_N + offs_n0",
+        "        offs_n = kv_tile * BLOCK_N + col + offs_n0",
         "        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
         f"                    mask={bounds}(offs_d[None, :] < HEAD_DIM), other=0.0)",
         "        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
@@ -290,9 +302,7 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
     score = ir.score
     call = pair_call(ir)
     if base2_logits(score):
-        lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)',
-                 "        if not POS_SCALE:  # else the scale comes after the max, in exp2's FMA (FlashAttention-2)",
-                 "            s = s * row_scale[:, None]"]
+        lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_before[:, None]']
     else:
         lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     lines += route_cols(ir, "        ")
@@ -342,10 +352,7 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
     if masked:
         lines += [keep, '        s = tl.where(keep, s, float("-inf"))']
     if base2_logits(score):  # a positive scale keeps the maximum's place: max(s c) = max(s) c
-        lines += ["        if POS_SCALE:",
-                  "            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)",
-                  "        else:",
-                  "            m_new = tl.maximum(m_i, tl.max(s, 1))"]
+        lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_after)")
     else:
         lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1))")
     if masked or score.modified:
@@ -355,16 +362,10 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         ]
     else:
         lines.append("        m_use = m_new")
-    if base2_logits(score):
-        exp = ["        if POS_SCALE:",
-               "            p = tl.math.exp2(s * row_scale[:, None] - m_use[:, None])",
-               "        else:",
-               "            p = tl.math.exp2(s - m_use[:, None])"]
-    else:
-        exp = ["        p = tl.math.exp2(s - m_use[:, None])"]
+    scaled = " * scale_after[:, None]" if base2_logits(score) else ""
     return lines + [
         "        alpha = tl.math.exp2(m_i - m_use)",
-        *exp,
+        f"        p = tl.math.exp2(s{scaled} - m_use[:, None])",
         "        l_i = l_i * alpha + tl.sum(p, 1)",
         '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         "        m_i = m_new",
@@ -376,17 +377,17 @@ def _softplus_accumulate(masked: bool, keep: str) -> list[str]:
     logit, acc and l are kept in units of c = exp(min(m, 0)) (m_i holds log2 c; -inf until the
     row has seen a key, so that the first key's tile rescales nothing: a row whose first tiles
     hide every key must not take a scale of 1 that a later exp(-m) overflows), so that nothing
-    underflows when every logit is very negative. Per element, with t = exp(-|s|) / c and
-    e = t c = exp(-|s|): softplus(s) / c = t r(e) + max(s, 0), r(e) = log1p(e) / e (for s < 0,
-    c = exp(min(m, 0)) and t r(e) = exp(s - min(m, 0)) r; for s >= 0, c = 1 and t = e)."""
+    underflows when every logit is very negative. Per element, with u = exp(-|s|) / c and
+    e = u c = exp(-|s|): softplus(s) / c = u r(e) + max(s, 0), r(e) = log1p(e) / e (for s < 0,
+    c = exp(min(m, 0)) and u r(e) = exp(s - min(m, 0)) r; for s >= 0, c = 1 and u = e)."""
     lines = [keep, '        s = tl.where(keep, s, float("-inf"))'] if masked else []
     return lines + [
         "        mx_new = tl.maximum(mx_i, tl.max(s, 1))",
         f'        m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * {LOG2E})',
         "        alpha = tl.math.exp2(m_i - m_new)",
-        f"        t = tl.math.exp2(tl.abs(s) * -{LOG2E} - m_new[:, None])",
-        "        e = t * tl.math.exp2(m_new)[:, None]",
-        f"        p = t * (1.0 + e * {_horner('e', _R_COEFFS)}) + tl.maximum(s, 0.0)",
+        f"        u = tl.math.exp2(tl.abs(s) * -{LOG2E} - m_new[:, None])",
+        "        e = u * tl.math.exp2(m_new)[:, None]",
+        f"        p = u * (1.0 + e * {_horner('e', _R_COEFFS)}) + tl.maximum(s, 0.0)",
         "        l_i = l_i * alpha + tl.sum(p, 1)",
         '        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
         '        m_i = tl.where(mx_new == float("-inf"), float("-inf"), m_new)',
@@ -426,15 +427,26 @@ def emit_kernel(ir: N.Attention) -> list[str]:
         "):",
         *_docstring(ir.score),
         *_setup(ir),
-        *_init_state(ir.score),
-        "",
-        *_tile_loop(ir, masked=False),
-        "",
-        *_tile_loop(ir, masked=True),
-        "",
-        *_epilogue(ir.score),
-        *_store(),
+        "    # The q tile SUB_M rows at a time, each kv tile SUB_N columns at a time (codegen/target.sub_tiles:",
+        "    # smaller pieces where whole tiles would spill registers; else one pass, which Triton folds away).",
+        "    for sub in range(0, BLOCK_M, SUB_M):",
+        *indent([
+            *_rows(ir),
+            *_init_state(ir.score),
+            "",
+            *_tile_loop(ir, masked=False),
+            "",
+            *_tile_loop(ir, masked=True),
+            "",
+            *_epilogue(ir.score),
+            *_store(),
+        ]),
     ]
+
+
+def indent(lines: list[str], by: str = "    ") -> list[str]:
+    """Lines nested one level deeper (blank lines stay blank)."""
+    return [by + x if x else x for x in lines]
 
 
 def _has_window(ir: N.Attention) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..ir import nodes as N
 from ..ir.printer import format_score
 from . import abi
-from .emit import LOG2E, csr_row, keep_expr, route_cols, route_rows
+from .emit import LOG2E, csr_row, indent, keep_expr, route_cols, route_rows
 from .pairs import _Emitter, emit_pair_function, pair_call, varies_per_pair
 from .parts import load_lines
 
@@ -270,8 +270,10 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
         "    DO_base = DO + b64 * stride_dob + h64 * stride_doh",
         "    DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh",
-        "    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)",
-        "    offs_n0 = tl.arange(0, BLOCK_N)",
+        "    # The q tile SUB_M rows at a time, each kv tile SUB_N columns at a time (codegen/target.sub_tiles:",
+        "    # smaller pieces where whole tiles would spill registers; else one pass, which Triton folds away).",
+        "    offs_m0 = tl.arange(0, SUB_M)",
+        "    offs_n0 = tl.arange(0, SUB_N)",
         "    if ADDR64:",
         "        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)",
         *_OFFSETS,
@@ -283,7 +285,7 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         lines.append(f"    G{n} = {abi.table_name(n, 'grad')} + (bh64 * tl.num_programs(0) + q_tile) * "
                      f"{abi.table_name(n, 'gstride')}{head}")
     lines += [
-        "    for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time",
+        "    for sub in range(0, BLOCK_M, SUB_M):",
         "        offs_m = q_tile * BLOCK_M + sub + offs_m0",
         *_load_rows(ir, "        "),
         *_row_vectors(score, "        "),
@@ -294,12 +296,14 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         body = [
             f"        for t in range(tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')}), "
             f"tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)):",
-            f"            offs_n = tl.load({idx} + t) * BLOCK_N + offs_n0",
-            *("    " + x for x in _load_cols(ir, "        ", bounded=masked)),
-            *("    " + x for x in _logits_and_ds(ir, masked, weights=False)),
-            '            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
+            f"            n_start = tl.load({idx} + t) * BLOCK_N",
+            "            for col in range(0, BLOCK_N, SUB_N):",
+            "                offs_n = n_start + col + offs_n0",
+            *indent(_load_cols(ir, "        ", bounded=masked), "        "),
+            *indent(_logits_and_ds(ir, masked, weights=False), "        "),
+            '                dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
             # after the matmul: k is dead by then (fewer live registers)
-            *("    " + x for x in _table_grads(ir, masked)),
+            *indent(_table_grads(ir, masked), "        "),
         ]
         lines += ["", "        # PARTIAL tiles: the mask per element." if masked else
                   "        # FULL tiles: no mask, no bounds checks.", *body]
@@ -330,14 +334,22 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
         "    b64, h_kv64 = b.to(tl.int64), h_kv.to(tl.int64)",
         "    K_base = K + b64 * stride_kb + h_kv64 * stride_kh",
         "    V_base = V + b64 * stride_vb + h_kv64 * stride_vh",
-        "    offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)",
-        "    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)",
+        "    # The kv tile SUB_N columns at a time, each q tile SUB_M rows at a time (codegen/target.sub_tiles:",
+        "    # smaller pieces where whole tiles would spill registers; else one pass, which Triton folds away).",
+        "    offs_n0 = tl.arange(0, SUB_N)",
+        "    offs_m0 = tl.arange(0, SUB_M)",
         "    if ADDR64:",
-        "        offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)",
+        "        offs_n0, offs_m0 = offs_n0.to(tl.int64), offs_m0.to(tl.int64)",
         *_OFFSETS,
+        "    DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh",
+        "    DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh",
+        "    for col in range(0, BLOCK_N, SUB_N):",
+        "        offs_n = kv_tile * BLOCK_N + col + offs_n0",
+    ]
+    body = [
         *_load_cols(ir, "    ", bounded=True),
-        "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
-        "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
+        "    dk = tl.zeros([SUB_N, BLOCK_D], tl.float32)",
+        "    dv = tl.zeros([SUB_N, BLOCK_DV], tl.float32)",
         "    for g in range(0, kv_group):",
         "        h = h_kv * kv_group + g",
         "        h64 = h.to(tl.int64)",
@@ -347,29 +359,28 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
     ]
     for masked in (False, True):
         ptr, idx = ("PART_T_PTR", "PART_T_IDX") if masked else ("FULL_T_PTR", "FULL_T_IDX")
-        body = [
+        body += [
+            "        # PARTIAL tiles: the mask per element." if masked else "        # FULL tiles: no mask.",
             f"        for t in range(tl.load({ptr} + {csr_row(ir, 'kv_tile', 'bhk')}), "
             f"tl.load({ptr} + {csr_row(ir, 'kv_tile', 'bhk')} + 1)):",
             f"            m_start = tl.load({idx} + t) * BLOCK_M",
-            "            for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time",
+            "            for sub in range(0, BLOCK_M, SUB_M):",
             "                offs_m = m_start + sub + offs_m0",
             *_load_rows(ir, "                "),
             *_row_vectors(score, "                "),
             # Without a bias, padding rows (q = 0, lse = -inf) have p = 0 exactly; a bias may be nan there.
-            *("        " + x for x in _logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None)),
+            *indent(_logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None), "        "),
             '                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)',
             '                dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)',
         ]
-        lines += ["        # PARTIAL tiles: the mask per element." if masked else "        # FULL tiles: no mask.", *body]
-    return lines + [
+    body += [
         "",
-        "    DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh",
-        "    DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh",
         "    tl.store(DK_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),",
         "             mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM))",
         "    tl.store(DV_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),",
         "             mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V))",
     ]
+    return lines + indent(body)
 
 
 def emit_backward(ir: N.Attention) -> list[list[str]]:

@@ -58,16 +58,18 @@ def dot_precision(dtype) -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def launch_config(kernel: str, arch: int | None, head_dim: int) -> tuple[int, int]:
+def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16") -> tuple[int, int]:
     """(num_warps, num_stages) of a kernel, chosen statically from the reports (bench/results/
     kernel-quality-*.md): the forward takes 4 warps up to head dim 64 and 8 above (with 4, its
     accumulator leaves no registers at D = 128 and spills); the backward kernels hold more tiles
     live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV and
     above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
-    240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory. `arch` None: no GPU (the interpreter ignores both)."""
+    240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory, and 1 for
+    the float32 backward above D = 64 (more spilled 4-32 bytes for some specs). `arch` None: no
+    GPU (the interpreter ignores both)."""
     warps = 4 if kernel == "fwd" and head_dim <= 64 else 8
     stages = 2 if kernel == "dkdv" or head_dim > 128 else 3
-    if head_dim > 128 and (arch or 90) < 90:
+    if head_dim > 128 and (arch or 90) < 90 or kernel != "fwd" and head_dim > 64 and dtype_name(dtype) == "fp32":
         stages = 1
     return warps, stages
 
@@ -89,18 +91,33 @@ def tuned(cache_dir: Path, module: str, tiles: tuple[int, int], arch: int, dtype
         return None  # none, or not ours: the static launch config applies
 
 
-def sub_rows(kernel: str, arch: int | None, head_dim: int, block_m: int, tables: bool = False) -> int:
-    """Rows of a q tile the backward kernels take at a time (SUB_M), where whole 64-row tiles
-    leave too few registers (bench/results/kernel-quality-*.md):
-    - dK/dV: 32 above head dim 64 (dK, dV, K, V and the [64, 64] score tiles spilled at D = 128
-      on sm_90 and at D = 256 everywhere);
-    - dQ: 32 above head dim 128 (it spilled 16-68 bytes at D = 256), and when it also sums bias
-      table gradients (`tables`: the per-entry loop over the tile spilled 100-1,000 bytes).
-    Else the whole tile. Any power of two dividing BLOCK_M gives the same sums in the same order
-    (dQ rows are independent; table entries are summed tile by tile in schedule order either way)."""
-    if kernel == "dkdv":
-        return min(block_m, 32) if head_dim > 64 else block_m
-    return min(block_m, 32) if head_dim > 128 or tables else block_m
+def sub_tiles(kernel: str, arch: int | None, dtype, head_dim: int, block_m: int, block_n: int,
+              tables: bool = False, bias: bool = False) -> tuple[int, int]:
+    """(SUB_M, SUB_N): rows of a q tile and columns of a kv tile a kernel takes at a time, where
+    whole 64 x 64 tiles leave too few registers (bench/results/kernel-quality-*.md). 16-bit:
+    - forward: whole tiles; 32 columns above head dim 128 with a logit `bias` (Swin's spilled);
+    - dQ: 16 x 32 above head dim 128 (it spilled 4-68 bytes at D = 256 in larger pieces), and
+      32 rows when it also sums bias table gradients (`tables`: the per-entry loop over the
+      tile spilled 100-1,000 bytes);
+    - dK/dV: 32 rows above head dim 64 (it spilled at D = 128 on sm_90, at D = 256 everywhere);
+      32 columns up to D = 64 below sm_90 (8-32 bytes of spills on sm_80 for 6 of the specs).
+    float32 operands take twice the registers (3xTF32 splits each in two): forward 32 x 32 (16 x
+    32 above D = 64); dQ and dK/dV 16 rows, 32 columns up to D = 64 and 16 above. No GPU
+    (`arch` None: the interpreter): whole tiles. Pieces are powers of two dividing the tile, and
+    the sums run in the same order either way (rows are independent; columns and table entries
+    are summed piece by piece in schedule order)."""
+    if arch is None:
+        return block_m, block_n
+    if dtype_name(dtype) == "fp32":
+        m, n = {"fwd": (32 if head_dim <= 64 else 16, 32), "dq": (16, 32 if head_dim <= 64 else 16),
+                "dkdv": (16, 32 if head_dim <= 64 else 16)}[kernel]
+    elif kernel == "fwd":
+        m, n = block_m, (32 if head_dim > 128 and bias else block_n)
+    elif kernel == "dq":
+        m, n = (16, 32) if head_dim > 128 else ((32 if tables else block_m), block_n)
+    else:
+        m, n = (32 if head_dim > 64 else block_m), (32 if head_dim <= 64 and arch < 90 else block_n)
+    return min(m, block_m), min(n, block_n)
 
 
 def launch_values(ir: N.Attention, kernel: str, head_dim: int, values: dict | None) -> dict[str, int]:
@@ -172,8 +189,8 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
                flags: dict | None = None, values: dict | None = None) -> list[dict]:
     """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
     'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop, in program
-    order), cubin (bytes), for the backward kernels sub_m (`sub_rows`: below 64, sm_90 runs
-    their matmuls as mma, wgmma needing 64 rows per warp group), and with sass=True the SASS text. float32 follows
+    order), cubin (bytes), sub_m and sub_n (`sub_tiles`: below 64 rows, sm_90 runs the matmuls
+    as mma, wgmma needing 64 rows per warp group), and with sass=True the SASS text. float32 follows
     torch.get_float32_matmul_precision(), as the launch does; warps and stages are the launch's
     (`launch_config`) unless given. Arguments are specialised as a launch on contiguous tensors
     with `values` (the binding's sizes and parameters) specialises them (`signature`)."""
@@ -187,7 +204,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
     precision = dot_precision(getattr(torch, {v: k for k, v in DTYPES.items()}[dtype]))
     configs = {}
     for kernel in KERNELS:
-        warps, stages = launch_config(kernel, arch, head_dim)
+        warps, stages = launch_config(kernel, arch, head_dim, dtype)
         configs[kernel] = (num_warps or warps, num_stages or stages)
     job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                configs=configs, precision=precision, flags=flags or {}, values=values or {})
@@ -208,9 +225,9 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
     else:
         compiled = _compile_all(job, ir)
     rows = [describe(KERNELS[kernel], entry, *configs[kernel], sass) for kernel, entry in compiled.items()]
-    for kernel, row in zip(compiled, rows):
-        if kernel != "fwd":  # rows of a q tile the kernel takes at a time
-            row["sub_m"] = sub_rows(kernel, arch, head_dim, block_m, bool(abi.grad_tables(ir)))
+    for kernel, row in zip(compiled, rows):  # the pieces of a tile the kernel takes at a time
+        row["sub_m"], row["sub_n"] = sub_tiles(kernel, arch, dtype, head_dim, block_m, block_n,
+                                               bool(abi.grad_tables(ir)), ir.score.logit_bias is not None)
     return rows
 
 
@@ -232,8 +249,9 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     out = {}
     for kernel, name in KERNELS.items():
         flags = dict(job.get("flags") or {})
-        if kernel != "fwd":
-            flags["SUB_M"] = sub_rows(kernel, job["arch"], job["head_dim"], job["block_m"], bool(abi.grad_tables(ir)))
+        flags["SUB_M"], flags["SUB_N"] = sub_tiles(kernel, job["arch"], job["dtype"], job["head_dim"], job["block_m"],
+                                                   job["block_n"], bool(abi.grad_tables(ir)),
+                                                   ir.score.logit_bias is not None)
         sig, const, attrs = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
                                       job["precision"], flags, job.get("values"))
         k = triton.compile(ASTSource(getattr(module, name), sig, const, attrs),

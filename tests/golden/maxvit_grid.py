@@ -49,7 +49,7 @@ def attnc_fwd(
     n_heads, kv_group, Nq, Nk, head_dim,
     p_H, p_W, p_G,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, POS_SCALE: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
@@ -75,110 +75,105 @@ def attnc_fwd(
     K_base = K + b64 * stride_kb + h_kv64 * stride_kh
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
     O_base = Out + b64 * stride_ob + h64 * stride_oh
-    offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, SUB_M)
+    offs_n0 = tl.arange(0, SUB_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if ADDR64:
-        offs_m, offs_n0 = offs_m.to(tl.int64), offs_n0.to(tl.int64)
+        offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)
         offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
-    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    q_i = offs_m[:, None]
-    if Q_PERMUTED:
-        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        q_i = q_i.to(tl.int64)
-    # qp0 = q.y % (H // G)
-    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp0 = qp0.to(tl.int64)
-    # qp1 = q.x % (W // G)
-    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-    if INT64:
-        qp1 = qp1.to(tl.int64)
-    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-
-    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
-    lo = tl.load(FULL_PTR + q_tile)
-    hi = tl.load(FULL_PTR + q_tile + 1)
-    for t in range(lo, hi):
-        kv_tile = tl.load(FULL_IDX + t)
-        offs_n = kv_tile * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if not POS_SCALE:  # else the scale comes after the max, in exp2's FMA (FlashAttention-2)
-            s = s * row_scale[:, None]
-        if POS_SCALE:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-        alpha = tl.math.exp2(m_i - m_use)
-        if POS_SCALE:
-            p = tl.math.exp2(s * row_scale[:, None] - m_use[:, None])
-        else:
-            p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
-    lo = tl.load(PART_PTR + q_tile)
-    hi = tl.load(PART_PTR + q_tile + 1)
-    for t in range(lo, hi):
-        kv_tile = tl.load(PART_IDX + t)
-        offs_n = kv_tile * BLOCK_N + offs_n0
-        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if not POS_SCALE:  # else the scale comes after the max, in exp2's FMA (FlashAttention-2)
-            s = s * row_scale[:, None]
-        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
-        if KV_PERMUTED:
-            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+    # The q tile SUB_M rows at a time, each kv tile SUB_N columns at a time (codegen/target.sub_tiles:
+    # smaller pieces where whole tiles would spill registers; else one pass, which Triton folds away).
+    for sub in range(0, BLOCK_M, SUB_M):
+        offs_m = q_tile * BLOCK_M + sub + offs_m0
+        q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        q_i = offs_m[:, None]
+        if Q_PERMUTED:
+            q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
         if INT64:
-            k_i = k_i.to(tl.int64)
-        # kp0 = k.y % (H // G)
-        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            q_i = q_i.to(tl.int64)
+        # qp0 = q.y % (H // G)
+        qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
         if INT64:
-            kp0 = kp0.to(tl.int64)
-        # kp1 = k.x % (W // G)
-        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+            qp0 = qp0.to(tl.int64)
+        # qp1 = q.x % (W // G)
+        qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
         if INT64:
-            kp1 = kp1.to(tl.int64)
-        keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_G, INT64, qp0, qp1, kp0, kp1)
-        s = tl.where(keep, s, float("-inf"))
-        if POS_SCALE:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        if POS_SCALE:
-            p = tl.math.exp2(s * row_scale[:, None] - m_use[:, None])
-        else:
-            p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+            qp1 = qp1.to(tl.int64)
+        row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+        # A positive row scale (POS_SCALE: the launcher checks every row) is applied after the row
+        # maximum, inside exp2's FMA, as FlashAttention-2 does; another one before (a factor 1.0 folds away).
+        ones = tl.full([SUB_M], 1.0, tl.float32)
+        scale_before = ones if POS_SCALE else row_scale
+        scale_after = row_scale if POS_SCALE else ones
+        m_i = tl.full([SUB_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([SUB_M], tl.float32)
+        acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)
 
-    # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    stat = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Stat + bh.to(tl.int64) * Nq + offs_m, stat, mask=offs_m < Nq)
+        # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
+        lo = tl.load(FULL_PTR + q_tile)
+        hi = tl.load(FULL_PTR + q_tile + 1)
+        for t in range(lo, hi):
+            kv_tile = tl.load(FULL_IDX + t)
+            for col in range(0, BLOCK_N, SUB_N):
+                offs_n = kv_tile * BLOCK_N + col + offs_n0
+                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_before[:, None]
+                m_new = tl.maximum(m_i, tl.max(s, 1) * scale_after)
+                m_use = m_new
+                alpha = tl.math.exp2(m_i - m_use)
+                p = tl.math.exp2(s * scale_after[:, None] - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+        # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
+        lo = tl.load(PART_PTR + q_tile)
+        hi = tl.load(PART_PTR + q_tile + 1)
+        for t in range(lo, hi):
+            kv_tile = tl.load(PART_IDX + t)
+            for col in range(0, BLOCK_N, SUB_N):
+                offs_n = kv_tile * BLOCK_N + col + offs_n0
+                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_before[:, None]
+                k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
+                if KV_PERMUTED:
+                    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    k_i = k_i.to(tl.int64)
+                # kp0 = k.y % (H // G)
+                kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    kp0 = kp0.to(tl.int64)
+                # kp1 = k.x % (W // G)
+                kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    kp1 = kp1.to(tl.int64)
+                keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_G, INT64, qp0, qp1, kp0, kp1)
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * scale_after)
+                # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_use)
+                p = tl.math.exp2(s * scale_after[:, None] - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+        # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        stat = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
+        tl.store(Stat + bh.to(tl.int64) * Nq + offs_m, stat, mask=offs_m < Nq)
 
 
 @triton.jit
@@ -194,7 +189,7 @@ def attnc_bwd_dq(
     n_heads, kv_group, Nq, Nk, head_dim,
     p_H, p_W, p_G,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
@@ -213,15 +208,17 @@ def attnc_bwd_dq(
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
     DO_base = DO + b64 * stride_dob + h64 * stride_doh
     DQ_base = DQ + b64 * stride_dqb + h64 * stride_dqh
-    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    # The q tile SUB_M rows at a time, each kv tile SUB_N columns at a time (codegen/target.sub_tiles:
+    # smaller pieces where whole tiles would spill registers; else one pass, which Triton folds away).
+    offs_m0 = tl.arange(0, SUB_M)
+    offs_n0 = tl.arange(0, SUB_N)
     if ADDR64:
         offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if ADDR64:
         offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
-    for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
+    for sub in range(0, BLOCK_M, SUB_M):
         offs_m = q_tile * BLOCK_M + sub + offs_m0
         q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -249,56 +246,60 @@ def attnc_bwd_dq(
 
         # FULL tiles: no mask, no bounds checks.
         for t in range(tl.load(FULL_PTR + q_tile), tl.load(FULL_PTR + q_tile + 1)):
-            offs_n = tl.load(FULL_IDX + t) * BLOCK_N + offs_n0
-            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            k_i = offs_n[None, :]
-            if KV_PERMUTED:
-                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-            if INT64:
-                k_i = k_i.to(tl.int64)
-            # kp0 = k.y % (H // G)
-            kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-            if INT64:
-                kp0 = kp0.to(tl.int64)
-            # kp1 = k.x % (W // G)
-            kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-            if INT64:
-                kp1 = kp1.to(tl.int64)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p = tl.exp(s - stat_safe[:, None])
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+            n_start = tl.load(FULL_IDX + t) * BLOCK_N
+            for col in range(0, BLOCK_N, SUB_N):
+                offs_n = n_start + col + offs_n0
+                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                k_i = offs_n[None, :]
+                if KV_PERMUTED:
+                    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    k_i = k_i.to(tl.int64)
+                # kp0 = k.y % (H // G)
+                kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    kp0 = kp0.to(tl.int64)
+                # kp1 = k.x % (W // G)
+                kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    kp1 = kp1.to(tl.int64)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                p = tl.exp(s - stat_safe[:, None])
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
         # PARTIAL tiles: the mask per element.
         for t in range(tl.load(PART_PTR + q_tile), tl.load(PART_PTR + q_tile + 1)):
-            offs_n = tl.load(PART_IDX + t) * BLOCK_N + offs_n0
-            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            k_i = offs_n[None, :]
-            if KV_PERMUTED:
-                k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-            if INT64:
-                k_i = k_i.to(tl.int64)
-            # kp0 = k.y % (H // G)
-            kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-            if INT64:
-                kp0 = kp0.to(tl.int64)
-            # kp1 = k.x % (W // G)
-            kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-            if INT64:
-                kp1 = kp1.to(tl.int64)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-            keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_G, INT64, qp0, qp1, kp0, kp1)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+            n_start = tl.load(PART_IDX + t) * BLOCK_N
+            for col in range(0, BLOCK_N, SUB_N):
+                offs_n = n_start + col + offs_n0
+                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                k_i = offs_n[None, :]
+                if KV_PERMUTED:
+                    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    k_i = k_i.to(tl.int64)
+                # kp0 = k.y % (H // G)
+                kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    kp0 = kp0.to(tl.int64)
+                # kp1 = k.x % (W // G)
+                kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    kp1 = kp1.to(tl.int64)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_G, INT64, qp0, qp1, kp0, kp1)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
 
         tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
@@ -318,7 +319,7 @@ def attnc_bwd_dkdv(
     n_heads, kv_group, Nq, Nk, head_dim,
     p_H, p_W, p_G,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
@@ -334,110 +335,114 @@ def attnc_bwd_dkdv(
     b64, h_kv64 = b.to(tl.int64), h_kv.to(tl.int64)
     K_base = K + b64 * stride_kb + h_kv64 * stride_kh
     V_base = V + b64 * stride_vb + h_kv64 * stride_vh
-    offs_n = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, SUB_M)  # a q tile is taken SUB_M rows at a time (fewer live registers)
+    # The kv tile SUB_N columns at a time, each q tile SUB_M rows at a time (codegen/target.sub_tiles:
+    # smaller pieces where whole tiles would spill registers; else one pass, which Triton folds away).
+    offs_n0 = tl.arange(0, SUB_N)
+    offs_m0 = tl.arange(0, SUB_M)
     if ADDR64:
-        offs_n, offs_m0 = offs_n.to(tl.int64), offs_m0.to(tl.int64)
+        offs_n0, offs_m0 = offs_n0.to(tl.int64), offs_m0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if ADDR64:
         offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
-    k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    k_i = offs_n[None, :]
-    if KV_PERMUTED:
-        k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        k_i = k_i.to(tl.int64)
-    # kp0 = k.y % (H // G)
-    kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp0 = kp0.to(tl.int64)
-    # kp1 = k.x % (W // G)
-    kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
-    if INT64:
-        kp1 = kp1.to(tl.int64)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for g in range(0, kv_group):
-        h = h_kv * kv_group + g
-        h64 = h.to(tl.int64)
-        bh64 = b64 * n_heads + h64
-        Q_base = Q + b64 * stride_qb + h64 * stride_qh
-        DO_base = DO + b64 * stride_dob + h64 * stride_doh
-        # FULL tiles: no mask.
-        for t in range(tl.load(FULL_T_PTR + kv_tile), tl.load(FULL_T_PTR + kv_tile + 1)):
-            m_start = tl.load(FULL_T_IDX + t) * BLOCK_M
-            for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
-                offs_m = m_start + sub + offs_m0
-                q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-                do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                             mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-                q_i = offs_m[:, None]
-                if Q_PERMUTED:
-                    q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-                if INT64:
-                    q_i = q_i.to(tl.int64)
-                # qp0 = q.y % (H // G)
-                qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-                if INT64:
-                    qp0 = qp0.to(tl.int64)
-                # qp1 = q.x % (W // G)
-                qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-                if INT64:
-                    qp1 = qp1.to(tl.int64)
-                row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-                stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
-                # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
-                stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
-                delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                p = tl.exp(s - stat_safe[:, None])
-                ds = p * (dp - delta[:, None])
-                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-                dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
-        # PARTIAL tiles: the mask per element.
-        for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
-            m_start = tl.load(PART_T_IDX + t) * BLOCK_M
-            for sub in range(0, BLOCK_M, SUB_M):  # not unrolled: one sub-tile live at a time
-                offs_m = m_start + sub + offs_m0
-                q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-                do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                             mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-                q_i = offs_m[:, None]
-                if Q_PERMUTED:
-                    q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
-                if INT64:
-                    q_i = q_i.to(tl.int64)
-                # qp0 = q.y % (H // G)
-                qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-                if INT64:
-                    qp0 = qp0.to(tl.int64)
-                # qp1 = q.x % (W // G)
-                qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
-                if INT64:
-                    qp1 = qp1.to(tl.int64)
-                row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-                stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
-                # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
-                stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
-                delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-                keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_G, INT64, qp0, qp1, kp0, kp1)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
-                ds = p * (dp - delta[:, None])
-                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-                dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
-
     DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
     DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh
-    tl.store(DK_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
-             mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V))
+    for col in range(0, BLOCK_N, SUB_N):
+        offs_n = kv_tile * BLOCK_N + col + offs_n0
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        k_i = offs_n[None, :]
+        if KV_PERMUTED:
+            k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            k_i = k_i.to(tl.int64)
+        # kp0 = k.y % (H // G)
+        kp0 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 0 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp0 = kp0.to(tl.int64)
+        # kp1 = k.x % (W // G)
+        kp1 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 1 + offs_n, mask=offs_n < Nk, other=0)[None, :]
+        if INT64:
+            kp1 = kp1.to(tl.int64)
+        dk = tl.zeros([SUB_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([SUB_N, BLOCK_DV], tl.float32)
+        for g in range(0, kv_group):
+            h = h_kv * kv_group + g
+            h64 = h.to(tl.int64)
+            bh64 = b64 * n_heads + h64
+            Q_base = Q + b64 * stride_qb + h64 * stride_qh
+            DO_base = DO + b64 * stride_dob + h64 * stride_doh
+            # FULL tiles: no mask.
+            for t in range(tl.load(FULL_T_PTR + kv_tile), tl.load(FULL_T_PTR + kv_tile + 1)):
+                m_start = tl.load(FULL_T_IDX + t) * BLOCK_M
+                for sub in range(0, BLOCK_M, SUB_M):
+                    offs_m = m_start + sub + offs_m0
+                    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                                 mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    q_i = offs_m[:, None]
+                    if Q_PERMUTED:
+                        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                    if INT64:
+                        q_i = q_i.to(tl.int64)
+                    # qp0 = q.y % (H // G)
+                    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                    if INT64:
+                        qp0 = qp0.to(tl.int64)
+                    # qp1 = q.x % (W // G)
+                    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                    if INT64:
+                        qp1 = qp1.to(tl.int64)
+                    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+                    stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+                    # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+                    stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+                    delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    p = tl.exp(s - stat_safe[:, None])
+                    ds = p * (dp - delta[:, None])
+                    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+                    dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
+            # PARTIAL tiles: the mask per element.
+            for t in range(tl.load(PART_T_PTR + kv_tile), tl.load(PART_T_PTR + kv_tile + 1)):
+                m_start = tl.load(PART_T_IDX + t) * BLOCK_M
+                for sub in range(0, BLOCK_M, SUB_M):
+                    offs_m = m_start + sub + offs_m0
+                    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    do = tl.load(DO_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                                 mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    q_i = offs_m[:, None]
+                    if Q_PERMUTED:
+                        q_i = tl.load(Q_ORDER + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                    if INT64:
+                        q_i = q_i.to(tl.int64)
+                    # qp0 = q.y % (H // G)
+                    qp0 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 0 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                    if INT64:
+                        qp0 = qp0.to(tl.int64)
+                    # qp1 = q.x % (W // G)
+                    qp1 = tl.load(ROW_PARTS + tl.cast(Nq, tl.int64) * 1 + offs_m, mask=offs_m < Nq, other=0)[:, None]
+                    if INT64:
+                        qp1 = qp1.to(tl.int64)
+                    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+                    stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))
+                    # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
+                    stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
+                    delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                    keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, p_G, INT64, qp0, qp1, kp0, kp1)
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+                    ds = p * (dp - delta[:, None])
+                    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+                    dk += tl.dot(tl.trans(ds * row_scale[:, None]).to(q.dtype), q, input_precision=DOT_PRECISION)
+
+        tl.store(DK_base + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+                 mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM))
+        tl.store(DV_base + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+                 mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V))

@@ -10,7 +10,6 @@ import torch
 
 from ... import limits
 from ...codegen import abi
-from ...codegen.target import sub_rows
 from ...ir import nodes as N
 from ...ir.evaluate import per_row
 from ...ir.scores import sink_logits
@@ -18,7 +17,7 @@ from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
 from .host import HostState
-from .launch import ADDR_LIMIT, _extent, common_values, device_arch, launch_options, routed, to_kernel_order
+from .launch import ADDR_LIMIT, _extent, common_values, launch_options, routed, sub_values, to_kernel_order
 
 
 def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
@@ -53,9 +52,7 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     wanted = [n for n in abi.grad_tables(ir) if want is None or ir.tensors[n].name in want]
     grads = {n: _grad_rows(ir, n, shared, B * Hq * s.q_tiles, device) for n in wanted}
     full_ptr, full_idx, part_ptr, part_idx = state.tables(device, s)
-    arch, dims = device_arch(q), max(D, v.shape[3])
-    dq_args = {**shared, "Q": q, "K": k, "V": v, "DQ": dq, **abi.stride_values("dq", dq),
-               "SUB_M": sub_rows("dq", arch, dims, int(s.block_m), bool(abi.grad_tables(ir))),
+    dq_args = {**shared, "Q": q, "K": k, "V": v, "DQ": dq, **abi.stride_values("dq", dq), **sub_values("dq", c, q, v),
                "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx}
     for n in abi.grad_tables(ir):  # a table nobody wants: a dummy buffer the kernel never touches
         rows = grads.get(n, delta.new_zeros((1, 1)))
@@ -66,7 +63,7 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
     dkdv_args = {**shared, "Q": q, "K": k, "V": v, "DK": dk, "DV": dv,
                  **abi.stride_values("dk", dk), **abi.stride_values("dv", dv),
                  "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx,
-                 "SUB_M": sub_rows("dkdv", arch, dims, int(s.block_m))}
+                 **sub_values("dkdv", c, q, v)}
     if ir.route is not None:  # the same selection as the forward's: recomputed from the same q and k
         route = state.route(s, host_ints(tensors), q, k)
         dq_args.update(routed(route, "dq"))

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ...codegen import abi
-from ...codegen.target import dot_precision, launch_config
+from ...codegen.target import dot_precision, launch_config, sub_tiles
 from ...ir import nodes as N
 from ...ir.evaluate import per_row
 from ...ir.scores import base2_logits, sink_logits, softcap_value
@@ -92,7 +92,7 @@ def launch_options(kernel: str, q, v, c: Compiled | None = None) -> dict:
         warps, stages = OVERRIDE[(c.kernel_path.stem, kernel)]
     else:
         choice = tuned_config(c, arch, q.dtype, head_dim) if c is not None else None
-        warps, stages = (choice or {}).get(kernel) or launch_config(kernel, arch, head_dim)
+        warps, stages = (choice or {}).get(kernel) or launch_config(kernel, arch, head_dim, q.dtype)
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -138,6 +138,7 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         **common_values(c, state, s, q, k, v, tensors, sink),
         "Q": q, "K": k, "V": v, "Out": out, "Stat": stat, **abi.stride_values("o", out),
         "FULL_PTR": full_ptr, "FULL_IDX": full_idx, "PART_PTR": part_ptr, "PART_IDX": part_idx,
+        **sub_values("fwd", c, q, v),
     }
     values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
     if ir.route is not None:  # the per-(batch * head) schedule of this call's selection
@@ -151,6 +152,14 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
         q_inverse = state.orders(device)[2]
         out, stat = out.index_select(2, q_inverse), stat.index_select(2, q_inverse)
     return out, stat
+
+
+def sub_values(kernel: str, c: Compiled, q: torch.Tensor, v: torch.Tensor) -> dict[str, int]:
+    """SUB_M and SUB_N of a kernel: the pieces of a tile it takes at a time (codegen/target.sub_tiles)."""
+    s, ir = c.schedule, c.spec.ir
+    pieces = sub_tiles(kernel, device_arch(q), q.dtype, max(q.shape[3], v.shape[3]), int(s.block_m), int(s.block_n),
+                       bool(abi.grad_tables(ir)), ir.score.logit_bias is not None)
+    return dict(zip(("SUB_M", "SUB_N"), pieces))
 
 
 def routed(values: dict, kernel: str) -> dict:
