@@ -206,6 +206,18 @@ def test_non_softmax_rows_that_see_nothing_output_zero(score, device):
         fn(q, k, v, return_lse=True)
 
 
+@pytest.mark.parametrize("mask", ["abs(q.i - k.i) <= 5", "abs(q.i - k.i) < 1", "abs(k.i - q.i) < 0",
+                                  "abs(q.i - 2 * k.i + 3) <= 0", "abs(q.i - k.i) <= 7 and abs(q.i % 5 - k.i % 5) < 3"])
+def test_abs_bounds_against_the_reference(mask, device):
+    """`abs(x) <= c` and `abs(x) < c` compile to one unsigned comparison (codegen/emit._ABS_LE);
+    x negative, zero and positive, c = 0, and `< 0` (never true) against the reference."""
+    spec = f"attention a(N) {{ q, kv = seq(N) mask = {mask} }}"
+    fn = attnc.compile(spec, tiles=(16, 16), N=37)
+    ref = attnc.compile(spec, backend="reference", N=37)
+    assert torch.equal(fn.mask(), ref.mask())
+    _check(fn, *_qkv(37, 37, device=device))
+
+
 @pytest.mark.parametrize("scale", ["0.0", "-0.7", "log(n_visible) / 2.0 - 1.0"])
 def test_softmax_scale_that_is_not_positive(scale, device):
     """A positive row scale is applied after the maximum (POS_SCALE, in exp2's FMA); a zero or

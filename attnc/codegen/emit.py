@@ -15,7 +15,7 @@ from ..ir.evaluate import per_row
 from ..ir.printer import format_score
 from ..ir.scores import base2_logits
 from . import abi
-from .pairs import emit_pair_function, emit_visible, pair_call
+from .pairs import abs_bound, emit_pair_function, emit_visible, pair_call
 from .parts import bounding_part, load_lines, pair_exprs
 
 LOG2E = "1.4426950408889634"
@@ -23,7 +23,7 @@ LN2 = "0.6931471805599453"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _prelude(score: N.Score, windows: bool, routed: bool) -> list[str]:
+def _prelude(score: N.Score, windows: bool, routed: bool, abs_tests: bool = False) -> list[str]:
     lines = [
         "@triton.jit",
         "def _floordiv(a, b):",
@@ -39,6 +39,8 @@ def _prelude(score: N.Score, windows: bool, routed: bool) -> list[str]:
     ]
     if windows:
         lines += ["", "", *_IN_RANGE]
+    if abs_tests:
+        lines += ["", "", *_ABS_LE]
     if routed:
         lines += ["", "", *_CHOSEN]
     if score.softcap is not None:
@@ -56,6 +58,17 @@ _CHOSEN = [
     "    for t in tl.static_range(ROUTE_K):",
     "        hit = hit | (tl.load(sel_row + t)[:, None] == k_grp)",
     "    return hit",
+]
+
+
+_ABS_LE = [
+    "@triton.jit",
+    "def _abs_le(x, c: tl.constexpr, INT64: tl.constexpr):",
+    '    """|x| <= c for a constant 0 <= c < 2**30: one unsigned comparison of x + c (exact for every x',
+    '    of the width, the sum taken modulo 2**32 or 2**64)."""',
+    "    if INT64:",
+    "        return (x + c).to(tl.uint64, bitcast=True) <= 2 * c",
+    "    return (x + c).to(tl.uint32, bitcast=True) <= 2 * c",
 ]
 
 
@@ -453,11 +466,15 @@ def _has_window(ir: N.Attention) -> bool:
     return any(isinstance(x, N.Window) for e in pair_exprs(ir) for x in N.walk(e))
 
 
+def _has_abs_test(ir: N.Attention) -> bool:
+    return any(abs_bound(x) is not None for e in pair_exprs(ir) for x in N.walk(e))
+
+
 def emit_forward(ir: N.Attention, header: str, backward: list[list[str]] = ()) -> str:
     """Complete module source: header comment, helpers, the mask predicate, the logit bias (when
     the spec has one), the forward kernel, then the `backward` parts (codegen/emit_bwd.py)."""
     parts = [header.strip("\n").splitlines(), ["import triton", "import triton.language as tl"],
-             _prelude(ir.score, _has_window(ir), ir.route is not None), emit_visible(ir)]
+             _prelude(ir.score, _has_window(ir), ir.route is not None, _has_abs_test(ir)), emit_visible(ir)]
     if ir.score.logit_bias is not None:
         parts.append(emit_pair_function(ir, "logit_bias", ir.score.logit_bias, "bias"))
     parts.append(emit_kernel(ir))

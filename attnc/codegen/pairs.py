@@ -96,6 +96,9 @@ class _Emitter:
         return n, offset, inside
 
     def emit_inline(self, e: N.Expr) -> str:
+        c = abs_bound(e)
+        if c is not None:  # |x| <= c as one unsigned comparison (codegen/emit._ABS_LE)
+            return f"_abs_le({self.emit(e.lhs.operand)}, {c}, INT64)"
         if isinstance(e, N.Unary):
             x = self.emit(e.operand)
             if e.op == "ilog2":
@@ -122,6 +125,16 @@ class _Emitter:
         if isinstance(e, N.Call):
             return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
         return self.emit(e)
+
+
+def abs_bound(e: N.Expr) -> int | None:
+    """c when e is `abs(x) <= c` or `abs(x) < c + 1` for an integer x and a constant c >= 0."""
+    if isinstance(e, N.Binary) and e.op in ("<=", "<") and isinstance(e.lhs, N.Unary) and e.lhs.op == "abs" \
+            and e.lhs.type == N.INT and isinstance(e.rhs, N.Const) and isinstance(e.rhs.value, int) \
+            and not isinstance(e.rhs.value, bool):
+        c = e.rhs.value - (e.op == "<")
+        return c if 0 <= c < 2**30 else None
+    return None
 
 
 def varies_per_pair(e: N.Expr) -> bool:

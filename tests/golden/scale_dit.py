@@ -20,6 +20,15 @@ def _floormod(a, b):
 
 
 @triton.jit
+def _abs_le(x, c: tl.constexpr, INT64: tl.constexpr):
+    """|x| <= c for a constant 0 <= c < 2**30: one unsigned comparison of x + c (exact for every x
+    of the width, the sum taken modulo 2**32 or 2**64)."""
+    if INT64:
+        return (x + c).to(tl.uint64, bitcast=True) <= 2 * c
+    return (x + c).to(tl.uint32, bitcast=True) <= 2 * c
+
+
+@triton.jit
 def visible(q_i, k_i, h, head_dim, p_H, p_W, INT64: tl.constexpr, qp0, qp1, kp0, kp1):
     """mask = k in hi and abs(q.y - k.y) <= 8 and abs(q.x - k.x) <= 8 or k in lo
 
@@ -38,16 +47,14 @@ def visible(q_i, k_i, h, head_dim, p_H, p_W, INT64: tl.constexpr, qp0, qp1, kp0,
     k0_i = k_i
     in0 = (k0_i >= 0) & (k0_i < t0)
     t4 = (qp0 - kp0)
-    t5 = tl.abs(t4)
-    t6 = (t5 <= 8)
-    t7 = (qp1 - kp1)
-    t8 = tl.abs(t7)
-    t9 = (t8 <= 8)
-    t10 = (t6 & t9)
+    t5 = _abs_le(t4, 8, INT64)
+    t6 = (qp1 - kp1)
+    t7 = _abs_le(t6, 8, INT64)
+    t8 = (t5 & t7)
     # segment lo: grid(H // 4, W // 4)
     k1_i = k_i - t0
     in1 = (k1_i >= 0) & (k1_i < t3)
-    return (in0 & t10) | in1
+    return (in0 & t8) | in1
 
 
 @triton.jit
