@@ -218,6 +218,14 @@ def test_abs_bounds_against_the_reference(mask, device):
     _check(fn, *_qkv(37, 37, device=device))
 
 
+@pytest.mark.parametrize("mask", ["k.i + 1 == 1 << ilog2(k.i + 1)", "causal and (q.i - k.i > 0 and 1 << ilog2(q.i - k.i) == q.i - k.i)",
+                                  "q.i - k.i < 3 or (q.i > k.i and (q.i - k.i) * 3 == 1 << ilog2((q.i - k.i) * 3))"])
+def test_power_of_two_tests_against_the_reference(mask, device):
+    """`x == 1 << ilog2(x)` compiles to `x > 0 and x & (x - 1) == 0` (codegen/pairs.power_of_two_test)."""
+    spec = f"attention p(N) {{ q, kv = seq(N) mask = {mask} }}"
+    _check(attnc.compile(spec, tiles=(16, 16), N=70), *_qkv(70, 70, device=device))
+
+
 @pytest.mark.parametrize("scale", ["0.0", "-0.7", "log(n_visible) / 2.0 - 1.0"])
 def test_softmax_scale_that_is_not_positive(scale, device):
     """A positive row scale is applied after the maximum (POS_SCALE, in exp2's FMA); a zero or

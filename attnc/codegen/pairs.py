@@ -99,6 +99,10 @@ class _Emitter:
         c = abs_bound(e)
         if c is not None:  # |x| <= c as one unsigned comparison (codegen/emit._ABS_LE)
             return f"_abs_le({self.emit(e.lhs.operand)}, {c}, INT64)"
+        x = power_of_two_test(e)
+        if x is not None:  # x == 1 << ilog2(x): x a power of two, without the bit-length search
+            v = self.emit(x)
+            return f"(({v} > 0) & (({v} & ({v} - 1)) == 0))"
         if isinstance(e, N.Unary):
             x = self.emit(e.operand)
             if e.op == "ilog2":
@@ -134,6 +138,19 @@ def abs_bound(e: N.Expr) -> int | None:
             and not isinstance(e.rhs.value, bool):
         c = e.rhs.value - (e.op == "<")
         return c if 0 <= c < 2**30 else None
+    return None
+
+
+def power_of_two_test(e: N.Expr) -> N.Expr | None:
+    """x when e is `x == 1 << ilog2(x)` (either side): true iff x is a power of two (x <= 0 has
+    ilog2 0 in the kernels, and 1 != x there), which `x > 0 and x & (x - 1) == 0` says in four
+    instructions where ilog2's search takes two dozen."""
+    if not (isinstance(e, N.Binary) and e.op == "=="):
+        return None
+    for x, p in ((e.lhs, e.rhs), (e.rhs, e.lhs)):
+        if isinstance(p, N.Binary) and p.op == "<<" and p.lhs == N.Const(1) and isinstance(p.rhs, N.Unary) \
+                and p.rhs.op == "ilog2" and p.rhs.operand == x:
+            return x
     return None
 
 

@@ -34,29 +34,11 @@ def visible(q_i, k_i, h, head_dim, p_N, p_W, INT64: tl.constexpr):
     t1 = (q_i - k_i)
     t2 = (t1 < p_W)
     t3 = (t1 > 0)
-    t4 = tl.where(((t1 >> 16) >> 16) > 0, 32, 0)
-    t5 = t1 >> t4
-    t6 = tl.where(t5 >= 65536, 16, 0)
-    t7 = t5 >> t6
-    t8 = t4 + t6
-    t9 = tl.where(t7 >= 256, 8, 0)
-    t10 = t7 >> t9
-    t11 = t8 + t9
-    t12 = tl.where(t10 >= 16, 4, 0)
-    t13 = t10 >> t12
-    t14 = t11 + t12
-    t15 = tl.where(t13 >= 4, 2, 0)
-    t16 = t13 >> t15
-    t17 = t14 + t15
-    t18 = tl.where(t16 >= 2, 1, 0)
-    t19 = t17 + t18
-    t20 = t19
-    t21 = (1 << tl.minimum(tl.maximum(t20, 0), 31))
-    t22 = (t1 == t21)
-    t23 = (t3 & t22)
-    t24 = (t2 | t23)
-    t25 = (t0 & t24)
-    return t25
+    t4 = ((t1 > 0) & ((t1 & (t1 - 1)) == 0))
+    t5 = (t3 & t4)
+    t6 = (t2 | t5)
+    t7 = (t0 & t6)
+    return t7
 
 
 @triton.jit
