@@ -33,20 +33,23 @@ def explain(c: Compiled, sections=None) -> str:
             f"integer width in kernel: {'int64' if c.int64 else 'int32'}",
         ]
     if "kernel" in sections and c.kernel_source is not None:
-        out += [_rule("launch config on a GPU (warps x stages, codegen/target.launch_config)"),
-                *launch_lines(), *tuned_lines(c),
+        out += [_rule("launch config on a GPU, 16-bit inputs (warps x stages, codegen/target.launch_config)"),
+                *launch_lines(c), *tuned_lines(c),
                 _rule(f"generated kernels ({c.kernel_path})"), c.kernel_source.rstrip()]
     return "\n".join(out)
 
 
-def launch_lines() -> list[str]:
+def launch_lines(c) -> list[str]:
+    """Warps x stages per kernel for 16-bit inputs on sm_90 and sm_80 (codegen/target.launch_config)."""
     from .codegen.target import KERNELS, launch_config
 
+    block_m, bias = c.schedule.block_m if c.schedule else 64, c.spec.ir.score.logit_bias is not None
     lines = []
     for kernel, name in KERNELS.items():
-        cells = [f"D={d}: {'x'.join(map(str, launch_config(kernel, arch, d)))}" for arch, d in
-                 ((90, 64), (90, 128), (90, 256), (80, 256))]
-        lines.append(f"{name:16} sm_90 {', '.join(cells[:3])}; sm_80 {cells[3]} (else as sm_90)")
+        per_arch = ["sm_%d %s" % (arch, ", ".join(
+            f"D={d}: {'x'.join(map(str, launch_config(kernel, arch, d, 'bf16', block_m, bias)))}"
+            for d in (64, 128, 256))) for arch in (90, 80)]
+        lines.append(f"{name:16} {'; '.join(per_arch)}")
     return lines
 
 

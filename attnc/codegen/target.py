@@ -58,16 +58,22 @@ def dot_precision(dtype) -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16") -> tuple[int, int]:
+def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", block_m: int = 64,
+                  bias: bool = False) -> tuple[int, int]:
     """(num_warps, num_stages) of a kernel, chosen statically from the reports (bench/results/
     kernel-quality-*.md): the forward takes 4 warps up to head dim 64 and 8 above (with 4, its
-    accumulator leaves no registers at D = 128 and spills); the backward kernels hold more tiles
+    accumulator leaves no registers at D = 128 on sm_80). On sm_90 a wgmma warp group takes 64
+    rows: 8 warps on a 64-row tile make both warp groups compute the same tile (twice the MUFU
+    and HGMMA instructions per tile), so there the 16-bit forward takes 4 warps up to D = 128 on
+    64-row tiles, unless a logit `bias` (gathered per element) spills with 4 (float32 takes
+    16-row pieces, as mma, and keeps 8). The backward kernels hold more tiles
     live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV and
     above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
     240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory, and 1 for
     the float32 backward above D = 64 (more spilled 4-32 bytes for some specs). `arch` None: no
     GPU (the interpreter ignores both)."""
-    warps = 4 if kernel == "fwd" and head_dim <= 64 else 8
+    hopper_4 = (arch or 0) >= 90 and head_dim <= 128 and block_m <= 64 and not bias and dtype_name(dtype) != "fp32"
+    warps = 4 if kernel == "fwd" and (head_dim <= 64 or hopper_4) else 8
     stages = 2 if kernel == "dkdv" or head_dim > 128 else 3
     if head_dim > 128 and (arch or 90) < 90 or kernel != "fwd" and head_dim > 64 and dtype_name(dtype) == "fp32":
         stages = 1
@@ -204,7 +210,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
     precision = dot_precision(getattr(torch, {v: k for k, v in DTYPES.items()}[dtype]))
     configs = {}
     for kernel in KERNELS:
-        warps, stages = launch_config(kernel, arch, head_dim, dtype)
+        warps, stages = launch_config(kernel, arch, head_dim, dtype, block_m, ir.score.logit_bias is not None)
         configs[kernel] = (num_warps or warps, num_stages or stages)
     job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                configs=configs, precision=precision, flags=flags or {}, values=values or {})

@@ -92,7 +92,9 @@ def launch_options(kernel: str, q, v, c: Compiled | None = None) -> dict:
         warps, stages = OVERRIDE[(c.kernel_path.stem, kernel)]
     else:
         choice = tuned_config(c, arch, q.dtype, head_dim) if c is not None else None
-        warps, stages = (choice or {}).get(kernel) or launch_config(kernel, arch, head_dim, q.dtype)
+        warps, stages = (choice or {}).get(kernel) or launch_config(
+            kernel, arch, head_dim, q.dtype, c.schedule.block_m if c else 64,
+            c is not None and c.spec.ir.score.logit_bias is not None)
     return {"num_warps": warps, "num_stages": stages}
 
 
