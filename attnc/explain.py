@@ -43,14 +43,12 @@ def launch_lines(c) -> list[str]:
     """Warps x stages per kernel for 16-bit inputs on sm_90 and sm_80 (codegen/target.launch_config)."""
     from .codegen.target import KERNELS, launch_config
 
-    block_m, bias = c.schedule.block_m if c.schedule else 64, c.spec.ir.score.logit_bias is not None
-    lines = []
-    for kernel, name in KERNELS.items():
-        per_arch = ["sm_%d %s" % (arch, ", ".join(
-            f"D={d}: {'x'.join(map(str, launch_config(kernel, arch, d, 'bf16', block_m, bias)))}"
-            for d in (64, 128, 256))) for arch in (90, 80)]
-        lines.append(f"{name:16} {'; '.join(per_arch)}")
-    return lines
+    def cell(kernel: str, arch: int, d: int) -> str:
+        warps, stages = launch_config(kernel, arch, d, "bf16", c.schedule.block_m, c.spec.ir)
+        return f"D={d}: {warps}x{stages}"
+
+    return [f"{name:16} " + "; ".join(f"sm_{arch} " + ", ".join(cell(kernel, arch, d) for d in (64, 128, 256))
+                                      for arch in (90, 80)) for kernel, name in KERNELS.items()]
 
 
 def tuned_lines(c) -> list[str]:

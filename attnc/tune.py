@@ -38,7 +38,7 @@ def _static(fn, arch: int, dtype, head_dim: int, progress) -> dict:
             reports[(r["kernel"], w, st)] = r
     out = {}
     for kernel, name in KERNELS.items():
-        default = launch_config(kernel, arch, head_dim, dtype, fn.schedule.block_m, fn.ir.score.logit_bias is not None)
+        default = launch_config(kernel, arch, head_dim, dtype, fn.schedule.block_m, fn.ir)
 
         def rank(c, name=name, default=default):
             r = reports[(name, *c)]

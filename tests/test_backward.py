@@ -591,6 +591,6 @@ def test_kernels_take_tiles_in_pieces(spec, params, kw, device, monkeypatch):
     dims); forced here for all three at head dim 16: 64 x 32 tiles in 16 x 16 pieces."""
     from attnc.backends.triton import launch
 
-    monkeypatch.setattr(launch, "sub_tiles", lambda kernel, arch, dtype, head_dim, block_m, block_n, tables=False, bias=False:
+    monkeypatch.setattr(launch, "sub_tiles", lambda kernel, arch, dtype, head_dim, block_m, block_n, ir:
                         (min(block_m, 16), min(block_n, 16)))
     _check(SPECS / f"{spec}.attn", params, torch.float32, device, tiles=(64, 32), **kw)

@@ -314,10 +314,8 @@ def _logits(ir: N.Attention, masked: bool) -> list[str]:
     softmax without a bias, whose row scale or soft-cap factor includes log2(e))."""
     score = ir.score
     call = pair_call(ir)
-    if base2_logits(score):
-        lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_before[:, None]']
-    else:
-        lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
+    scale = "scale_before" if base2_logits(score) else "row_scale"
+    lines = [f'        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * {scale}[:, None]']
     lines += route_cols(ir, "        ")
     if masked or score.logit_bias is not None:
         lines += [

@@ -110,7 +110,6 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
     over rows, so padding rows must add exact zeros even where a bias is not finite there)."""
     score = ir.score
     call = pair_call(ir)
-    r, c = "[:, None]", "[None, :]"  # a per-query and a per-key vector against the tile
     lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
@@ -119,26 +118,26 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
                   "        s = t_cap * softcap",
                   "        d_cap = 1.0 - t_cap * t_cap  # d cap*tanh(z/cap) / dz"]
     if masked:
-        lines.append(f"        keep = {keep_expr(ir, True, f'(offs_m{r} < Nq) & (offs_n{c} < Nk)')}")
+        lines.append(f"        keep = {keep_expr(ir, True, '(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)')}")
     elif rows:
-        lines.append(f"        keep = {keep_expr(ir, False, f'(offs_m{r} < Nq) & (offs_n{c} >= 0)')}")
+        lines.append(f"        keep = {keep_expr(ir, False, '(offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)')}")
     elif ir.route is not None:
         lines.append(f"        keep = {keep_expr(ir, False, '')}")
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked or rows else (lambda x: x)
     lines.append('        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)')
     if score.kind == "softmax":
-        lines += [f"        p = {hide(f'tl.exp(s - stat_safe{r})')}",
-                  f"        ds = p * (dp - delta{r})"]
+        lines += [f"        p = {hide('tl.exp(s - stat_safe[:, None])')}",
+                  "        ds = p * (dp - delta[:, None])"]
     elif score.kind == "sigmoid":
-        lines += [f"        x = s + row_bias{r}",
+        lines += ["        x = s + row_bias[:, None]",
                   f"        p = {hide('tl.sigmoid(x)')}",
                   "        ds = dp * p * tl.sigmoid(-x)  # sigmoid' = sigmoid(x) sigmoid(-x), no cancellation"]
     else:  # softplus: w = softplus(s) / L, dw/ds = sigmoid(s) / L, both in log space
         lines.append("        log2_sp, l1p = _log2_softplus(s)  # log sigmoid(s) = min(s, 0) - l1p")
         if weights:
-            lines.append(f"        p = {hide(f'tl.math.exp2(log2_sp - stat_safe{r} * {LOG2E})')}")
-        lines.append(f"        ds = (dp - delta{r}) * {hide(f'tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe{r})')}")
+            lines.append(f"        p = {hide(f'tl.math.exp2(log2_sp - stat_safe[:, None] * {LOG2E})')}")
+        lines.append(f"        ds = (dp - delta[:, None]) * {hide('tl.exp(tl.minimum(s, 0.0) - l1p - stat_safe[:, None])')}")
     if score.softcap is not None:
         lines.append("        ds = ds * d_cap")
     if (masked or rows) and score.logit_bias is not None and (score.softcap is not None or score.kind != "softmax"):

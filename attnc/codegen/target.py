@@ -59,19 +59,20 @@ def dot_precision(dtype) -> str:
 
 
 def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", block_m: int = 64,
-                  bias: bool = False) -> tuple[int, int]:
+                  ir: N.Attention | None = None) -> tuple[int, int]:
     """(num_warps, num_stages) of a kernel, chosen statically from the reports (bench/results/
     kernel-quality-*.md): the forward takes 4 warps up to head dim 64 and 8 above (with 4, its
     accumulator leaves no registers at D = 128 on sm_80). On sm_90 a wgmma warp group takes 64
     rows: 8 warps on a 64-row tile make both warp groups compute the same tile (twice the MUFU
     and HGMMA instructions per tile), so there the 16-bit forward takes 4 warps up to D = 128 on
-    64-row tiles, unless a logit `bias` (gathered per element) spills with 4 (float32 takes
+    64-row tiles, unless the spec's logit bias (gathered per element) spills with 4 (float32 takes
     16-row pieces, as mma, and keeps 8). The backward kernels hold more tiles
     live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV and
     above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
     240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory, and 1 for
     the float32 backward above D = 64 (more spilled 4-32 bytes for some specs). `arch` None: no
     GPU (the interpreter ignores both)."""
+    bias = ir is not None and ir.score.logit_bias is not None
     hopper_4 = (arch or 0) >= 90 and head_dim <= 128 and block_m <= 64 and not bias and dtype_name(dtype) != "fp32"
     warps = 4 if kernel == "fwd" and (head_dim <= 64 or hopper_4) else 8
     stages = 2 if kernel == "dkdv" or head_dim > 128 else 3
@@ -98,12 +99,13 @@ def tuned(cache_dir: Path, module: str, tiles: tuple[int, int], arch: int, dtype
 
 
 def sub_tiles(kernel: str, arch: int | None, dtype, head_dim: int, block_m: int, block_n: int,
-              tables: bool = False, bias: bool = False) -> tuple[int, int]:
+              ir: N.Attention) -> tuple[int, int]:
     """(SUB_M, SUB_N): rows of a q tile and columns of a kv tile a kernel takes at a time, where
     whole 64 x 64 tiles leave too few registers (bench/results/kernel-quality-*.md). 16-bit:
-    - forward: whole tiles; 32 columns above head dim 128 with a logit `bias` (Swin's spilled);
+    - forward: whole tiles; 32 columns above head dim 128 when the spec has a logit bias (Swin's
+      spilled);
     - dQ: 16 x 32 above head dim 128 (it spilled 4-68 bytes at D = 256 in larger pieces), and
-      32 rows when it also sums bias table gradients (`tables`: the per-entry loop over the
+      32 rows when it also sums bias table gradients (the per-entry loop over the
       tile spilled 100-1,000 bytes);
     - dK/dV: 32 rows above head dim 64 (it spilled at D = 128 on sm_90, at D = 256 everywhere);
       32 columns up to D = 64 below sm_90 (8-32 bytes of spills on sm_80 for 6 of the specs).
@@ -114,6 +116,7 @@ def sub_tiles(kernel: str, arch: int | None, dtype, head_dim: int, block_m: int,
     are summed piece by piece in schedule order)."""
     if arch is None:
         return block_m, block_n
+    tables, bias = bool(abi.grad_tables(ir)), ir.score.logit_bias is not None
     if dtype_name(dtype) == "fp32":
         m, n = {"fwd": (32 if head_dim <= 64 else 16, 32), "dq": (16, 32 if head_dim <= 64 else 16),
                 "dkdv": (16, 32 if head_dim <= 64 else 16)}[kernel]
@@ -208,12 +211,13 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
     import torch
 
     precision = dot_precision(getattr(torch, {v: k for k, v in DTYPES.items()}[dtype]))
-    configs = {}
+    configs, pieces = {}, {}
     for kernel in KERNELS:
-        warps, stages = launch_config(kernel, arch, head_dim, dtype, block_m, ir.score.logit_bias is not None)
+        warps, stages = launch_config(kernel, arch, head_dim, dtype, block_m, ir)
         configs[kernel] = (num_warps or warps, num_stages or stages)
+        pieces[kernel] = sub_tiles(kernel, arch, dtype, head_dim, block_m, block_n, ir)
     job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
-               configs=configs, precision=precision, flags=flags or {}, values=values or {})
+               configs=configs, pieces=pieces, precision=precision, flags=flags or {}, values=values or {})
     from ..settings import settings
 
     if settings().interpret:
@@ -232,8 +236,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
         compiled = _compile_all(job, ir)
     rows = [describe(KERNELS[kernel], entry, *configs[kernel], sass) for kernel, entry in compiled.items()]
     for kernel, row in zip(compiled, rows):  # the pieces of a tile the kernel takes at a time
-        row["sub_m"], row["sub_n"] = sub_tiles(kernel, arch, dtype, head_dim, block_m, block_n,
-                                               bool(abi.grad_tables(ir)), ir.score.logit_bias is not None)
+        row["sub_m"], row["sub_n"] = pieces[kernel]
     return rows
 
 
@@ -255,9 +258,7 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     out = {}
     for kernel, name in KERNELS.items():
         flags = dict(job.get("flags") or {})
-        flags["SUB_M"], flags["SUB_N"] = sub_tiles(kernel, job["arch"], job["dtype"], job["head_dim"], job["block_m"],
-                                                   job["block_n"], bool(abi.grad_tables(ir)),
-                                                   ir.score.logit_bias is not None)
+        flags["SUB_M"], flags["SUB_N"] = job["pieces"][kernel]
         sig, const, attrs = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
                                       job["precision"], flags, job.get("values"))
         k = triton.compile(ASTSource(getattr(module, name), sig, const, attrs),

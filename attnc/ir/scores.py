@@ -11,6 +11,7 @@ from .bind import Bound
 from .evaluate import evaluate, evaluate_uniform, modifier_exprs, show
 from .floats import check_float_constants
 
+
 def base2_logits(score: N.Score) -> bool:
     """The forward kernel's logits are in base 2 straight from the row scale (the host folds
     log2(e) into it): a softmax with no logit bias and no soft-cap (a sink is folded separately;

@@ -119,8 +119,9 @@ class HostState:
 
     def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule, natural: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """float32 per-position score scale and bias, and whether every scale is > 0 (softmax's scale in base 2: ir.scores.base2_logits,
-        for the forward kernel; `natural` for the backward kernels, which work in natural units)."""
+        """float32 per-position score scale and bias, and whether every scale is > 0 (softmax's
+        scale in base 2 for the forward kernel, ir.scores.base2_logits; `natural` for the backward
+        kernels, which work in natural units)."""
         ir = self.c.spec.ir
 
         def make(counts):

@@ -82,19 +82,18 @@ def device_arch(t: torch.Tensor) -> int | None:
     return major * 10 + minor
 
 
-def launch_options(kernel: str, q, v, c: Compiled | None = None) -> dict:
+def launch_options(kernel: str, q, v, c: Compiled) -> dict:
     """Warps and stages of a native launch: `attnc tune`'s choice for these kernels when there is
     one (attnc/tune.py), else codegen/target.launch_config; none in the interpreter."""
     arch, head_dim = device_arch(q), max(q.shape[3], v.shape[3])
     if arch is None:
         return {}
-    if c is not None and (c.kernel_path.stem, kernel) in OVERRIDE:
+    if (c.kernel_path.stem, kernel) in OVERRIDE:
         warps, stages = OVERRIDE[(c.kernel_path.stem, kernel)]
     else:
-        choice = tuned_config(c, arch, q.dtype, head_dim) if c is not None else None
-        warps, stages = (choice or {}).get(kernel) or launch_config(
-            kernel, arch, head_dim, q.dtype, c.schedule.block_m if c else 64,
-            c is not None and c.spec.ir.score.logit_bias is not None)
+        choice = tuned_config(c, arch, q.dtype, head_dim)
+        warps, stages = (choice or {}).get(kernel) or launch_config(kernel, arch, head_dim, q.dtype,
+                                                                   c.schedule.block_m, c.spec.ir)
     return {"num_warps": warps, "num_stages": stages}
 
 
@@ -158,9 +157,9 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
 
 def sub_values(kernel: str, c: Compiled, q: torch.Tensor, v: torch.Tensor) -> dict[str, int]:
     """SUB_M and SUB_N of a kernel: the pieces of a tile it takes at a time (codegen/target.sub_tiles)."""
-    s, ir = c.schedule, c.spec.ir
+    s = c.schedule
     pieces = sub_tiles(kernel, device_arch(q), q.dtype, max(q.shape[3], v.shape[3]), int(s.block_m), int(s.block_n),
-                       bool(abi.grad_tables(ir)), ir.score.logit_bias is not None)
+                       c.spec.ir)
     return dict(zip(("SUB_M", "SUB_N"), pieces))
 
 
