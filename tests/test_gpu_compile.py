@@ -102,3 +102,17 @@ def test_softcap_uses_the_gpu_tanh_for_16_bit_inputs(dtype, fast):
     fn = attnc.compile(ROOT / "specs/softcap_sink.attn", N=64, W=16)
     for r in fn.gpu_report(arch=90, dtype=dtype, head_dim=64, sass=True):
         assert ("MUFU.TANH" in r["sass"]) == fast, r["kernel"]
+
+
+@pytest.mark.parametrize("dtype,fast", [("bfloat16", True), ("float32", False)])
+def test_softplus_first_pass_uses_the_gpu_log2_for_16_bit_inputs(dtype, fast):
+    """16-bit q and k run softplus's first pass on lg2.approx (MUFU.LG2, one instruction) before
+    the exact loops (two main loops, FULL and PARTIAL, more in the forward); float32 inputs have
+    the exact loops only (codegen/emit._softplus_fast)."""
+    import attnc
+
+    fn = attnc.compile(ROOT / "specs/softplus.attn", N=64)
+    fwd = next(r for r in fn.gpu_report(arch=90, dtype=dtype, head_dim=64, sass=True) if r["kernel"] == "attnc_fwd")
+    assert ("MUFU.LG2" in fwd["sass"]) == fast
+    if fast:  # float32 takes tiles in pieces: one loop around the rest
+        assert len(fwd["loops"]) == 4

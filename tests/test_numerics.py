@@ -21,7 +21,7 @@ import attnc
 from attnc.backends.triton import launch
 from attnc.codegen import abi
 from tests import oracles
-from tests.test_specs import _qkv
+from tests.test_specs import SPECS, _qkv
 
 
 def _reference(fn, q, k, v, **kw):
@@ -222,6 +222,14 @@ SOFTPLUS = """attention sp(N) {
 }"""
 
 
+@pytest.fixture(params=[0, 2], ids=["exact", "first-pass"])
+def softplus_pass(request, monkeypatch):
+    """FAST_SOFTPLUS of the launch: 0 exact loops only (float32 and the interpreter); 2 the first
+    pass of 16-bit inputs on a GPU (codegen/emit._softplus_fast), its log2 run by the interpreter."""
+    monkeypatch.setattr(launch, "fast_softplus", lambda q: request.param)
+    return request.param
+
+
 def _negative_logits(n: int, d: int = 16, lo: float = 50.0, hi: float = 500.0, device="cpu"):
     """q, k, v whose logits q . k lie in [-hi, -lo] per row: row i near -a_i (a_i from lo to hi),
     spread by about 2% across keys so that the weights are not one-hot."""
@@ -234,7 +242,7 @@ def _negative_logits(n: int, d: int = 16, lo: float = 50.0, hi: float = 500.0, d
 
 
 @pytest.mark.parametrize("lo,hi", [(50.0, 500.0), (150.0, 500.0)])
-def test_softplus_rows_of_very_negative_logits_match_float64(lo, hi, device):
+def test_softplus_rows_of_very_negative_logits_match_float64(lo, hi, device, softplus_pass):
     """Softplus(s) underflows in float32 below about -104 (-87 where denormals flush): the kernel
     once returned 0 for those rows. Normalised in log space, they match the float64 reference."""
     fn = attnc.compile(SOFTPLUS, tiles=(16, 16), N=48)
@@ -247,7 +255,7 @@ def test_softplus_rows_of_very_negative_logits_match_float64(lo, hi, device):
     assert (out - expect).abs().max().item() < 1e-3
 
 
-def test_softplus_statistic_is_log_of_the_row_sum(device):
+def test_softplus_statistic_is_log_of_the_row_sum(device, softplus_pass):
     """Stat for softplus is log(sum over visible keys of softplus(s)): finite where the sum
     underflows float32, -inf for a row that sees no key."""
     fn = attnc.compile(SOFTPLUS, tiles=(16, 16), N=48)
@@ -264,7 +272,7 @@ def test_softplus_statistic_is_log_of_the_row_sum(device):
 
 
 @pytest.mark.parametrize("shift", [90.0, 200.0])
-def test_softplus_row_whose_first_tile_hides_every_key(shift, device):
+def test_softplus_row_whose_first_tile_hides_every_key(shift, device, softplus_pass):
     """Rows of the second q tile see nothing in the first kv tile visited (PARTIAL, before the
     FULL one): their scale must stay unset there, else a later exp(-m) overflows to inf and
     0 * inf turned them into nan (logits below -88). Found in review."""
@@ -279,3 +287,41 @@ def test_softplus_row_whose_first_tile_hides_every_key(shift, device):
     out.sum().backward()
     assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in leaves)
     assert (out.detach().cpu().double() - _reference(fn, q, k, v)).abs().max().item() < 1e-4
+
+
+# Softplus's first pass (16-bit inputs on a GPU) against the reference and the exact loops.
+FIRST_PASS = [
+    ("softplus.attn", dict(N=70), None),
+    ("causal_window", dict(N=70), "attention a(N) { q, kv = seq(N)  mask = causal and q.i - k.i < 20  "
+                                  "score = softplus(scale = 0.5) }"),
+    ("modified", dict(N=70), "attention a(N) { q, kv = seq(N)  mask = causal  bias = -slopes[head] * (q.i - k.i)  "
+                             "score = softplus(scale = 0.25, softcap = 12.0) }"),
+]
+
+
+@pytest.mark.parametrize("name,params,text", FIRST_PASS, ids=[x[0] for x in FIRST_PASS])
+def test_softplus_first_pass_matches_reference(name, params, text, device, monkeypatch):
+    """The first pass (FAST_SOFTPLUS: log2(1 + 2**-|y|), no running max) serves rows of ordinary
+    logits: it matches the float64 reference and differs from the exact loops by rounding only.
+    A row of very negative logits in a q tile sends the whole tile to the exact loops: those
+    tiles match the exact loops bit for bit."""
+    spec = SPECS / name if text is None else text
+    fn = attnc.compile(spec, tiles=(16, 16), **params)
+    n = params["N"]
+    q, k, v = _qkv(n, n, device=device)
+    q[:, :, 16:32] = -q[:, :, 16:32].abs() - 4.0  # the second q tile: one row of very negative logits
+    k = k.abs() + 0.5
+    q[:, :, 17:32] = q[:, :, 17:32].abs()
+    kw = {"slopes": torch.tensor([0.05, 0.1], device=device)} if name == "modified" else {}
+    outs, stats = {}, {}
+    for mode in (0, 2):
+        monkeypatch.setattr(launch, "fast_softplus", lambda q, mode=mode: mode)
+        with torch.no_grad():
+            outs[mode] = fn(q, k, v, **kw).cpu()
+            stats[mode] = launch.forward(fn.compiled, fn._host, q, k, v, kw)[1].cpu()
+    expect = _reference(fn, q, k, v, **kw)
+    assert (outs[2].double() - expect).abs().max().item() < 2e-5
+    # The statistic (log of the row's sum of softplus; test_softplus_statistic_is_log_of_the_row_sum).
+    assert (stats[2] - stats[0]).abs().max().item() < 2e-5
+    assert not torch.equal(outs[0], outs[2])  # rows of ordinary logits took the first pass
+    assert torch.equal(outs[0][:, :, 16:32], outs[2][:, :, 16:32])  # the tile with a negative row did not

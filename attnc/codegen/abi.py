@@ -199,6 +199,8 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
             "torch.get_float32_matmul_precision() for float32 inputs ('ieee' for 16-bit ones)", "flags"),
         *([Arg("FAST_TANH", CONSTEXPR, "the soft-cap's tanh is the GPU's tanh.approx (a GPU, 16-bit q and k)",
                "flags")] if ir.score.softcap is not None else []),
+        *([Arg("FAST_SOFTPLUS", CONSTEXPR, "softplus's first pass: 0 none, 1 on the GPU's lg2.approx (a GPU, "
+               "16-bit q and k), 2 on tl.math.log2 (tests in the interpreter)", "flags")] if kernel == "fwd" and ir.score.kind == "softplus" else []),
         *([Arg("POS_SCALE", CONSTEXPR, "every row scale is > 0: the forward applies it after the max, in "
                "exp2's FMA", "flags")] if kernel == "fwd" and base2_logits(ir.score) else []),
         Arg("Q_PERMUTED", CONSTEXPR, "the layout reorders queries", "flags"),

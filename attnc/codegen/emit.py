@@ -10,6 +10,8 @@ nothing a spec names can rewrite the kernel).
 """
 from __future__ import annotations
 
+import math
+
 from ..ir import nodes as N
 from ..ir.evaluate import per_row
 from ..ir.printer import format_score
@@ -46,7 +48,7 @@ def _prelude(score: N.Score, windows: bool, routed: bool, abs_tests: bool = Fals
     if score.softcap is not None:
         lines += ["", "", *_TANH]
     if score.kind == "softplus":
-        lines += ["", "", *_LOG_SOFTPLUS]
+        lines += ["", "", *_LOG_SOFTPLUS, "", "", *_LG2]
     return lines
 
 
@@ -138,6 +140,18 @@ _LOG_SOFTPLUS = [
     f"    r = 1.0 + e * {_horner('e', _R_COEFFS)}",
     "    l1p = e * r",
     f"    return tl.math.log2(tl.where(s < 0.0, r, a + l1p)) + tl.minimum(s, 0.0) * {LOG2E}, l1p",
+]
+
+
+_LG2 = [
+    "@triton.jit",
+    "def _lg2(x, FAST: tl.constexpr):",
+    '    """log2(x) for x >= 1: FAST = 1, the GPU\'s lg2.approx (one instruction, within 2**-22 near 1);',
+    "    FAST = 2, tl.math.log2 (the interpreter, which runs no GPU instruction: tests of the first pass).\"\"\"",
+    "    if FAST == 1:",
+    '        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,',
+    "                                         is_pure=True, pack=1)",
+    "    return tl.math.log2(x)",
 ]
 
 
@@ -282,8 +296,9 @@ def keep_expr(ir: N.Attention, masked: bool, bounds: str) -> str:
     return " & ".join(parts)
 
 
-def _tile_loop(ir: N.Attention, masked: bool) -> list[str]:
-    """The loop over the FULL or the PARTIAL kv tiles the schedule lists for this q tile."""
+def _tile_loop(ir: N.Attention, masked: bool, fast: bool = False) -> list[str]:
+    """The loop over the FULL or the PARTIAL kv tiles the schedule lists for this q tile (`fast`:
+    softplus's first pass, _softplus_fast)."""
     ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
     what = ("    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited." if masked else
             "    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.")
@@ -294,7 +309,8 @@ def _tile_loop(ir: N.Attention, masked: bool) -> list[str]:
         "    for t in range(lo, hi):",
         f"        kv_tile = tl.load({idx} + t)",
         "        for col in range(0, BLOCK_N, SUB_N):",
-        *indent([*_load_kv(masked), *_logits(ir, masked), *_accumulate(ir, masked)]),
+        *indent([*_load_kv(masked), *_logits(ir, masked, "fast_scale" if fast else None),
+                 *(_softplus_fast_accumulate(ir, masked) if fast else _accumulate(ir, masked))]),
     ]
 
 
@@ -309,12 +325,13 @@ def _load_kv(masked: bool) -> list[str]:
     ]
 
 
-def _logits(ir: N.Attention, masked: bool) -> list[str]:
+def _logits(ir: N.Attention, masked: bool, scale: str | None = None) -> list[str]:
     """s: the tile's logits after the logit bias and the soft-cap (natural units; base 2 for a
-    softmax without a bias, whose row scale or soft-cap factor includes log2(e))."""
+    softmax without a bias, whose row scale or soft-cap factor includes log2(e)), the q.k
+    products multiplied by the row vector `scale` when given."""
     score = ir.score
     call = pair_call(ir)
-    scale = "scale_before" if base2_logits(score) else "row_scale"
+    scale = scale or ("scale_before" if base2_logits(score) else "row_scale")
     lines = [f'        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * {scale}[:, None]']
     lines += route_cols(ir, "        ")
     if masked or score.logit_bias is not None:
@@ -406,6 +423,64 @@ def _softplus_accumulate(masked: bool, keep: str) -> list[str]:
     ]
 
 
+# Below this mean weight (log2 units) a row's first softplus pass is not trusted (_softplus_fast).
+FAST_FLOOR = 2.0 ** -8
+
+
+def _softplus_fast(ir: N.Attention) -> list[str]:
+    """Softplus's first pass on 16-bit inputs on a GPU (FAST_SOFTPLUS; launch.fast_math): weights
+    in units of 1/ln 2, max(y, 0) + log2(1 + 2**-|y|) with y = s log2(e), one exp2 and one log2
+    (single GPU instructions), summed without a running max, so nothing is rescaled per tile.
+    That form loses a weight's relative precision where 2**-|y| is small against 1: every weight
+    is within about 2**-21.6 of its value (the GPU's log2 is within 2**-22 near 1), so with a
+    mean weight of at least FAST_FLOOR per visible key the output is within 2**-13.6 * max|v|, well
+    inside 16-bit rounding. A q tile with a row below that floor (rows of very negative logits)
+    runs the exact loops (_softplus_accumulate) instead. The interpreter and float32 inputs take
+    the exact loops only (FAST_SOFTPLUS 0; 2 runs the first pass on tl.math.log2, for tests)."""
+    fold = "row_scale" if ir.score.modified else f"row_scale * {LOG2E}"
+    return [
+        "    if FAST_SOFTPLUS:",
+        *indent([
+            f"    fast_scale = {fold}  # logits in base 2{' after the modifiers' if ir.score.modified else ''}",
+            "    l_i = tl.zeros([SUB_M], tl.float32)",
+            "    n_i = tl.zeros([SUB_M], tl.float32)  # visible keys",
+            "    acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)",
+            "",
+            *_tile_loop(ir, masked=False, fast=True),
+            "",
+            *_tile_loop(ir, masked=True, fast=True),
+            "",
+            "    # The weights are in units of 1 / ln 2: the statistic's log2 offset is log2(ln 2).",
+            f"    m_i = tl.full([SUB_M], {math.log2(math.log(2))!r}, tl.float32)",
+            f"    exact = tl.max(tl.where(l_i < n_i * {FAST_FLOOR!r}, 1, 0), 0) > 0",
+        ]),
+        "    else:",
+        "        exact: tl.constexpr = True",
+        "    if exact:  # the exact loops: float32, the interpreter, or a row the first pass cannot serve",
+    ]
+
+
+def _softplus_fast_accumulate(ir: N.Attention, masked: bool) -> list[str]:
+    """_softplus_fast's weights for one kv piece (`keep`: the mask, on PARTIAL tiles)."""
+    bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
+    keep = f"        keep = {keep_expr(ir, masked, bounds)}"
+    masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
+    lines = [f"        s = s * {LOG2E}"] if ir.score.modified else []
+    lines.append("        p = tl.maximum(s, 0.0) + _lg2(1.0 + tl.math.exp2(-tl.abs(s)), FAST_SOFTPLUS)")
+    if masked:
+        lines += [
+            keep,
+            "        p = tl.where(keep, p, 0.0)",
+            "        n_i += tl.sum(tl.broadcast_to(tl.where(keep, 1.0, 0.0), [SUB_M, SUB_N]), 1)",
+        ]
+    else:
+        lines.append("        n_i += SUB_N")
+    return lines + [
+        "        l_i += tl.sum(p, 1)",
+        '        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)',
+    ]
+
+
 def _epilogue(score: N.Score) -> list[str]:
     if score.kind == "sigmoid":
         return [
@@ -431,6 +506,7 @@ def _store() -> list[str]:
 
 def emit_kernel(ir: N.Attention) -> list[str]:
     """The @triton.jit forward kernel `attnc_fwd`, its signature from the ABI."""
+    fast = ir.score.kind == "softplus"
     return [
         "@triton.jit",
         "def attnc_fwd(",
@@ -443,11 +519,14 @@ def emit_kernel(ir: N.Attention) -> list[str]:
         "    for sub in range(0, BLOCK_M, SUB_M):",
         *indent([
             *_rows(ir),
-            *_init_state(ir.score),
-            "",
-            *_tile_loop(ir, masked=False),
-            "",
-            *_tile_loop(ir, masked=True),
+            *(_softplus_fast(ir) if fast else []),
+            *indent([
+                *_init_state(ir.score),
+                "",
+                *_tile_loop(ir, masked=False),
+                "",
+                *_tile_loop(ir, masked=True),
+            ], "    " if fast else ""),
             "",
             *_epilogue(ir.score),
             *_store(),

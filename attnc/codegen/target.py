@@ -188,7 +188,8 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
             sig[a.name] = "constexpr"
             const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
                              "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
-                             "ROUTE_K": known.get("ROUTE_K", 4), "FAST_TANH": dtype != "fp32", "POS_SCALE": True,
+                             "ROUTE_K": known.get("ROUTE_K", 4), "FAST_TANH": dtype != "fp32",
+                             "FAST_SOFTPLUS": int(dtype != "fp32"), "POS_SCALE": True,
                              **(flags or {})}.get(a.name, a.name.endswith("_want"))
     return sig, const, attrs
 

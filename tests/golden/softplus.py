@@ -33,6 +33,16 @@ def _log2_softplus(s):
 
 
 @triton.jit
+def _lg2(x, FAST: tl.constexpr):
+    """log2(x) for x >= 1: FAST = 1, the GPU's lg2.approx (one instruction, within 2**-22 near 1);
+    FAST = 2, tl.math.log2 (the interpreter, which runs no GPU instruction: tests of the first pass)."""
+    if FAST == 1:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.math.log2(x)
+
+
+@triton.jit
 def visible(q_i, k_i, h, head_dim, p_N, INT64: tl.constexpr):
     """mask = true
 
@@ -58,7 +68,7 @@ def attnc_fwd(
     p_N,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
+    INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_SOFTPLUS: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """Forward attention for one (query tile, batch * head).
 
@@ -102,63 +112,116 @@ def attnc_fwd(
         if INT64:
             q_i = q_i.to(tl.int64)
         row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
-        mx_i = tl.full([SUB_M], float("-inf"), tl.float32)
-        m_i = tl.full([SUB_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([SUB_M], tl.float32)
-        acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)
+        if FAST_SOFTPLUS:
+            fast_scale = row_scale * 1.4426950408889634  # logits in base 2
+            l_i = tl.zeros([SUB_M], tl.float32)
+            n_i = tl.zeros([SUB_M], tl.float32)  # visible keys
+            acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)
 
-        # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
-        lo = tl.load(FULL_PTR + q_tile)
-        hi = tl.load(FULL_PTR + q_tile + 1)
-        for t in range(lo, hi):
-            kv_tile = tl.load(FULL_IDX + t)
-            for col in range(0, BLOCK_N, SUB_N):
-                offs_n = kv_tile * BLOCK_N + col + offs_n0
-                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
-                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-                mx_new = tl.maximum(mx_i, tl.max(s, 1))
-                m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * 1.4426950408889634)
-                alpha = tl.math.exp2(m_i - m_new)
-                u = tl.math.exp2(tl.abs(s) * -1.4426950408889634 - m_new[:, None])
-                e = u * tl.math.exp2(m_new)[:, None]
-                p = u * (1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))) + tl.maximum(s, 0.0)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = tl.where(mx_new == float("-inf"), float("-inf"), m_new)
-                mx_i = mx_new
+            # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
+            lo = tl.load(FULL_PTR + q_tile)
+            hi = tl.load(FULL_PTR + q_tile + 1)
+            for t in range(lo, hi):
+                kv_tile = tl.load(FULL_IDX + t)
+                for col in range(0, BLOCK_N, SUB_N):
+                    offs_n = kv_tile * BLOCK_N + col + offs_n0
+                    k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                                mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * fast_scale[:, None]
+                    p = tl.maximum(s, 0.0) + _lg2(1.0 + tl.math.exp2(-tl.abs(s)), FAST_SOFTPLUS)
+                    n_i += SUB_N
+                    l_i += tl.sum(p, 1)
+                    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
-        # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
-        lo = tl.load(PART_PTR + q_tile)
-        hi = tl.load(PART_PTR + q_tile + 1)
-        for t in range(lo, hi):
-            kv_tile = tl.load(PART_IDX + t)
-            for col in range(0, BLOCK_N, SUB_N):
-                offs_n = kv_tile * BLOCK_N + col + offs_n0
-                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                            mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
-                k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
-                if KV_PERMUTED:
-                    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
-                if INT64:
-                    k_i = k_i.to(tl.int64)
-                keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
-                s = tl.where(keep, s, float("-inf"))
-                mx_new = tl.maximum(mx_i, tl.max(s, 1))
-                m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * 1.4426950408889634)
-                alpha = tl.math.exp2(m_i - m_new)
-                u = tl.math.exp2(tl.abs(s) * -1.4426950408889634 - m_new[:, None])
-                e = u * tl.math.exp2(m_new)[:, None]
-                p = u * (1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))) + tl.maximum(s, 0.0)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = tl.where(mx_new == float("-inf"), float("-inf"), m_new)
-                mx_i = mx_new
+            # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
+            lo = tl.load(PART_PTR + q_tile)
+            hi = tl.load(PART_PTR + q_tile + 1)
+            for t in range(lo, hi):
+                kv_tile = tl.load(PART_IDX + t)
+                for col in range(0, BLOCK_N, SUB_N):
+                    offs_n = kv_tile * BLOCK_N + col + offs_n0
+                    k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                                mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * fast_scale[:, None]
+                    k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
+                    if KV_PERMUTED:
+                        k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                    if INT64:
+                        k_i = k_i.to(tl.int64)
+                    p = tl.maximum(s, 0.0) + _lg2(1.0 + tl.math.exp2(-tl.abs(s)), FAST_SOFTPLUS)
+                    keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
+                    p = tl.where(keep, p, 0.0)
+                    n_i += tl.sum(tl.broadcast_to(tl.where(keep, 1.0, 0.0), [SUB_M, SUB_N]), 1)
+                    l_i += tl.sum(p, 1)
+                    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+            # The weights are in units of 1 / ln 2: the statistic's log2 offset is log2(ln 2).
+            m_i = tl.full([SUB_M], -0.5287663729448977, tl.float32)
+            exact = tl.max(tl.where(l_i < n_i * 0.00390625, 1, 0), 0) > 0
+        else:
+            exact: tl.constexpr = True
+        if exact:  # the exact loops: float32, the interpreter, or a row the first pass cannot serve
+            mx_i = tl.full([SUB_M], float("-inf"), tl.float32)
+            m_i = tl.full([SUB_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([SUB_M], tl.float32)
+            acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)
+
+            # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
+            lo = tl.load(FULL_PTR + q_tile)
+            hi = tl.load(FULL_PTR + q_tile + 1)
+            for t in range(lo, hi):
+                kv_tile = tl.load(FULL_IDX + t)
+                for col in range(0, BLOCK_N, SUB_N):
+                    offs_n = kv_tile * BLOCK_N + col + offs_n0
+                    k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                                mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                    mx_new = tl.maximum(mx_i, tl.max(s, 1))
+                    m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * 1.4426950408889634)
+                    alpha = tl.math.exp2(m_i - m_new)
+                    u = tl.math.exp2(tl.abs(s) * -1.4426950408889634 - m_new[:, None])
+                    e = u * tl.math.exp2(m_new)[:, None]
+                    p = u * (1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))) + tl.maximum(s, 0.0)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                    m_i = tl.where(mx_new == float("-inf"), float("-inf"), m_new)
+                    mx_i = mx_new
+
+            # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited.
+            lo = tl.load(PART_PTR + q_tile)
+            hi = tl.load(PART_PTR + q_tile + 1)
+            for t in range(lo, hi):
+                kv_tile = tl.load(PART_IDX + t)
+                for col in range(0, BLOCK_N, SUB_N):
+                    offs_n = kv_tile * BLOCK_N + col + offs_n0
+                    k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                                mask=(offs_n[:, None] < Nk) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                    k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there
+                    if KV_PERMUTED:
+                        k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                    if INT64:
+                        k_i = k_i.to(tl.int64)
+                    keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_N, INT64)
+                    s = tl.where(keep, s, float("-inf"))
+                    mx_new = tl.maximum(mx_i, tl.max(s, 1))
+                    m_new = tl.where(mx_new == float("-inf"), 0.0, tl.minimum(mx_new, 0.0) * 1.4426950408889634)
+                    alpha = tl.math.exp2(m_i - m_new)
+                    u = tl.math.exp2(tl.abs(s) * -1.4426950408889634 - m_new[:, None])
+                    e = u * tl.math.exp2(m_new)[:, None]
+                    p = u * (1.0 + e * (-0.49999999587939126 + e * (0.3333324756623421 + e * (-0.2499702423062591 + e * (0.19959356987749888 + e * (-0.1637851242828527 + e * (0.1307133733860227 + e * (-0.09202977205983144 + e * (0.04993130856795476 + e * (-0.017512306580961198 + e * 0.0028738971656582317)))))))))) + tl.maximum(s, 0.0)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                    m_i = tl.where(mx_new == float("-inf"), float("-inf"), m_new)
+                    mx_i = mx_new
 
         # A row that sees no key outputs 0 and has statistic -inf (DESIGN.md section 3).
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -56,7 +56,8 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
         "ADDR64": any(_extent(t, dims=(2, 3)) >= ADDR_LIMIT for t in (q, k, v)),
         "Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity,
         "DOT_PRECISION": dot_precision(q.dtype),
-        **({"FAST_TANH": fast_tanh(q)} if ir.score.softcap is not None else {}),
+        **({"FAST_TANH": fast_math(q)} if ir.score.softcap is not None else {}),
+        **({"FAST_SOFTPLUS": fast_softplus(q)} if ir.score.kind == "softplus" and not natural else {}),
         **({"POS_SCALE": positive} if base2_logits(ir.score) and not natural else {}),  # the forward's
     }
 
@@ -68,10 +69,18 @@ OVERRIDE: dict[tuple[str, str], tuple[int, int]] = {}
 _TUNED: dict[tuple, dict | None] = {}
 
 
-def fast_tanh(q: torch.Tensor) -> bool:
-    """The soft-cap uses the GPU's tanh.approx.f32 (NVIDIA, 16-bit inputs: codegen/emit._TANH);
-    float32 inputs and the interpreter take the accurate form."""
+def fast_math(q: torch.Tensor) -> bool:
+    """The soft-cap uses the GPU's tanh.approx.f32 and softplus a first pass on its exp2 and log2
+    (NVIDIA, 16-bit inputs: codegen/emit._TANH, _softplus_fast); float32 inputs and the
+    interpreter take the accurate forms."""
     return q.device.type == "cuda" and torch.version.hip is None and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def fast_softplus(q: torch.Tensor) -> int:
+    """FAST_SOFTPLUS of the forward (codegen/emit._softplus_fast): 1, a first pass on the GPU's
+    lg2.approx, for 16-bit inputs on a GPU; else 0, the exact loops only. Tests set 2, the
+    first pass on tl.math.log2, to run it in the interpreter."""
+    return int(fast_math(q))
 
 
 def device_arch(t: torch.Tensor) -> int | None:
