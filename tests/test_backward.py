@@ -594,3 +594,20 @@ def test_kernels_take_tiles_in_pieces(spec, params, kw, device, monkeypatch):
     monkeypatch.setattr(launch, "sub_tiles", lambda kernel, arch, dtype, head_dim, block_m, block_n, ir:
                         (min(block_m, 16), min(block_n, 16)))
     _check(SPECS / f"{spec}.attn", params, torch.float32, device, tiles=(64, 32), **kw)
+
+
+@kernels_only
+@pytest.mark.parametrize("spec,params,kw", [
+    ("swin_bias", dict(H=7, W=14), dict(tables=_rel_bias(True), d=48)),
+    ("moba", dict(N=70, B=16, K=2), dict(hq=4, hkv=2, d=40, dv=24)),
+    ("softplus", dict(N=70), dict(d=16, dv=48)),
+    ("causal", dict(N=77), dict(d=48, dv=40)),
+])
+def test_backward_takes_the_head_dim_in_chunks(spec, params, kw, device, monkeypatch):
+    """dQ and dK/dV may multiply q.k and do.v D_CHUNK head-dim columns at a time, reloading each
+    chunk (codegen/target.head_chunk: float32 above head dim 64 on a GPU); forced here to 16
+    columns, with head dims that are not multiples of the chunk and Dv unlike D."""
+    from attnc.backends.triton import launch
+
+    monkeypatch.setattr(launch, "head_chunk", lambda kernel, arch, dtype, head_dim: 16)
+    _check(SPECS / f"{spec}.attn", params, torch.float32, device, tiles=(32, 32), **kw)

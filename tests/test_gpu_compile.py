@@ -96,7 +96,7 @@ def test_gpu_report_refuses_what_it_cannot_report(kw, match):
 @pytest.mark.parametrize("dtype,fast", [("bfloat16", True), ("float32", False)])
 def test_softcap_uses_the_gpu_tanh_for_16_bit_inputs(dtype, fast):
     """16-bit q and k soft-cap with tanh.approx.f32 (MUFU.TANH: one instruction, error below an
-    fp16 rounding of the logit); float32 inputs keep the accurate form (codegen/emit._TANH)."""
+    fp16 rounding of the logit); float32 inputs keep the accurate form (codegen/helpers._TANH)."""
     import attnc
 
     fn = attnc.compile(ROOT / "specs/softcap_sink.attn", N=64, W=16)

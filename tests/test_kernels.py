@@ -209,7 +209,7 @@ def test_non_softmax_rows_that_see_nothing_output_zero(score, device):
 @pytest.mark.parametrize("mask", ["abs(q.i - k.i) <= 5", "abs(q.i - k.i) < 1", "abs(k.i - q.i) < 0",
                                   "abs(q.i - 2 * k.i + 3) <= 0", "abs(q.i - k.i) <= 7 and abs(q.i % 5 - k.i % 5) < 3"])
 def test_abs_bounds_against_the_reference(mask, device):
-    """`abs(x) <= c` and `abs(x) < c` compile to one unsigned comparison (codegen/emit._ABS_LE);
+    """`abs(x) <= c` and `abs(x) < c` compile to one unsigned comparison (codegen/helpers._ABS_LE);
     x negative, zero and positive, c = 0, and `< 0` (never true) against the reference."""
     spec = f"attention a(N) {{ q, kv = seq(N) mask = {mask} }}"
     fn = attnc.compile(spec, tiles=(16, 16), N=37)

@@ -192,6 +192,8 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         Arg("SUB_M", CONSTEXPR, "rows of a q tile taken at a time (divides BLOCK_M; codegen/target.sub_tiles)",
             "blocks"),
         Arg("SUB_N", CONSTEXPR, "columns of a kv tile taken at a time (divides BLOCK_N)", "blocks"),
+        *([Arg("D_CHUNK", CONSTEXPR, "head-dim columns of q.k and do.v taken at a time (codegen/target."
+               "head_chunk; >= BLOCK_D: all)", "blocks")] if kernel != "fwd" else []),
         Arg("INT64", CONSTEXPR, "mask and bias integers in int64 (their ranges, or a runtime table's "
             "addresses, need it)", "flags", pair=True),
         Arg("ADDR64", CONSTEXPR, "offsets inside one (batch, head) slice of q, k, v or out reach 2**31", "flags"),

@@ -110,7 +110,7 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
     over rows, so padding rows must add exact zeros even where a bias is not finite there)."""
     score = ir.score
     call = pair_call(ir)
-    lines = ['        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]']
+    lines = [*_head_dot("s", "q", "k", "D"), "        s = s * row_scale[:, None]"]
     if score.logit_bias is not None:
         lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
@@ -125,7 +125,7 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
         lines.append(f"        keep = {keep_expr(ir, False, '')}")
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked or rows else (lambda x: x)
-    lines.append('        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)')
+    lines += _head_dot("dp", "do", "v", "DV")
     if score.kind == "softmax":
         lines += [f"        p = {hide('tl.exp(s - stat_safe[:, None])')}",
                   "        ds = p * (dp - delta[:, None])"]
@@ -144,6 +144,32 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
         # factors computed at hidden pairs (a bias may be nan there) must not reach ds
         lines.append("        ds = tl.where(keep, ds, 0.0)")
     return lines
+
+
+_HEAD = {"D": "HEAD_DIM", "DV": "HEAD_DIM_V"}
+_ROWS = {"q": ("Q", "q", "m", "Nq"), "do": ("DO", "do", "m", "Nq"), "k": ("K", "k", "n", "Nk"), "v": ("V", "v", "n", "Nk")}
+
+
+def _head_dot(out: str, a: str, b: str, dim: str) -> list[str]:
+    """out = a @ b^T over the head dim (D or DV). With D_CHUNK below the head dim (float32 at large
+    head dims on a GPU: codegen/target.head_chunk) the sum runs D_CHUNK columns at a time in a
+    loop, each chunk of a and b loaded again there: whole rows of 32-bit operands, split in two for
+    3xTF32, took most of the registers the kernels spilled for. Else one tl.dot of the tiles."""
+    def load(x: str) -> str:
+        base, stride, axis, n = _ROWS[x]
+        return (f"tl.load({base}_base + offs_{axis}[:, None] * stride_{stride}{axis} + offs_c[None, :] * "
+                f"stride_{stride}d, mask=(offs_{axis}[:, None] < {n}) & (offs_c[None, :] < {_HEAD[dim]}), "
+                "other=0.0)")
+    return [
+        f"        if D_CHUNK >= BLOCK_{dim}:",
+        f"            {out} = tl.dot({a}, tl.trans({b}), input_precision=DOT_PRECISION)",
+        "        else:",
+        f"            {out} = tl.zeros([SUB_M, SUB_N], tl.float32)",
+        f"            for d0 in range(0, BLOCK_{dim}, D_CHUNK):  # a loop, not unrolled: one chunk live at a time",
+        "                offs_c = d0 + offs_c0",
+        f"                {out} += tl.dot({load(a)},",
+        f"                            tl.trans({load(b)}), input_precision=DOT_PRECISION)",
+    ]
 
 
 def _uniform_read(ir: N.Attention, n: int, r: int) -> bool:
@@ -241,8 +267,9 @@ def _load_cols(ir: N.Attention, indent: str, bounded: bool) -> list[str]:
 _OFFSETS = [
     "    offs_d = tl.arange(0, BLOCK_D)",
     "    offs_dv = tl.arange(0, BLOCK_DV)",
+    "    offs_c0 = tl.arange(0, D_CHUNK)",
     "    if ADDR64:",
-    "        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)",
+    "        offs_d, offs_dv, offs_c0 = offs_d.to(tl.int64), offs_dv.to(tl.int64), offs_c0.to(tl.int64)",
 ]
 
 

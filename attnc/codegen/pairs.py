@@ -97,7 +97,7 @@ class _Emitter:
 
     def emit_inline(self, e: N.Expr) -> str:
         c = abs_bound(e)
-        if c is not None:  # |x| <= c as one unsigned comparison (codegen/emit._ABS_LE)
+        if c is not None:  # |x| <= c as one unsigned comparison (codegen/helpers._ABS_LE)
             return f"_abs_le({self.emit(e.lhs.operand)}, {c}, INT64)"
         x = power_of_two_test(e)
         if x is not None:  # x == 1 << ilog2(x): x a power of two, without the bit-length search

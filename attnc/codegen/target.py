@@ -66,15 +66,18 @@ def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", bl
     rows: 8 warps on a 64-row tile make both warp groups compute the same tile (twice the MUFU
     and HGMMA instructions per tile), so there the 16-bit forward takes 4 warps up to D = 128 on
     64-row tiles, unless the spec's logit bias (gathered per element) spills with 4 (float32 takes
-    16-row pieces, as mma, and keeps 8). The backward kernels hold more tiles
-    live and take 8 warps (4 spill on sm_80 and sm_90 even at D = 64); 3 stages, 2 for dK/dV and
+    16-row pieces, as mma, and keeps 8). dQ on sm_90 likewise, where it takes 64-row pieces (no
+    bias-table gradients): with 8 warps each thread ran as many MUFU ops as with 4 and more HGMMA
+    ones. The other backward kernels hold more tiles live and take 8 warps (4 spill on sm_80 and
+    sm_90 even at D = 64; dK/dV's 8 warps split the work: half the MUFU ops per thread); 3 stages, 2 for dK/dV and
     above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
     240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory, and 1 for
     the float32 backward above D = 64 (more spilled 4-32 bytes for some specs). `arch` None: no
     GPU (the interpreter ignores both)."""
     bias = ir is not None and ir.score.logit_bias is not None
     hopper_4 = (arch or 0) >= 90 and head_dim <= 128 and block_m <= 64 and not bias and dtype_name(dtype) != "fp32"
-    warps = 4 if kernel == "fwd" and (head_dim <= 64 or hopper_4) else 8
+    whole_rows = ir is None or sub_tiles(kernel, arch, dtype, head_dim, block_m, block_m, ir)[0] >= 64
+    warps = 4 if kernel == "fwd" and (head_dim <= 64 or hopper_4) or kernel == "dq" and hopper_4 and whole_rows else 8
     stages = 2 if kernel == "dkdv" or head_dim > 128 else 3
     if head_dim > 128 and (arch or 90) < 90 or kernel != "fwd" and head_dim > 64 and dtype_name(dtype) == "fp32":
         stages = 1
@@ -127,6 +130,16 @@ def sub_tiles(kernel: str, arch: int | None, dtype, head_dim: int, block_m: int,
     else:
         m, n = (32 if head_dim > 64 else block_m), (32 if head_dim <= 64 and arch < 90 else block_n)
     return min(m, block_m), min(n, block_n)
+
+
+def head_chunk(kernel: str, arch: int | None, dtype, head_dim: int) -> int:
+    """D_CHUNK of a backward kernel: head-dim columns of q.k and do.v it multiplies at a time
+    (codegen/emit_bwd._head_dot). 32 for float32 above head dim 64 on a GPU, where whole rows of
+    3xTF32 operands left too few registers (4-28 bytes of spills in dQ and dK/dV); else the whole
+    head dim. The forward takes none."""
+    if kernel != "fwd" and arch is not None and dtype_name(dtype) == "fp32" and head_dim > 64:
+        return 32
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def launch_values(ir: N.Attention, kernel: str, head_dim: int, values: dict | None) -> dict[str, int]:
@@ -187,7 +200,7 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
         else:
             sig[a.name] = "constexpr"
             const[a.name] = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_D": pow2, "BLOCK_DV": pow2,
-                             "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
+                             "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision, "D_CHUNK": pow2,
                              "ROUTE_K": known.get("ROUTE_K", 4), "FAST_TANH": dtype != "fp32",
                              "FAST_SOFTPLUS": int(dtype != "fp32"), "POS_SCALE": True,
                              **(flags or {})}.get(a.name, a.name.endswith("_want"))
@@ -199,7 +212,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
                flags: dict | None = None, values: dict | None = None) -> list[dict]:
     """One dict per kernel: kernel, registers, spill_bytes, shared_bytes, tensor_cores ('wgmma',
     'mma' or 'none'), num_warps, num_stages, loops (SASS instructions per main loop, in program
-    order), cubin (bytes), sub_m and sub_n (`sub_tiles`: below 64 rows, sm_90 runs the matmuls
+    order), cubin (bytes), sub_m, sub_n and d_chunk (`sub_tiles`, `head_chunk`: below 64 rows, sm_90 runs the matmuls
     as mma, wgmma needing 64 rows per warp group), and with sass=True the SASS text. float32 follows
     torch.get_float32_matmul_precision(), as the launch does; warps and stages are the launch's
     (`launch_config`) unless given. Arguments are specialised as a launch on contiguous tensors
@@ -216,7 +229,8 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
     for kernel in KERNELS:
         warps, stages = launch_config(kernel, arch, head_dim, dtype, block_m, ir)
         configs[kernel] = (num_warps or warps, num_stages or stages)
-        pieces[kernel] = sub_tiles(kernel, arch, dtype, head_dim, block_m, block_n, ir)
+        pieces[kernel] = (*sub_tiles(kernel, arch, dtype, head_dim, block_m, block_n, ir),
+                          head_chunk(kernel, arch, dtype, head_dim))
     job = dict(spec=spec_text, arch=arch, dtype=dtype, head_dim=head_dim, block_m=block_m, block_n=block_n,
                configs=configs, pieces=pieces, precision=precision, flags=flags or {}, values=values or {})
     from ..settings import settings
@@ -237,7 +251,7 @@ def gpu_report(spec_text: str, ir: N.Attention, arch: int, dtype, head_dim: int,
         compiled = _compile_all(job, ir)
     rows = [describe(KERNELS[kernel], entry, *configs[kernel], sass) for kernel, entry in compiled.items()]
     for kernel, row in zip(compiled, rows):  # the pieces of a tile the kernel takes at a time
-        row["sub_m"], row["sub_n"] = pieces[kernel]
+        row["sub_m"], row["sub_n"], row["d_chunk"] = pieces[kernel]
     return rows
 
 
@@ -259,7 +273,9 @@ def _compile_all(job: dict, ir: N.Attention | None = None) -> dict:
     out = {}
     for kernel, name in KERNELS.items():
         flags = dict(job.get("flags") or {})
-        flags["SUB_M"], flags["SUB_N"] = job["pieces"][kernel]
+        flags["SUB_M"], flags["SUB_N"], chunk = job["pieces"][kernel]
+        if kernel != "fwd":
+            flags["D_CHUNK"] = chunk
         sig, const, attrs = signature(ir, kernel, job["dtype"], job["head_dim"], job["block_m"], job["block_n"],
                                       job["precision"], flags, job.get("values"))
         k = triton.compile(ASTSource(getattr(module, name), sig, const, attrs),

@@ -266,7 +266,7 @@ def attnc_bwd_dq(
     p_H, p_W,
     rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr, D_CHUNK: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dQ (and bias-table gradients) for one (query tile, batch * head), over the forward schedule.
@@ -293,8 +293,9 @@ def attnc_bwd_dq(
         offs_m0, offs_n0 = offs_m0.to(tl.int64), offs_n0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_c0 = tl.arange(0, D_CHUNK)
     if ADDR64:
-        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
+        offs_d, offs_dv, offs_c0 = offs_d.to(tl.int64), offs_dv.to(tl.int64), offs_c0.to(tl.int64)
     G0 = rt0_grad + (bh64 * tl.num_programs(0) + q_tile) * rt0_gstride - h64 * rt0_hs
     for sub in range(0, BLOCK_M, SUB_M):
         offs_m = q_tile * BLOCK_M + sub + offs_m0
@@ -360,9 +361,24 @@ def attnc_bwd_dq(
                 kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
                 if INT64:
                     kp3 = kp3.to(tl.int64)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                if D_CHUNK >= BLOCK_D:
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                else:
+                    s = tl.zeros([SUB_M, SUB_N], tl.float32)
+                    for d0 in range(0, BLOCK_D, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                        offs_c = d0 + offs_c0
+                        s += tl.dot(tl.load(Q_base + offs_m[:, None] * stride_qm + offs_c[None, :] * stride_qd, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM), other=0.0),
+                                    tl.trans(tl.load(K_base + offs_n[:, None] * stride_kn + offs_c[None, :] * stride_kd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM), other=0.0)), input_precision=DOT_PRECISION)
+                s = s * row_scale[:, None]
                 s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                if D_CHUNK >= BLOCK_DV:
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                else:
+                    dp = tl.zeros([SUB_M, SUB_N], tl.float32)
+                    for d0 in range(0, BLOCK_DV, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                        offs_c = d0 + offs_c0
+                        dp += tl.dot(tl.load(DO_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM_V), other=0.0),
+                                    tl.trans(tl.load(V_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM_V), other=0.0)), input_precision=DOT_PRECISION)
                 p = tl.exp(s - stat_safe[:, None])
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -406,10 +422,25 @@ def attnc_bwd_dq(
                 kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
                 if INT64:
                     kp3 = kp3.to(tl.int64)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                if D_CHUNK >= BLOCK_D:
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                else:
+                    s = tl.zeros([SUB_M, SUB_N], tl.float32)
+                    for d0 in range(0, BLOCK_D, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                        offs_c = d0 + offs_c0
+                        s += tl.dot(tl.load(Q_base + offs_m[:, None] * stride_qm + offs_c[None, :] * stride_qd, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM), other=0.0),
+                                    tl.trans(tl.load(K_base + offs_n[:, None] * stride_kn + offs_c[None, :] * stride_kd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM), other=0.0)), input_precision=DOT_PRECISION)
+                s = s * row_scale[:, None]
                 s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
                 keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                if D_CHUNK >= BLOCK_DV:
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                else:
+                    dp = tl.zeros([SUB_M, SUB_N], tl.float32)
+                    for d0 in range(0, BLOCK_DV, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                        offs_c = d0 + offs_c0
+                        dp += tl.dot(tl.load(DO_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM_V), other=0.0),
+                                    tl.trans(tl.load(V_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM_V), other=0.0)), input_precision=DOT_PRECISION)
                 p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -441,7 +472,7 @@ def attnc_bwd_dkdv(
     p_H, p_W,
     rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr, D_CHUNK: tl.constexpr,
     INT64: tl.constexpr, ADDR64: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_PERMUTED: tl.constexpr, KV_PERMUTED: tl.constexpr,
 ):
     """dK and dV for one (kv tile, batch * kv head), over the transposed schedule, summing the
@@ -465,8 +496,9 @@ def attnc_bwd_dkdv(
         offs_n0, offs_m0 = offs_n0.to(tl.int64), offs_m0.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_c0 = tl.arange(0, D_CHUNK)
     if ADDR64:
-        offs_d, offs_dv = offs_d.to(tl.int64), offs_dv.to(tl.int64)
+        offs_d, offs_dv, offs_c0 = offs_d.to(tl.int64), offs_dv.to(tl.int64), offs_c0.to(tl.int64)
     DK_base = DK + b64 * stride_dkb + h_kv64 * stride_dkh
     DV_base = DV + b64 * stride_dvb + h_kv64 * stride_dvh
     for col in range(0, BLOCK_N, SUB_N):
@@ -539,10 +571,25 @@ def attnc_bwd_dkdv(
                     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
                     stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
                     delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                    if D_CHUNK >= BLOCK_D:
+                        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                    else:
+                        s = tl.zeros([SUB_M, SUB_N], tl.float32)
+                        for d0 in range(0, BLOCK_D, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                            offs_c = d0 + offs_c0
+                            s += tl.dot(tl.load(Q_base + offs_m[:, None] * stride_qm + offs_c[None, :] * stride_qd, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM), other=0.0),
+                                        tl.trans(tl.load(K_base + offs_n[:, None] * stride_kn + offs_c[None, :] * stride_kd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM), other=0.0)), input_precision=DOT_PRECISION)
+                    s = s * row_scale[:, None]
                     s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
                     keep = (offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)
-                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    if D_CHUNK >= BLOCK_DV:
+                        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    else:
+                        dp = tl.zeros([SUB_M, SUB_N], tl.float32)
+                        for d0 in range(0, BLOCK_DV, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                            offs_c = d0 + offs_c0
+                            dp += tl.dot(tl.load(DO_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM_V), other=0.0),
+                                        tl.trans(tl.load(V_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM_V), other=0.0)), input_precision=DOT_PRECISION)
                     p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
                     ds = p * (dp - delta[:, None])
                     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -582,10 +629,25 @@ def attnc_bwd_dkdv(
                     # a row that sees nothing has statistic -inf: its weights are exp(s - inf) = 0
                     stat_safe = tl.where(stat == float("-inf"), float("inf"), stat)
                     delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * row_scale[:, None]
+                    if D_CHUNK >= BLOCK_D:
+                        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                    else:
+                        s = tl.zeros([SUB_M, SUB_N], tl.float32)
+                        for d0 in range(0, BLOCK_D, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                            offs_c = d0 + offs_c0
+                            s += tl.dot(tl.load(Q_base + offs_m[:, None] * stride_qm + offs_c[None, :] * stride_qd, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM), other=0.0),
+                                        tl.trans(tl.load(K_base + offs_n[:, None] * stride_kn + offs_c[None, :] * stride_kd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM), other=0.0)), input_precision=DOT_PRECISION)
+                    s = s * row_scale[:, None]
                     s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
                     keep = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
-                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    if D_CHUNK >= BLOCK_DV:
+                        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    else:
+                        dp = tl.zeros([SUB_M, SUB_N], tl.float32)
+                        for d0 in range(0, BLOCK_DV, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                            offs_c = d0 + offs_c0
+                            dp += tl.dot(tl.load(DO_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM_V), other=0.0),
+                                        tl.trans(tl.load(V_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM_V), other=0.0)), input_precision=DOT_PRECISION)
                     p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
                     ds = p * (dp - delta[:, None])
                     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ...codegen import abi
-from ...codegen.target import dot_precision, launch_config, sub_tiles
+from ...codegen.target import dot_precision, head_chunk, launch_config, sub_tiles
 from ...ir import nodes as N
 from ...ir.evaluate import per_row
 from ...ir.scores import base2_logits, sink_logits, softcap_value
@@ -71,7 +71,7 @@ _TUNED: dict[tuple, dict | None] = {}
 
 def fast_math(q: torch.Tensor) -> bool:
     """The soft-cap uses the GPU's tanh.approx.f32 and softplus a first pass on its exp2 and log2
-    (NVIDIA, 16-bit inputs: codegen/emit._TANH, _softplus_fast); float32 inputs and the
+    (NVIDIA, 16-bit inputs: codegen/helpers._TANH, emit._softplus_fast); float32 inputs and the
     interpreter take the accurate forms."""
     return q.device.type == "cuda" and torch.version.hip is None and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -165,11 +165,12 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
 
 
 def sub_values(kernel: str, c: Compiled, q: torch.Tensor, v: torch.Tensor) -> dict[str, int]:
-    """SUB_M and SUB_N of a kernel: the pieces of a tile it takes at a time (codegen/target.sub_tiles)."""
-    s = c.schedule
-    pieces = sub_tiles(kernel, device_arch(q), q.dtype, max(q.shape[3], v.shape[3]), int(s.block_m), int(s.block_n),
-                       c.spec.ir)
-    return dict(zip(("SUB_M", "SUB_N"), pieces))
+    """SUB_M and SUB_N of a kernel: the pieces of a tile it takes at a time (codegen/target.sub_tiles),
+    and a backward kernel's D_CHUNK (head_chunk)."""
+    s, arch, head_dim = c.schedule, device_arch(q), max(q.shape[3], v.shape[3])
+    pieces = sub_tiles(kernel, arch, q.dtype, head_dim, int(s.block_m), int(s.block_n), c.spec.ir)
+    chunk = {} if kernel == "fwd" else {"D_CHUNK": head_chunk(kernel, arch, q.dtype, head_dim)}
+    return {**dict(zip(("SUB_M", "SUB_N"), pieces)), **chunk}
 
 
 def routed(values: dict, kernel: str) -> dict:
