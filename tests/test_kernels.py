@@ -207,10 +207,17 @@ def test_non_softmax_rows_that_see_nothing_output_zero(score, device):
 
 
 @pytest.mark.parametrize("mask", ["abs(q.i - k.i) <= 5", "abs(q.i - k.i) < 1", "abs(k.i - q.i) < 0",
-                                  "abs(q.i - 2 * k.i + 3) <= 0", "abs(q.i - k.i) <= 7 and abs(q.i % 5 - k.i % 5) < 3"])
+                                  "abs(q.i - 2 * k.i + 3) <= 0", "abs(q.i - k.i) <= 7 and abs(q.i % 5 - k.i % 5) < 3",
+                                  # tests sharing a c: one unsigned maximum (codegen/pairs._joint_abs_tests)
+                                  "abs(q.i // 6 - k.i // 6) <= 2 and abs(q.i % 6 - k.i % 6) < 3",
+                                  "abs(q.i // 6 - k.i // 6) <= 1 and k.i != 4 and abs(q.i % 6 - k.i % 6) <= 1 "
+                                  "and abs(q.i - k.i - 3) < 2 and abs(q.i - k.i) <= 9",
+                                  "not (abs(q.i // 6 - k.i // 6) <= 0 and abs(q.i % 6 - k.i % 6) <= 0) or q.i == k.i + 20",
+                                  "abs(q.i - k.i) < 0 and abs(q.i % 6 - k.i % 6) < 0 or q.i == k.i"])
 def test_abs_bounds_against_the_reference(mask, device):
-    """`abs(x) <= c` and `abs(x) < c` compile to one unsigned comparison (codegen/helpers._ABS_LE);
-    x negative, zero and positive, c = 0, and `< 0` (never true) against the reference."""
+    """`abs(x) <= c` and `abs(x) < c` compile to one unsigned comparison (codegen/helpers._ABS_LE),
+    and several in a conjunction sharing a c to one comparison of their unsigned maximum; x
+    negative, zero and positive, c = 0, and `< 0` (never true) against the reference."""
     spec = f"attention a(N) {{ q, kv = seq(N) mask = {mask} }}"
     fn = attnc.compile(spec, tiles=(16, 16), N=37)
     ref = attnc.compile(spec, backend="reference", N=37)

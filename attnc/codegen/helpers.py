@@ -52,9 +52,16 @@ _ABS_LE = [
     "def _abs_le(x, c: tl.constexpr, INT64: tl.constexpr):",
     '    """|x| <= c for a constant 0 <= c < 2**30: one unsigned comparison of x + c (exact for every x',
     '    of the width, the sum taken modulo 2**32 or 2**64)."""',
+    "    return _abs_off(x, c, INT64) <= 2 * c",
+    "",
+    "",
+    "@triton.jit",
+    "def _abs_off(x, c: tl.constexpr, INT64: tl.constexpr):",
+    '    """x + c as an unsigned integer: |x| <= c iff it is <= 2c, and several such tests with the same c',
+    '    hold together iff their unsigned maximum is <= 2c (one comparison, one predicate)."""',
     "    if INT64:",
-    "        return (x + c).to(tl.uint64, bitcast=True) <= 2 * c",
-    "    return (x + c).to(tl.uint32, bitcast=True) <= 2 * c",
+    "        return (x + c).to(tl.uint64, bitcast=True)",
+    "    return (x + c).to(tl.uint32, bitcast=True)",
 ]
 
 

@@ -95,7 +95,35 @@ class _Emitter:
         inside = " & ".join(f"({i} >= 0) & ({i} < {size(d)})" for d, i in enumerate(idx))
         return n, offset, inside
 
+    def _joint_abs_tests(self, e: N.Expr) -> str | None:
+        """`abs(x) <= c and abs(y) <= c and ...` (neighborhoods): the tests that share a c as one
+        unsigned maximum and one comparison (helpers._abs_off): separate tests left LLVM a select
+        per test per element. None when no two tests in the conjunction share a c."""
+        parts = _conjuncts(e)
+        groups: dict[int, list[N.Expr]] = {}
+        for x in parts:
+            if abs_bound(x) is not None:
+                groups.setdefault(abs_bound(x), []).append(x)
+        if all(len(g) < 2 for g in groups.values()):
+            return None
+        out, done = [], set()
+        for x in parts:
+            c = abs_bound(x)
+            if c is None or len(groups[c]) < 2:
+                out.append(self.emit(x))
+            elif c not in done:  # & of booleans: every conjunct is evaluated, so order is free
+                done.add(c)
+                joint = f"_abs_off({self.emit(groups[c][0].lhs.operand)}, {c}, INT64)"
+                for y in groups[c][1:]:
+                    joint = f"tl.maximum({joint}, _abs_off({self.emit(y.lhs.operand)}, {c}, INT64))"
+                out.append(f"({joint} <= {2 * c})")
+        return out[0] if len(out) == 1 else "(" + " & ".join(out) + ")"
+
     def emit_inline(self, e: N.Expr) -> str:
+        if isinstance(e, N.Binary) and e.op == "and":
+            joint = self._joint_abs_tests(e)
+            if joint is not None:
+                return joint
         c = abs_bound(e)
         if c is not None:  # |x| <= c as one unsigned comparison (codegen/helpers._ABS_LE)
             return f"_abs_le({self.emit(e.lhs.operand)}, {c}, INT64)"
@@ -129,6 +157,12 @@ class _Emitter:
         if isinstance(e, N.Call):
             return f"tl.{e.fn}(({self.emit(e.args[0])}) * 1.0)"
         return self.emit(e)
+
+
+def _conjuncts(e: N.Expr) -> list[N.Expr]:
+    if isinstance(e, N.Binary) and e.op == "and":
+        return _conjuncts(e.lhs) + _conjuncts(e.rhs)
+    return [e]
 
 
 def abs_bound(e: N.Expr) -> int | None:

@@ -23,9 +23,16 @@ def _floormod(a, b):
 def _abs_le(x, c: tl.constexpr, INT64: tl.constexpr):
     """|x| <= c for a constant 0 <= c < 2**30: one unsigned comparison of x + c (exact for every x
     of the width, the sum taken modulo 2**32 or 2**64)."""
+    return _abs_off(x, c, INT64) <= 2 * c
+
+
+@triton.jit
+def _abs_off(x, c: tl.constexpr, INT64: tl.constexpr):
+    """x + c as an unsigned integer: |x| <= c iff it is <= 2c, and several such tests with the same c
+    hold together iff their unsigned maximum is <= 2c (one comparison, one predicate)."""
     if INT64:
-        return (x + c).to(tl.uint64, bitcast=True) <= 2 * c
-    return (x + c).to(tl.uint32, bitcast=True) <= 2 * c
+        return (x + c).to(tl.uint64, bitcast=True)
+    return (x + c).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -47,14 +54,12 @@ def visible(q_i, k_i, h, head_dim, p_H, p_W, INT64: tl.constexpr, qp0, qp1, kp0,
     k0_i = k_i
     in0 = (k0_i >= 0) & (k0_i < t0)
     t4 = (qp0 - kp0)
-    t5 = _abs_le(t4, 8, INT64)
-    t6 = (qp1 - kp1)
-    t7 = _abs_le(t6, 8, INT64)
-    t8 = (t5 & t7)
+    t5 = (qp1 - kp1)
+    t6 = (tl.maximum(_abs_off(t4, 8, INT64), _abs_off(t5, 8, INT64)) <= 16)
     # segment lo: grid(H // 4, W // 4)
     k1_i = k_i - t0
     in1 = (k1_i >= 0) & (k1_i < t3)
-    return (in0 & t8) | in1
+    return (in0 & t6) | in1
 
 
 @triton.jit
