@@ -94,6 +94,8 @@ def _rows(ir: N.Attention) -> list[str]:
         f"    row_scale = row_scale * -{LOG2E}",
         f"    row_bias = row_bias * -{LOG2E}",
     ] if score.kind == "sigmoid" and not score.modified else []) + ([
+        f"    row_scale = row_scale * {LOG2E}  # logits to base 2 (the bias likewise, _logits)",
+    ] if _bias_to_base2(score) else []) + ([
         "    # A positive row scale (POS_SCALE: the launcher checks every row) is applied after the row",
         "    # maximum, inside exp2's FMA, as FlashAttention-2 does; another one before (a factor 1.0 folds away).",
         "    ones = tl.full([SUB_M], 1.0, tl.float32)",
@@ -211,11 +213,23 @@ def _logits(ir: N.Attention, masked: bool, scale: str | None = None) -> list[str
             *load_lines(ir, "k", "        "),
         ]
     if score.logit_bias is not None:
-        lines.append(f"        s += logit_bias({call})")
+        # A softmax takes the bias to base 2 here, in the add (one FMA); its row scale includes
+        # log2(e) already (_rows).
+        if _bias_to_base2(score):
+            lines.append(f"        s = tl.fma(logit_bias({call}), {LOG2E}, s)")
+        else:
+            lines.append(f"        s += logit_bias({call})")
     if score.softcap is not None:
         x = "s * cap_in" if score.logit_bias is not None else "s"
         lines.append(f"        s = _tanh({x}, FAST_TANH) * cap_out")
     return lines
+
+
+def _bias_to_base2(score: N.Score) -> bool:
+    """A softmax with a logit bias and no soft-cap: its logits go to base 2 as the bias is added
+    (row scale times log2(e), bias times log2(e)); without a bias the host folds log2(e) into
+    the row scale (base2_logits), and a soft-cap into its output factor."""
+    return score.kind == "softmax" and score.logit_bias is not None and score.softcap is None
 
 
 def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
@@ -242,8 +256,6 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         ]
     if score.kind == "softplus":
         return lines + _softplus_accumulate(masked, keep)
-    if score.logit_bias is not None and score.softcap is None:  # else base 2 already (base2_logits)
-        lines.append(f"        s = s * {LOG2E}  # to base 2 after the bias")
     if masked:
         lines += [keep, '        s = tl.where(keep, s, float("-inf"))']
     if base2_logits(score):  # a positive scale keeps the maximum's place: max(s c) = max(s) c

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import AttncError
 from ..ir import nodes as N
 from . import abi
+from .pairs import varies_per_pair
 
 KERNELS = {"fwd": "attnc_fwd", "dq": "attnc_bwd_dq", "dkdv": "attnc_bwd_dkdv"}
 DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -65,7 +66,8 @@ def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", bl
     accumulator leaves no registers at D = 128 on sm_80). On sm_90 a wgmma warp group takes 64
     rows: 8 warps on a 64-row tile make both warp groups compute the same tile (twice the MUFU
     and HGMMA instructions per tile), so there the 16-bit forward takes 4 warps up to D = 128 on
-    64-row tiles, unless the spec's logit bias (gathered per element) spills with 4 (float32 takes
+    64-row tiles, unless the spec's logit bias is gathered per element (`gathered_bias`: it
+    spills with 4; ALiBi's per-head slope does not, and ran its tile twice with 8) (float32 takes
     16-row pieces, as mma, and keeps 8). dQ on sm_90 likewise, where it takes 64-row pieces (no
     bias-table gradients): with 8 warps each thread ran as many MUFU ops as with 4 and more HGMMA
     ones. The other backward kernels hold more tiles live and take 8 warps (4 spill on sm_80 and
@@ -74,7 +76,7 @@ def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", bl
     240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory, and 1 for
     the float32 backward above D = 64 (more spilled 4-32 bytes for some specs). `arch` None: no
     GPU (the interpreter ignores both)."""
-    bias = ir is not None and ir.score.logit_bias is not None
+    bias = ir is not None and gathered_bias(ir)
     hopper_4 = (arch or 0) >= 90 and head_dim <= 128 and block_m <= 64 and not bias and dtype_name(dtype) != "fp32"
     whole_rows = ir is None or sub_tiles(kernel, arch, dtype, head_dim, block_m, block_m, ir)[0] >= 64
     warps = 4 if kernel == "fwd" and (head_dim <= 64 or hopper_4) or kernel == "dq" and hopper_4 and whole_rows else 8
@@ -82,6 +84,15 @@ def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", bl
     if head_dim > 128 and (arch or 90) < 90 or kernel != "fwd" and head_dim > 64 and dtype_name(dtype) == "fp32":
         stages = 1
     return warps, stages
+
+
+def gathered_bias(ir: N.Attention) -> bool:
+    """The logit bias reads a table at indices that vary per (query, key) pair (Swin's relative
+    position table): a gather per element, which spills the sm_90 forward with 4 warps. A read
+    per tile or per head (ALiBi's `slopes[head]`) is not one."""
+    bias = ir.score.logit_bias
+    return bias is not None and any(isinstance(x, N.Lookup) and any(varies_per_pair(i) for i in x.indices)
+                                    for x in N.walk(bias))
 
 
 def tune_path(cache_dir: Path, module: str, tiles: tuple[int, int], arch: int, dtype, head_dim: int) -> Path:

@@ -129,6 +129,7 @@ def attnc_fwd(
         if INT64:
             qp3 = qp3.to(tl.int64)
         row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)
+        row_scale = row_scale * 1.4426950408889634  # logits to base 2 (the bias likewise, _logits)
         m_i = tl.full([SUB_M], float("-inf"), tl.float32)
         l_i = tl.zeros([SUB_M], tl.float32)
         acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)
@@ -166,8 +167,7 @@ def attnc_fwd(
                 kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
                 if INT64:
                     kp3 = kp3.to(tl.int64)
-                s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
-                s = s * 1.4426950408889634  # to base 2 after the bias
+                s = tl.fma(logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3), 1.4426950408889634, s)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,8 +210,7 @@ def attnc_fwd(
                 kp3 = tl.load(COL_PARTS + tl.cast(Nk, tl.int64) * 3 + offs_n, mask=offs_n < Nk, other=0)[None, :]
                 if INT64:
                     kp3 = kp3.to(tl.int64)
-                s += logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
-                s = s * 1.4426950408889634  # to base 2 after the bias
+                s = tl.fma(logit_bias(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3), 1.4426950408889634, s)
                 keep = (offs_n[None, :] < Nk) & visible(q_i, k_i, h, head_dim, p_H, p_W, rt0_ptr, rt0_n0, rt0_n1, rt0_s0, rt0_s1, rt0_hs, INT64, qp0, qp1, qp2, qp3, kp0, kp1, kp2, kp3)
                 s = tl.where(keep, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
