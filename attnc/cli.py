@@ -149,11 +149,14 @@ def _report(compiled, args) -> None:
     from .runtime import AttentionFn
 
     rows = AttentionFn(compiled).gpu_report(arch, dtype, args.head_dim, sass=args.sass)
-    print(f"{'kernel':16} {'regs':>5} {'spill B':>8} {'shared KB':>10} {'tensor cores':>13} {'warps':>6} {'stages':>7}  loops")
+    print(f"{'kernel':16} {'regs':>5} {'spill B':>8} {'shared KB':>10} {'tensor cores':>13} {'warps':>6} {'stages':>7} "
+          f"{'pieces':>10}  loops")
     for r in rows:
         over = " (over the limit)" if r["shared_bytes"] > SHARED_LIMIT[arch] else ""
+        # rows x columns of a tile taken at a time, and head-dim chunks (codegen/target.sub_tiles, head_chunk)
+        pieces = f"{r['sub_m']}x{r['sub_n']}" + (f",d{r['d_chunk']}" if r["d_chunk"] < args.head_dim else "")
         print(f"{r['kernel']:16} {r['registers']:>5} {r['spill_bytes']:>8} {r['shared_bytes'] / 1024:>10.1f} "
-              f"{r['tensor_cores']:>13} {r['num_warps']:>6} {r['num_stages']:>7}  "
+              f"{r['tensor_cores']:>13} {r['num_warps']:>6} {r['num_stages']:>7} {pieces:>10}  "
               f"{' / '.join(map(str, r['loops']))} SASS instructions per iteration{over}")
     if args.sass:
         for r in rows:
