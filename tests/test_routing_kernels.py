@@ -36,9 +36,11 @@ def _check(fn, q, k, v, grads=True, tol=2e-5):
 
 
 @settings(max_examples=6, deadline=None)
-@given(n=st.integers(20, 90), block=st.sampled_from([8, 16, 24]), top=st.integers(1, 4),
+@given(n=st.integers(20, 90), block=st.sampled_from([8, 16, 24, 32]), top=st.integers(1, 4),
        gqa=st.booleans(), seed=st.integers(0, 99))
 def test_moba_kernels_match_the_reference(n, block, top, gqa, seed):
+    """Blocks of the tile (FULL tiles of one group: the routing per row), of a multiple of it, and
+    not (FULL tiles of several groups: per element, the MIXED lists)."""
     fn = attnc.compile(SPECS / "moba.attn", tiles=(16, 16), N=n, B=block, K=top)
     _check(fn, *_qkv(n, n, hq=4 if gqa else 2, seed=seed))
 

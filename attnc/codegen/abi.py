@@ -133,10 +133,14 @@ def _schedule(kernel: str) -> list[Arg]:
     ]
 
 
-def _route() -> list[Arg]:
+def _route(kernel: str) -> list[Arg]:
     """Routed specs only (backends/triton/routing.py): the schedule lists are then per
-    (batch * head, q tile), or per (batch * kv head, kv tile) for dK/dV."""
-    return [
+    (batch * head, q tile), or per (batch * kv head, kv tile) for dK/dV; the forward's and dQ's
+    FULL lists hold the kv tiles of one routing group, MIXED the FULL tiles of several."""
+    mixed = [] if kernel == "dkdv" else [
+        Arg("MIXED_PTR", PTR, "FULL tiles of several routing groups per q tile: CSR offsets, int32", "route"),
+        Arg("MIXED_IDX", PTR, "FULL tiles of several routing groups per q tile: tile indices, int32", "route")]
+    return mixed + [
         Arg("ROUTE_UNIT", PTR, "routing unit of the query at each kernel position, int32", "route"),
         Arg("ROUTE_GROUP", PTR, "routing group of the key at each kernel position, int32", "route"),
         Arg("ROUTE_SEL", PTR, "chosen groups [B, Hq, units, ROUTE_K], int32, -1 past the candidates", "route"),
@@ -163,7 +167,7 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         Arg("SINK", PTR, "float32 [Hq] sink logits (a dummy without a sink)", "rows"),
         Arg("softcap", FLOAT, "the soft-cap value (0.0 without one)", "rows"),
         *_schedule(kernel),
-        *(_route() if ir.route is not None else []),
+        *(_route(kernel) if ir.route is not None else []),
         *(a for side in _STRIDED[kernel] for a in _strides(side)),
         Arg("n_heads", INT, "Hq", "sizes"),
         Arg("kv_group", INT, "Hq // Hkv", "sizes"),

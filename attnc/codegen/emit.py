@@ -142,10 +142,13 @@ def route_rows(ir: N.Attention, indent: str) -> list[str]:
             f"{indent}SEL_row = ROUTE_SEL + ((b64 * n_heads + h64) * n_units + r_unit) * ROUTE_K"]
 
 
-def route_cols(ir: N.Attention, indent: str) -> list[str]:
-    """Routed specs: the kv tile's key groups (-2 past the last key: never a choice)."""
+def route_cols(ir: N.Attention, indent: str, first: str | None = None) -> list[str]:
+    """Routed specs: the kv tile's key groups (-2 past the last key: never a choice), or, given
+    the position of the tile's `first` key, the one group of all its keys."""
     if ir.route is None:
         return []
+    if first is not None:
+        return [f"{indent}k_grp = tl.load(ROUTE_GROUP + {first})  # the tile's one group"]
     return [f"{indent}k_grp = tl.load(ROUTE_GROUP + offs_n, mask=offs_n < Nk, other=-2)[None, :]"]
 
 
@@ -156,30 +159,36 @@ def csr_row(ir: N.Attention, tile: str, program: str) -> str:
     return f"({program} * tl.num_programs(0) + {tile})" if rows else tile
 
 
-def keep_expr(ir: N.Attention, masked: bool, bounds: str) -> str:
+def keep_expr(ir: N.Attention, masked: bool, bounds: str, one_group: bool = False) -> str:
     """Which pairs of the tile count: in bounds and visible on PARTIAL tiles, and, when routed,
-    in a group chosen for the row's unit."""
+    in a group chosen for the row's unit (per row on a tile of `one_group`, route_cols)."""
     parts = ([bounds] if bounds else []) + ([f"visible({pair_call(ir)})"] if masked else [])
     if ir.route is not None:
-        parts.append("_chosen(SEL_row, k_grp, ROUTE_K)")
+        parts.append("_chosen_row(SEL_row, k_grp, ROUTE_K)[:, None]" if one_group else "_chosen(SEL_row, k_grp, ROUTE_K)")
     return " & ".join(parts)
 
 
-def _tile_loop(ir: N.Attention, masked: bool, fast: bool = False) -> list[str]:
+def _tile_loop(ir: N.Attention, masked: bool, fast: bool = False, mixed: bool = False) -> list[str]:
     """The loop over the FULL or the PARTIAL kv tiles the schedule lists for this q tile (`fast`:
-    softplus's first pass, _softplus_fast)."""
-    ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
-    what = ("    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited." if masked else
-            "    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.")
+    softplus's first pass, _softplus_fast). Routed: FULL tiles of one routing group test it per
+    row, the MIXED list's (FULL tiles of several groups) per element."""
+    kind = "PART" if masked else "MIXED" if mixed else "FULL"
+    ptr, idx = f"{kind}_PTR", f"{kind}_IDX"
+    one_group = ir.route is not None and kind == "FULL"
+    what = ["    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited." if masked else
+            "    # FULL tiles of several routing groups: the routing per element." if mixed else
+            "    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks."]
+    if one_group:
+        what.append("    # Routed: the tile's keys are of one group (routing.one_group_tiles), chosen or not per row.")
     return [
-        what,
+        *what,
         f"    lo = tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')})",
         f"    hi = tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)",
         "    for t in range(lo, hi):",
         f"        kv_tile = tl.load({idx} + t)",
         "        for col in range(0, BLOCK_N, SUB_N):",
-        *indent([*_load_kv(masked), *_logits(ir, masked, "fast_scale" if fast else None),
-                 *(_softplus_fast_accumulate(ir, masked) if fast else _accumulate(ir, masked))]),
+        *indent([*_load_kv(masked), *_logits(ir, masked, "fast_scale" if fast else None, one_group),
+                 *(_softplus_fast_accumulate(ir, masked, one_group) if fast else _accumulate(ir, masked, one_group))]),
     ]
 
 
@@ -194,7 +203,7 @@ def _load_kv(masked: bool) -> list[str]:
     ]
 
 
-def _logits(ir: N.Attention, masked: bool, scale: str | None = None) -> list[str]:
+def _logits(ir: N.Attention, masked: bool, scale: str | None = None, one_group: bool = False) -> list[str]:
     """s: the tile's logits after the logit bias and the soft-cap (natural units; base 2 for a
     softmax without a bias, whose row scale or soft-cap factor includes log2(e)), the q.k
     products multiplied by the row vector `scale` when given."""
@@ -202,7 +211,7 @@ def _logits(ir: N.Attention, masked: bool, scale: str | None = None) -> list[str
     call = pair_call(ir)
     scale = scale or ("scale_before" if base2_logits(score) else "row_scale")
     lines = [f'        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * {scale}[:, None]']
-    lines += route_cols(ir, "        ")
+    lines += route_cols(ir, "        ", "kv_tile * BLOCK_N" if one_group else None)
     if masked or score.logit_bias is not None:
         lines += [
             "        k_i = offs_n[None, :]  # kernel position; the mask and bias read the token there",
@@ -232,7 +241,7 @@ def _bias_to_base2(score: N.Score) -> bool:
     return score.kind == "softmax" and score.logit_bias is not None and score.softcap is None
 
 
-def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
+def _accumulate(ir: N.Attention, masked: bool, one_group: bool = False) -> list[str]:
     """Fold the tile into the running state (`keep`: the mask, on PARTIAL tiles). Softmax and
     softplus share FlashAttention-2's online normalisation (log2 domain): softplus runs it on
     log softplus(s), so its weights are normalised in log space. Sigmoid weights are not
@@ -240,7 +249,7 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
     score = ir.score
     # A window test on a key part that is SENTINEL past the last key rejects those keys itself.
     bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
-    keep = f"        keep = {keep_expr(ir, masked, bounds)}"
+    keep = f"        keep = {keep_expr(ir, masked, bounds, one_group)}"
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     lines = []
     if score.kind == "sigmoid":
@@ -258,6 +267,13 @@ def _accumulate(ir: N.Attention, masked: bool) -> list[str]:
         return lines + _softplus_accumulate(masked, keep)
     if masked:
         lines += [keep, '        s = tl.where(keep, s, float("-inf"))']
+    return lines + _softmax_update(ir, masked)
+
+
+def _softmax_update(ir: N.Attention, masked: bool) -> list[str]:
+    """The online softmax's step for the tile's logits s (-inf where hidden when `masked`)."""
+    score = ir.score
+    lines = []
     if base2_logits(score):  # a positive scale keeps the maximum's place: max(s c) = max(s) c
         lines.append("        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_after)")
     else:
@@ -327,6 +343,7 @@ def _softplus_fast(ir: N.Attention) -> list[str]:
             "",
             *_tile_loop(ir, masked=False, fast=True),
             "",
+            *([*_tile_loop(ir, masked=False, fast=True, mixed=True), ""] if ir.route is not None else []),
             *_tile_loop(ir, masked=True, fast=True),
             "",
             "    # The weights are in units of 1 / ln 2: the statistic's log2 offset is log2(ln 2).",
@@ -339,10 +356,10 @@ def _softplus_fast(ir: N.Attention) -> list[str]:
     ]
 
 
-def _softplus_fast_accumulate(ir: N.Attention, masked: bool) -> list[str]:
+def _softplus_fast_accumulate(ir: N.Attention, masked: bool, one_group: bool = False) -> list[str]:
     """_softplus_fast's weights for one kv piece (`keep`: the mask, on PARTIAL tiles)."""
     bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
-    keep = f"        keep = {keep_expr(ir, masked, bounds)}"
+    keep = f"        keep = {keep_expr(ir, masked, bounds, one_group)}"
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     lines = [f"        s = s * {LOG2E}"] if ir.score.modified else []
     lines.append("        p = tl.maximum(s, 0.0) + _lg2(1.0 + tl.math.exp2(-tl.abs(s)), FAST_SOFTPLUS)")
@@ -404,6 +421,7 @@ def emit_kernel(ir: N.Attention) -> list[str]:
                 "",
                 *_tile_loop(ir, masked=False),
                 "",
+                *([*_tile_loop(ir, masked=False, mixed=True), ""] if ir.route is not None else []),
                 *_tile_loop(ir, masked=True),
             ], "    " if fast else ""),
             "",

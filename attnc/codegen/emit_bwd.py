@@ -103,7 +103,8 @@ def emit_grad_functions(ir: N.Attention) -> list[list[str]]:
     return out
 
 
-def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bool = False) -> list[str]:
+def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bool = False,
+                   one_group: bool = False) -> list[str]:
     """The tile's logits s, the weights p (zero where hidden; only where ds needs them, unless
     `weights`) and ds = d loss / d logit before the row scale, from q, k, v, do and the row
     vectors in scope. `rows`: a FULL tile whose q tile may run past the last query (dK/dV sums
@@ -122,7 +123,7 @@ def _logits_and_ds(ir: N.Attention, masked: bool, weights: bool = True, rows: bo
     elif rows:
         lines.append(f"        keep = {keep_expr(ir, False, '(offs_m[:, None] < Nq) & (offs_n[None, :] >= 0)')}")
     elif ir.route is not None:
-        lines.append(f"        keep = {keep_expr(ir, False, '')}")
+        lines.append(f"        keep = {keep_expr(ir, False, '', one_group)}")
     masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
     hide = (lambda x: f"tl.where(keep, {x}, 0.0)") if masked or rows else (lambda x: x)
     lines += _head_dot("dp", "do", "v", "DV")
@@ -246,7 +247,7 @@ def _load_rows(ir: N.Attention, indent: str) -> list[str]:
     ]
 
 
-def _load_cols(ir: N.Attention, indent: str, bounded: bool) -> list[str]:
+def _load_cols(ir: N.Attention, indent: str, bounded: bool, first: str | None = None) -> list[str]:
     """k and v of the kv tile at offs_n, and the row-major tokens there."""
     cols = "(offs_n[:, None] < Nk) & " if bounded else ""
     return [
@@ -260,7 +261,7 @@ def _load_cols(ir: N.Attention, indent: str, bounded: bool) -> list[str]:
         f"{indent}if INT64:",
         f"{indent}    k_i = k_i.to(tl.int64)",
         *load_lines(ir, "k", indent),
-        *route_cols(ir, indent),
+        *route_cols(ir, indent, first),
     ]
 
 
@@ -317,22 +318,26 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         *_row_vectors(score, "        "),
         "        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)",
     ]
-    for masked in (False, True):
-        ptr, idx = ("PART_PTR", "PART_IDX") if masked else ("FULL_PTR", "FULL_IDX")
+    kinds = ["FULL", *(["MIXED"] if ir.route is not None else []), "PART"]  # routed: emit._tile_loop
+    for kind in kinds:
+        masked, one_group = kind == "PART", kind == "FULL" and ir.route is not None
+        ptr, idx = f"{kind}_PTR", f"{kind}_IDX"
         body = [
             f"        for t in range(tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')}), "
             f"tl.load({ptr} + {csr_row(ir, 'q_tile', 'bh')} + 1)):",
             f"            n_start = tl.load({idx} + t) * BLOCK_N",
             "            for col in range(0, BLOCK_N, SUB_N):",
             "                offs_n = n_start + col + offs_n0",
-            *indent(_load_cols(ir, "        ", bounded=masked), "        "),
-            *indent(_logits_and_ds(ir, masked, weights=False), "        "),
+            *indent(_load_cols(ir, "        ", bounded=masked, first="n_start" if one_group else None), "        "),
+            *indent(_logits_and_ds(ir, masked, weights=False, one_group=one_group), "        "),
             '                dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)',
             # after the matmul: k is dead by then (fewer live registers)
             *indent(_table_grads(ir, masked), "        "),
         ]
-        lines += ["", "        # PARTIAL tiles: the mask per element." if masked else
-                  "        # FULL tiles: no mask, no bounds checks.", *body]
+        lines += ["", {"PART": "        # PARTIAL tiles: the mask per element.",
+                       "MIXED": "        # FULL tiles of several routing groups: the routing per element.",
+                       "FULL": "        # FULL tiles: no mask, no bounds checks." +
+                       (" One routing group: the routing per row." if one_group else "")}[kind], *body]
     return lines + [
         "",
         "        tl.store(DQ_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,",

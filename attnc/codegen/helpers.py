@@ -28,7 +28,7 @@ def prelude(score: N.Score, windows: bool, routed: bool, abs_tests: bool = False
     if abs_tests:
         lines += ["", "", *_ABS_LE]
     if routed:
-        lines += ["", "", *_CHOSEN]
+        lines += ["", "", *_CHOSEN, "", "", *_CHOSEN_ROW]
     if score.softcap is not None:
         lines += ["", "", *_TANH]
     if score.kind == "softplus":
@@ -43,6 +43,17 @@ _CHOSEN = [
     "    hit = k_grp < -2",
     "    for t in tl.static_range(ROUTE_K):",
     "        hit = hit | (tl.load(sel_row + t)[:, None] == k_grp)",
+    "    return hit",
+]
+
+
+_CHOSEN_ROW = [
+    "@triton.jit",
+    "def _chosen_row(sel_row, grp, ROUTE_K: tl.constexpr):",
+    '    """Which rows\' units chose group grp, the one group of a whole kv tile (-1: no choice)."""',
+    "    hit = tl.load(sel_row) == grp",
+    "    for t in tl.static_range(1, ROUTE_K):",
+    "        hit = hit | (tl.load(sel_row + t) == grp)",
     "    return hit",
 ]
 

@@ -29,6 +29,15 @@ def _chosen(sel_row, k_grp, ROUTE_K: tl.constexpr):
 
 
 @triton.jit
+def _chosen_row(sel_row, grp, ROUTE_K: tl.constexpr):
+    """Which rows' units chose group grp, the one group of a whole kv tile (-1: no choice)."""
+    hit = tl.load(sel_row) == grp
+    for t in tl.static_range(1, ROUTE_K):
+        hit = hit | (tl.load(sel_row + t) == grp)
+    return hit
+
+
+@triton.jit
 def visible(q_i, k_i, h, head_dim, p_N, p_B, p_K, INT64: tl.constexpr):
     """mask = k.i <= q.i
 
@@ -49,7 +58,7 @@ def attnc_fwd(
     Q, K, V, Out, Stat,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
     FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
-    ROUTE_UNIT, ROUTE_GROUP, ROUTE_SEL, n_units, ROUTE_K: tl.constexpr,
+    MIXED_PTR, MIXED_IDX, ROUTE_UNIT, ROUTE_GROUP, ROUTE_SEL, n_units, ROUTE_K: tl.constexpr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -114,10 +123,35 @@ def attnc_fwd(
         acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)
 
         # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks.
+        # Routed: the tile's keys are of one group (routing.one_group_tiles), chosen or not per row.
         lo = tl.load(FULL_PTR + (bh * tl.num_programs(0) + q_tile))
         hi = tl.load(FULL_PTR + (bh * tl.num_programs(0) + q_tile) + 1)
         for t in range(lo, hi):
             kv_tile = tl.load(FULL_IDX + t)
+            for col in range(0, BLOCK_N, SUB_N):
+                offs_n = kv_tile * BLOCK_N + col + offs_n0
+                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_before[:, None]
+                k_grp = tl.load(ROUTE_GROUP + kv_tile * BLOCK_N)  # the tile's one group
+                keep = _chosen_row(SEL_row, k_grp, ROUTE_K)[:, None]
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * scale_after)
+                # Rows that have seen no finite logit keep m = -inf; shift them by 0 to avoid inf - inf.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_use)
+                p = tl.math.exp2(s * scale_after[:, None] - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+
+        # FULL tiles of several routing groups: the routing per element.
+        lo = tl.load(MIXED_PTR + (bh * tl.num_programs(0) + q_tile))
+        hi = tl.load(MIXED_PTR + (bh * tl.num_programs(0) + q_tile) + 1)
+        for t in range(lo, hi):
+            kv_tile = tl.load(MIXED_IDX + t)
             for col in range(0, BLOCK_N, SUB_N):
                 offs_n = kv_tile * BLOCK_N + col + offs_n0
                 k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -180,7 +214,7 @@ def attnc_bwd_dq(
     Q, K, V, DO, Stat, Delta, DQ,
     ROW_SCALE, ROW_BIAS, SINK, softcap,
     FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, Q_ORDER, KV_ORDER, ROW_PARTS, COL_PARTS,
-    ROUTE_UNIT, ROUTE_GROUP, ROUTE_SEL, n_units, ROUTE_K: tl.constexpr,
+    MIXED_PTR, MIXED_IDX, ROUTE_UNIT, ROUTE_GROUP, ROUTE_SEL, n_units, ROUTE_K: tl.constexpr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -239,9 +273,46 @@ def attnc_bwd_dq(
         delta = tl.load(Delta + bh64 * Nq + offs_m, mask=offs_m < Nq, other=0.0)
         dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)
 
-        # FULL tiles: no mask, no bounds checks.
+        # FULL tiles: no mask, no bounds checks. One routing group: the routing per row.
         for t in range(tl.load(FULL_PTR + (bh * tl.num_programs(0) + q_tile)), tl.load(FULL_PTR + (bh * tl.num_programs(0) + q_tile) + 1)):
             n_start = tl.load(FULL_IDX + t) * BLOCK_N
+            for col in range(0, BLOCK_N, SUB_N):
+                offs_n = n_start + col + offs_n0
+                k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=(offs_d[None, :] < HEAD_DIM), other=0.0)
+                v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                k_i = offs_n[None, :]
+                if KV_PERMUTED:
+                    k_i = tl.load(KV_ORDER + offs_n, mask=offs_n < Nk, other=0)[None, :]
+                if INT64:
+                    k_i = k_i.to(tl.int64)
+                k_grp = tl.load(ROUTE_GROUP + n_start)  # the tile's one group
+                if D_CHUNK >= BLOCK_D:
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                else:
+                    s = tl.zeros([SUB_M, SUB_N], tl.float32)
+                    for d0 in range(0, BLOCK_D, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                        offs_c = d0 + offs_c0
+                        s += tl.dot(tl.load(Q_base + offs_m[:, None] * stride_qm + offs_c[None, :] * stride_qd, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM), other=0.0),
+                                    tl.trans(tl.load(K_base + offs_n[:, None] * stride_kn + offs_c[None, :] * stride_kd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM), other=0.0)), input_precision=DOT_PRECISION)
+                s = s * row_scale[:, None]
+                keep = _chosen_row(SEL_row, k_grp, ROUTE_K)[:, None]
+                if D_CHUNK >= BLOCK_DV:
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                else:
+                    dp = tl.zeros([SUB_M, SUB_N], tl.float32)
+                    for d0 in range(0, BLOCK_DV, D_CHUNK):  # a loop, not unrolled: one chunk live at a time
+                        offs_c = d0 + offs_c0
+                        dp += tl.dot(tl.load(DO_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod, mask=(offs_m[:, None] < Nq) & (offs_c[None, :] < HEAD_DIM_V), other=0.0),
+                                    tl.trans(tl.load(V_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd, mask=(offs_n[:, None] < Nk) & (offs_c[None, :] < HEAD_DIM_V), other=0.0)), input_precision=DOT_PRECISION)
+                p = tl.where(keep, tl.exp(s - stat_safe[:, None]), 0.0)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot((ds * row_scale[:, None]).to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        # FULL tiles of several routing groups: the routing per element.
+        for t in range(tl.load(MIXED_PTR + (bh * tl.num_programs(0) + q_tile)), tl.load(MIXED_PTR + (bh * tl.num_programs(0) + q_tile) + 1)):
+            n_start = tl.load(MIXED_IDX + t) * BLOCK_N
             for col in range(0, BLOCK_N, SUB_N):
                 offs_n = n_start + col + offs_n0
                 k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,

@@ -14,8 +14,10 @@ algorithms. Per call:
 2. schedule: the kv tiles that hold a chosen group of some unit of each q tile, intersected
    with the mask's own FULL and PARTIAL tiles: one CSR per (batch * head, q tile) for the
    forward and dQ kernels, and per (batch * kv head, kv tile) for dK/dV (the union over the
-   query heads of the group). The kernels then test, per element, that the key's group is one
-   of the row's unit's choices (codegen/emit.py `_chosen`).
+   query heads of the group). The kernels then test that the key's group is one of the row's
+   unit's choices: per row on the forward's and dQ's FULL tiles whose keys are of one group
+   (`one_group_tiles`: MoBA's blocks of a multiple of the tile), per element on the others (the
+   MIXED lists, the PARTIAL tiles, and dK/dV; codegen/helpers.py `_chosen_row`, `_chosen`).
 
 The selection is not differentiated (as in BiFormer and MoBA); gradients flow through the
 attention over the chosen keys. The backward recomputes the selection from the same q and k
@@ -150,8 +152,9 @@ def select(p: Plan, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def launch_values(p: Plan, sel: torch.Tensor, s: Schedule, kv_heads: int) -> dict:
     """The routed kernels' schedule and routing arguments: per-(batch * head, q tile) CSR lists
-    of FULL and PARTIAL kv tiles (FULL_*, PART_*), per-(batch * kv head, kv tile) lists of q
-    tiles for dK/dV (*_T_*), and the selection itself."""
+    of FULL kv tiles of one routing group (FULL_*), of several (MIXED_*) and of PARTIAL kv tiles
+    (PART_*), per-(batch * kv head, kv tile) lists of q tiles for dK/dV (*_T_*), and the
+    selection itself."""
     device = sel.device
     B, Hq, _, top = sel.shape
     qt, kt = s.q_tiles, s.kv_tiles
@@ -170,15 +173,28 @@ def launch_values(p: Plan, sel: torch.Tensor, s: Schedule, kv_heads: int) -> dic
     per_kv = tiles.view(B, kv_heads, Hq // kv_heads, qt, kt).any(2).transpose(-1, -2)  # [B Hkv, kv, q]
     out = {"ROUTE_UNIT": _i32(p.unit, device), "ROUTE_GROUP": _i32(p.group, device), "ROUTE_SEL": sel,
            "n_units": p.n_units, "ROUTE_K": p.top}
-    for name, grid, classes in (("", tiles, cls), ("_T", per_kv.reshape(B * kv_heads, kt, qt), cls.T)):
-        for kind, value in (("FULL", FULL), ("PART", PARTIAL)):
-            keep = (grid & (classes == value)).reshape(-1, grid.shape[-1])
+    one = torch.from_numpy(one_group_tiles(p.group, s.block_n, kt)).to(device)  # [kv tiles]
+    lists = {"": (("FULL", (cls == FULL) & one), ("MIXED", (cls == FULL) & ~one), ("PART", cls == PARTIAL)),
+             "_T": (("FULL", cls.T == FULL), ("PART", cls.T == PARTIAL))}
+    for name, grid in (("", tiles), ("_T", per_kv.reshape(B * kv_heads, kt, qt))):
+        for kind, chosen_class in lists[name]:
+            keep = (grid & chosen_class).reshape(-1, grid.shape[-1])
             ptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=device)
             ptr[1:] = torch.cumsum(keep.sum(1), 0)
             idx = keep.nonzero()[:, 1].to(torch.int32)
             out[f"{kind}{name}_PTR"] = ptr
             out[f"{kind}{name}_IDX"] = idx if idx.numel() else ptr.new_zeros(1)
     return out
+
+
+def one_group_tiles(group: np.ndarray, block_n: int, kv_tiles: int) -> np.ndarray:
+    """bool [kv tiles]: every key of the tile is in one group (MoBA's blocks of a multiple of the
+    tile; a tile running past the last key is not). The forward and dQ test the routing of such
+    FULL tiles per row (FULL lists), of the others per element (MIXED lists)."""
+    padded = np.full(kv_tiles * block_n, -1, np.int64)
+    padded[:len(group)] = group
+    tiles = padded.reshape(kv_tiles, block_n)
+    return (tiles.min(1) == tiles.max(1)) & (tiles.min(1) >= 0)
 
 
 def _i32(a: np.ndarray, device) -> torch.Tensor:
