@@ -93,7 +93,11 @@ def main(argv=None) -> int:
         f"({', '.join(f'sm_{a} {v // 1024} KB' for a, v in SHARED_LIMIT.items())}), tensor cores for the matmuls.",
         "- Loops: SASS instructions per iteration of each main loop (forward: FULL tiles, then PARTIAL "
         "tiles; dQ likewise; dK/dV: one loop over the group's heads, holding both), and the forward "
-        "loops' ratio to the yardstick (bench/yardstick.py, a plain FlashAttention-2 forward loop).",
+        "loops' ratio to the yardstick (bench/yardstick.py, a plain FlashAttention-2 forward loop). "
+        "Routed specs (biformer, moba): FULL tiles of one routing group, FULL tiles of several, "
+        "PARTIAL. softplus in 16 bits: the first pass's FULL and PARTIAL loops, then the exact "
+        "ones (codegen/emit._softplus_fast). float32 kernels that take tiles in pieces show one loop "
+        "around the rest.",
         "",
         f"Passing all checks: {sum(r['ok'] for r in rows)} of {len(rows)} kernels.",
         "",
@@ -123,7 +127,9 @@ def main(argv=None) -> int:
 def _summary(rows: list[dict], yard: dict) -> list[str]:
     """Forward loops (FULL / PARTIAL) against the yardstick, spec x target at head dim 128."""
     targets = [t for t, n in yard.items() if t[2] == 128 and n]
-    out = ["Forward main loops at head dim 128, FULL / PARTIAL, as multiples of the yardstick's loop:", "",
+    out = ["Forward main loops at head dim 128, FULL / PARTIAL (routed: FULL of one group / of several / "
+           "PARTIAL; softplus: first pass FULL / PARTIAL, exact FULL / PARTIAL), as multiples of the "
+           "yardstick's loop:", "",
            "| spec | " + " | ".join(f"sm_{a} {d}" for a, d, _ in targets) + " |",
            "|---|" + "---|" * len(targets)]
     for name in sorted({r["spec"] for r in rows}):
