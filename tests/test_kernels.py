@@ -225,6 +225,20 @@ def test_abs_bounds_against_the_reference(mask, device):
     _check(fn, *_qkv(37, 37, device=device))
 
 
+@pytest.mark.parametrize("spec,params", [
+    ("attention a(H, W) { q, kv = grid(H, W)  mask = abs(k.y // 4) <= 1 and abs(q.x - k.x) <= 2 }", dict(H=9, W=7)),
+    ("attention a(N) { q = seq(N)  kv = a: grid(2, 7), b: seq(5)  mask = (k in a and abs(k.y // 4) <= 1) or k in b }",
+     dict(N=20)),
+])
+def test_abs_bound_of_a_token_part(spec, params, device):
+    """`abs(k.y // 4)` reads the key only, so it is a token part: the bound compares the part's
+    value. Found by hypothesis: the peephole compared `k.y // 4` again, whose coordinate nothing
+    decoded (NameError in the kernel)."""
+    fn = attnc.compile(spec, tiles=(16, 16), **params)
+    b = fn.compiled.bound
+    _check(fn, *_qkv(b.nq, b.nk, device=device))
+
+
 @pytest.mark.parametrize("mask", ["k.i + 1 == 1 << ilog2(k.i + 1)", "causal and (q.i - k.i > 0 and 1 << ilog2(q.i - k.i) == q.i - k.i)",
                                   "q.i - k.i < 3 or (q.i > k.i and (q.i - k.i) * 3 == 1 << ilog2((q.i - k.i) * 3))"])
 def test_power_of_two_tests_against_the_reference(mask, device):

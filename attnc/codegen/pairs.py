@@ -102,13 +102,13 @@ class _Emitter:
         parts = _conjuncts(e)
         groups: dict[int, list[N.Expr]] = {}
         for x in parts:
-            if abs_bound(x) is not None:
-                groups.setdefault(abs_bound(x), []).append(x)
+            if self._abs_bound(x) is not None:
+                groups.setdefault(self._abs_bound(x), []).append(x)
         if all(len(g) < 2 for g in groups.values()):
             return None
         out, done = [], set()
         for x in parts:
-            c = abs_bound(x)
+            c = self._abs_bound(x)
             if c is None or len(groups[c]) < 2:
                 out.append(self.emit(x))
             elif c not in done:  # & of booleans: every conjunct is evaluated, so order is free
@@ -119,12 +119,18 @@ class _Emitter:
                 out.append(f"({joint} <= {2 * c})")
         return out[0] if len(out) == 1 else "(" + " & ".join(out) + ")"
 
+    def _abs_bound(self, e: N.Expr) -> int | None:
+        """abs_bound, unless `abs(x)` is a token part already (in the memo): its operand x may read
+        coordinates nothing decodes, so the part's value is compared instead."""
+        c = abs_bound(e)
+        return None if c is None or e.lhs in self.memo else c
+
     def emit_inline(self, e: N.Expr) -> str:
         if isinstance(e, N.Binary) and e.op == "and":
             joint = self._joint_abs_tests(e)
             if joint is not None:
                 return joint
-        c = abs_bound(e)
+        c = self._abs_bound(e)
         if c is not None:  # |x| <= c as one unsigned comparison (codegen/helpers._ABS_LE)
             return f"_abs_le({self.emit(e.lhs.operand)}, {c}, INT64)"
         x = power_of_two_test(e)
