@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..ir import nodes as N
 from ..ir.evaluate import per_batch
-from ..ir.scores import base2_logits
+from ..ir.scores import base2_logits, softplus_first_pass
 
 PTR, INT, FLOAT, CONSTEXPR = "pointer", "int", "float", "constexpr"
 
@@ -206,7 +206,8 @@ def kernel_args(ir: N.Attention, kernel: str = "fwd") -> tuple[Arg, ...]:
         *([Arg("FAST_TANH", CONSTEXPR, "the soft-cap's tanh is the GPU's tanh.approx (a GPU, 16-bit q and k)",
                "flags")] if ir.score.softcap is not None else []),
         *([Arg("FAST_SOFTPLUS", CONSTEXPR, "softplus's first pass: 0 none, 1 on the GPU's lg2.approx (a GPU, "
-               "16-bit q and k), 2 on tl.math.log2 (tests in the interpreter)", "flags")] if kernel == "fwd" and ir.score.kind == "softplus" else []),
+               "16-bit q and k), 2 on tl.math.log2 (tests in the interpreter)", "flags")]
+          if kernel == "fwd" and softplus_first_pass(ir) else []),
         *([Arg("POS_SCALE", CONSTEXPR, "every row scale is > 0: the forward applies it after the max, in "
                "exp2's FMA", "flags")] if kernel == "fwd" and base2_logits(ir.score) else []),
         Arg("Q_PERMUTED", CONSTEXPR, "the layout reorders queries", "flags"),

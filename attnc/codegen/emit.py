@@ -15,7 +15,7 @@ import math
 from ..ir import nodes as N
 from ..ir.evaluate import per_row
 from ..ir.printer import format_score
-from ..ir.scores import base2_logits
+from ..ir.scores import base2_logits, softplus_first_pass
 from . import abi
 from .helpers import LN2, LOG2E, R_COEFFS, horner, prelude
 from .pairs import abs_bound, emit_pair_function, emit_visible, pair_call
@@ -402,7 +402,7 @@ def _store() -> list[str]:
 
 def emit_kernel(ir: N.Attention) -> list[str]:
     """The @triton.jit forward kernel `attnc_fwd`, its signature from the ABI."""
-    fast = ir.score.kind == "softplus"
+    fast = softplus_first_pass(ir)
     return [
         "@triton.jit",
         "def attnc_fwd(",

@@ -19,6 +19,13 @@ def base2_logits(score: N.Score) -> bool:
     return score.kind == "softmax" and score.logit_bias is None and score.softcap is None
 
 
+def softplus_first_pass(ir: N.Attention) -> bool:
+    """The forward of a softplus spec has a first pass for 16-bit inputs on a GPU
+    (codegen/emit._softplus_fast), except when routed: per-element routing tests made its loops
+    longer than the exact ones and spilled 600 bytes at sm_90, D = 128."""
+    return ir.score.kind == "softplus" and ir.route is None
+
+
 def score_reads_n_visible(score: N.Score) -> bool:
     return any(isinstance(x, N.NVisible) for e in (score.scale, score.bias) for x in N.walk(e))
 

@@ -14,7 +14,7 @@ from ...codegen import abi
 from ...codegen.target import dot_precision, head_chunk, launch_config, sub_tiles
 from ...ir import nodes as N
 from ...ir.evaluate import per_row
-from ...ir.scores import base2_logits, sink_logits, softcap_value
+from ...ir.scores import base2_logits, sink_logits, softcap_value, softplus_first_pass
 from ...analysis.tiles import Schedule
 from ...pipeline import Compiled
 from ...settings import launch_guard
@@ -57,7 +57,7 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
         "Q_PERMUTED": not lay.q_identity, "KV_PERMUTED": not lay.kv_identity,
         "DOT_PRECISION": dot_precision(q.dtype),
         **({"FAST_TANH": fast_math(q)} if ir.score.softcap is not None else {}),
-        **({"FAST_SOFTPLUS": fast_softplus(q)} if ir.score.kind == "softplus" and not natural else {}),
+        **({"FAST_SOFTPLUS": fast_softplus(q)} if softplus_first_pass(ir) and not natural else {}),
         **({"POS_SCALE": positive} if base2_logits(ir.score) and not natural else {}),  # the forward's
     }
 
