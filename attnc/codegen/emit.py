@@ -15,7 +15,7 @@ import math
 from ..ir import nodes as N
 from ..ir.evaluate import per_row
 from ..ir.printer import format_score
-from ..ir.scores import base2_logits, softplus_first_pass
+from ..ir.scores import base2_logits, score_reads_n_visible, softplus_first_pass
 from . import abi
 from .helpers import LN2, LOG2E, R_COEFFS, horner, prelude
 from .pairs import abs_bound, emit_pair_function, emit_visible, pair_call
@@ -86,9 +86,9 @@ def _rows(ir: N.Attention) -> list[str]:
         "        q_i = q_i.to(tl.int64)",
         *load_lines(ir, "q", "    "),
         *route_rows(ir, "    "),
-        "    row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)",
+        f"    row_scale = tl.load(ROW_SCALE + {row_vector_at(ir, 'bh.to(tl.int64)')}, mask=offs_m < Nq, other=0.0)",
     ] + ([  # only sigmoid adds a per-row bias after the modifiers
-        "    row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)",
+        f"    row_bias = tl.load(ROW_BIAS + {row_vector_at(ir, 'bh.to(tl.int64)')}, mask=offs_m < Nq, other=0.0)",
     ] if score.kind == "sigmoid" else []) + ([
         "    # Unmodified sigmoid: the exponent -(s * scale + bias) log2(e) is one FMA per element.",
         f"    row_scale = row_scale * -{LOG2E}",
@@ -131,6 +131,13 @@ def _init_state(score: N.Score) -> list[str]:
             "    l_i = tl.zeros([SUB_M], tl.float32)",
         ]
     return state + ["    acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)"]
+
+
+def row_vector_at(ir: N.Attention, bh: str) -> str:
+    """Where the q tile's row scale and bias are: by position, or, routed with n_visible in the
+    score (it counts the chosen keys: a count per batch and head), in row `bh` of [B * Hq, Nq]."""
+    per_head = ir.route is not None and score_reads_n_visible(ir.score)
+    return f"{bh} * Nq + offs_m" if per_head else "offs_m"
 
 
 def route_rows(ir: N.Attention, indent: str) -> list[str]:

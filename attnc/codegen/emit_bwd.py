@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..ir import nodes as N
 from ..ir.printer import format_score
 from . import abi
-from .emit import LOG2E, csr_row, indent, keep_expr, route_cols, route_rows
+from .emit import LOG2E, csr_row, indent, keep_expr, route_cols, route_rows, row_vector_at
 from .pairs import _Emitter, emit_pair_function, pair_call, varies_per_pair
 from .parts import load_lines
 
@@ -213,11 +213,13 @@ def _table_grads(ir: N.Attention, masked: bool) -> list[str]:
     return lines
 
 
-def _row_vectors(score: N.Score, indent: str) -> list[str]:
-    """Row scale, bias and saved statistics of the q tile at offs_m."""
-    lines = [f"{indent}row_scale = tl.load(ROW_SCALE + offs_m, mask=offs_m < Nq, other=0.0)"]
+def _row_vectors(ir: N.Attention, indent: str, bh: str) -> list[str]:
+    """Row scale, bias and saved statistics of the q tile at offs_m (`bh`: batch * head, int64)."""
+    score = ir.score
+    at = row_vector_at(ir, bh)
+    lines = [f"{indent}row_scale = tl.load(ROW_SCALE + {at}, mask=offs_m < Nq, other=0.0)"]
     if score.kind == "sigmoid":
-        lines.append(f"{indent}row_bias = tl.load(ROW_BIAS + offs_m, mask=offs_m < Nq, other=0.0)")
+        lines.append(f"{indent}row_bias = tl.load(ROW_BIAS + {at}, mask=offs_m < Nq, other=0.0)")
     else:
         lines += [
             f'{indent}stat = tl.load(Stat + bh64 * Nq + offs_m, mask=offs_m < Nq, other=float("-inf"))',
@@ -315,7 +317,7 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         "    for sub in range(0, BLOCK_M, SUB_M):",
         "        offs_m = q_tile * BLOCK_M + sub + offs_m0",
         *_load_rows(ir, "        "),
-        *_row_vectors(score, "        "),
+        *_row_vectors(ir, "        ", "bh.to(tl.int64)"),
         "        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)",
     ]
     kinds = ["FULL", *(["MIXED"] if ir.route is not None else []), "PART"]  # routed: emit._tile_loop
@@ -398,7 +400,7 @@ def _dkdv_kernel(ir: N.Attention) -> list[str]:
             "            for sub in range(0, BLOCK_M, SUB_M):",
             "                offs_m = m_start + sub + offs_m0",
             *_load_rows(ir, "                "),
-            *_row_vectors(score, "                "),
+            *_row_vectors(ir, "                ", "(b64 * n_heads + h64)"),
             # Without a bias, padding rows (q = 0, lse = -inf) have p = 0 exactly; a bias may be nan there.
             *indent(_logits_and_ds(ir, masked, rows=not masked and score.logit_bias is not None), "        "),
             '                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)',

@@ -94,8 +94,9 @@ def reference_attention(bound: Bound, q, k, v, mask=None, tensors=None, return_l
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[..., None]
-                   for x in row_scores(bound, d, dense.reshape(-1, bound.nq, bound.nk)[0].sum(axis=-1)))
+    # n_visible: per query, or under routing per (batch, head, query): the chosen keys it sees.
+    counts = dense.sum(axis=-1) if bound.ir.route is not None else dense.reshape(-1, bound.nq, bound.nk)[0].sum(axis=-1)
+    scale, bias = (torch.from_numpy(x).to(q.device, q.dtype)[..., None] for x in row_scores(bound, d, counts))
     s = (q @ k.transpose(-1, -2)) * scale
     extra = logit_bias(bound, hq, tensors, d, q)
     if extra is not None:

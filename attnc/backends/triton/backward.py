@@ -17,7 +17,8 @@ from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
 from .host import HostState
-from .launch import ADDR_LIMIT, _extent, common_values, launch_options, routed, sub_values, to_kernel_order
+from .launch import (ADDR_LIMIT, _extent, common_values, launch_options, routed, routed_scores, sub_values,
+                     to_kernel_order)
 
 
 def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, tensors: dict[str, torch.Tensor],
@@ -66,8 +67,9 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
                  **sub_values("dkdv", c, q, v)}
     if ir.route is not None:  # the same selection as the forward's: recomputed from the same q and k
         route = state.route(s, host_ints(tensors), q, k)
-        dq_args.update(routed(route, "dq"))
-        dkdv_args.update(routed(route, "dkdv"))
+        scores = routed_scores(state, route, q, natural=True)
+        dq_args.update(scores, **routed(route, "dq"))
+        dkdv_args.update(scores, **routed(route, "dkdv"))
     elif per_row(ir.mask):  # per-(batch * head) schedules of a mask that reads `head` or `batch`
         heads = state.head_tables(host_ints(tensors), B, Hq, Hkv, device)
         dq_args.update(routed(heads, "dq"))

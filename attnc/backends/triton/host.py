@@ -36,6 +36,7 @@ class HostState:
         self._scores: dict[tuple[int, torch.device, bool], tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self._parts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._route_plan = None
+        self._visible: dict = {}  # routing.visible_counts of the compiled plan
         self._heads: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def _cached(self, cache: dict, key, make):
@@ -100,7 +101,15 @@ class HostState:
                     self._route_plan = plan
         else:
             plan = routing.plan(self.c, schedule, tensors)
-        return routing.launch_values(plan, routing.select(plan, q, k), schedule, k.shape[1])
+        sel = routing.select(plan, q, k)
+        values = routing.launch_values(plan, sel, schedule, k.shape[1])
+        if score_reads_n_visible(self.c.spec.ir.score):  # n_visible counts the chosen keys only
+            if schedule is self.c.schedule:
+                vis = self._cached(self._visible, "plan", lambda: routing.visible_counts(self.c, schedule, plan))
+            else:
+                vis = routing.visible_counts(self.c, schedule, plan, tensors)
+            values[ROUTED_COUNTS] = routing.routed_counts(vis, plan, sel)
+        return values
 
     def parts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The token parts (codegen/parts.py) of the queries [q parts, Nq] and of the keys
@@ -117,11 +126,12 @@ class HostState:
             return make()
         return self._cached(self._transposed, device, make)
 
-    def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule, natural: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def row_scores(self, head_dim: int, device: torch.device, schedule: Schedule, natural: bool = False,
+                   counts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """float32 per-position score scale and bias, and whether every scale is > 0 (softmax's
         scale in base 2 for the forward kernel, ir.scores.base2_logits; `natural` for the backward
-        kernels, which work in natural units)."""
+        kernels, which work in natural units). Routed specs that read n_visible give this call's
+        `counts` [B, Hq, Nq], and get [B * Hq * Nq] rows (the kernels index them by batch * head)."""
         ir = self.c.spec.ir
 
         def make(counts):
@@ -138,9 +148,19 @@ class HostState:
         if not score_reads_n_visible(ir.score):
             return self._cached(self._scores, (head_dim, device, natural),
                                 lambda: make(np.ones(self.c.bound.nq, np.int64)))
+        if counts is not None:  # under routing: [B, Hq, Nq], this call's selection (route)
+            return make(counts)
         if schedule is not self.c.schedule:  # counts under this call's data
             return make(schedule.row_counts)
         return self._cached(self._scores, (head_dim, device, natural), lambda: make(self.c.schedule.row_counts))
+
+
+def routed_row_counts(values: dict) -> np.ndarray | None:
+    """Take the [B, Hq, Nq] n_visible counts out of `route`'s launch values (None: not needed)."""
+    return values.pop(ROUTED_COUNTS, None)
+
+
+ROUTED_COUNTS = "_row_counts"  # route's extra value for row_scores (not a kernel argument)
 
 
 def token_part_values(c: Compiled) -> tuple[np.ndarray, np.ndarray]:

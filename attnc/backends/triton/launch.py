@@ -19,7 +19,7 @@ from ...analysis.tiles import Schedule
 from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
-from .host import HostState
+from .host import HostState, routed_row_counts
 
 # Element offsets at or beyond this need 64-bit address arithmetic in the kernel.
 ADDR_LIMIT = 2**31
@@ -152,7 +152,9 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     }
     values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
     if ir.route is not None:  # the per-(batch * head) schedule of this call's selection
-        values.update(routed(state.route(s, host_ints(tensors), q, k), "fwd"))
+        route = state.route(s, host_ints(tensors), q, k)
+        values.update(routed_scores(state, route, q))
+        values.update(routed(route, "fwd"))
     elif per_row(ir.mask):  # the per-(batch * head) schedule of a mask that reads `head` or `batch`
         values.update(routed(state.head_tables(host_ints(tensors), B, Hq, k.shape[1], device), "fwd"))
     kwargs = abi.bind(ir, values)
@@ -171,6 +173,18 @@ def sub_values(kernel: str, c: Compiled, q: torch.Tensor, v: torch.Tensor) -> di
     pieces = sub_tiles(kernel, arch, q.dtype, head_dim, int(s.block_m), int(s.block_n), c.spec.ir)
     chunk = {} if kernel == "fwd" else {"D_CHUNK": head_chunk(kernel, arch, q.dtype, head_dim)}
     return {**dict(zip(("SUB_M", "SUB_N"), pieces)), **chunk}
+
+
+def routed_scores(state: HostState, route: dict, q: torch.Tensor, natural: bool = False) -> dict:
+    """Routed specs whose score reads n_visible: the row scale and bias of every (batch, head)
+    under this call's selection ([B * Hq, Nq]: the kernels index them by batch * head), taken
+    out of `route`; {} for the others."""
+    counts = routed_row_counts(route)
+    if counts is None:
+        return {}
+    scale, bias, positive = state.row_scores(q.shape[3], q.device, None, natural, counts)
+    pos = base2_logits(state.c.spec.ir.score) and not natural  # the forward's POS_SCALE
+    return {"ROW_SCALE": scale, "ROW_BIAS": bias, **({"POS_SCALE": positive} if pos else {})}
 
 
 def routed(values: dict, kernel: str) -> dict:

@@ -187,6 +187,33 @@ def launch_values(p: Plan, sel: torch.Tensor, s: Schedule, kv_heads: int) -> dic
     return out
 
 
+def visible_counts(c: Compiled, s: Schedule, p: Plan, tensors: dict | None = None) -> np.ndarray:
+    """int64 [Nq, groups]: how many keys of each group each query (kernel position) sees under
+    the mask; `n_visible` under routing sums them over the groups chosen for the query's unit
+    (routed_counts). FULL tiles add their groups' sizes, PARTIAL tiles are evaluated pair by pair
+    (as _candidates: no N^2 pass)."""
+    bm, bn = s.block_m, s.block_n
+    cls = s.classes
+    tile_counts = np.zeros((s.kv_tiles, p.n_groups), np.int64)
+    np.add.at(tile_counts, (np.arange(len(p.group)) // bn, p.group), 1)
+    vis = ((cls == FULL).astype(np.int64) @ tile_counts)[np.arange(len(p.unit)) // bm]
+    q_tok, k_tok = np.asarray(c.layout.q_perm, np.int64), np.asarray(c.layout.kv_perm, np.int64)
+    for qt, kt in zip(*np.nonzero(cls == PARTIAL)):
+        rows, cols = slice(qt * bm, (qt + 1) * bm), slice(kt * bn, (kt + 1) * bn)
+        seen = mask_block(c.bound, q_tok[rows], k_tok[cols], tensors, what="n_visible under routing")
+        onehot = np.zeros((seen.shape[1], p.n_groups), np.int64)
+        onehot[np.arange(seen.shape[1]), p.group[cols]] = 1
+        vis[rows] += seen.astype(np.int64) @ onehot
+    return vis
+
+
+def routed_counts(vis: np.ndarray, p: Plan, sel: torch.Tensor) -> np.ndarray:
+    """int64 [B, Hq, Nq]: n_visible of every row under this call's selection (kernel positions)."""
+    chosen = sel.cpu().numpy().astype(np.int64)[:, :, p.unit, :]  # [B, Hq, Nq, top]
+    counts = vis[np.arange(len(p.unit))[:, None], np.maximum(chosen, 0)]
+    return np.where(chosen >= 0, counts, 0).sum(-1)
+
+
 def one_group_tiles(group: np.ndarray, block_n: int, kv_tiles: int) -> np.ndarray:
     """bool [kv tiles]: every key of the tile is in one group (MoBA's blocks of a multiple of the
     tile; a tile running past the last key is not). The forward and dQ test the routing of such
