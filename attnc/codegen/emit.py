@@ -175,15 +175,30 @@ def keep_expr(ir: N.Attention, masked: bool, bounds: str, one_group: bool = Fals
     return " & ".join(parts)
 
 
-def _tile_loop(ir: N.Attention, masked: bool, fast: bool = False, mixed: bool = False) -> list[str]:
-    """The loop over the FULL or the PARTIAL kv tiles the schedule lists for this q tile (`fast`:
-    softplus's first pass, _softplus_fast). Routed: FULL tiles of one routing group test it per
-    row, the MIXED list's (FULL tiles of several groups) per element."""
-    kind = "PART" if masked else "MIXED" if mixed else "FULL"
+def tile_lists(ir: N.Attention) -> list[str]:
+    """The schedule's lists of kv tiles a q tile's loops visit, in order (forward and dQ): FULL,
+    for a routed spec then MIXED (FULL tiles of several routing groups; routing.one_group_tiles),
+    and PART."""
+    return ["FULL", *(["MIXED"] if ir.route is not None else []), "PART"]
+
+
+def _tile_loops(ir: N.Attention, fast: bool = False) -> list[str]:
+    """The loops over every list of tile_lists, a blank line between two."""
+    lines = []
+    for kind in tile_lists(ir):
+        lines += [*([""] if lines else []), *_tile_loop(ir, kind, fast)]
+    return lines
+
+
+def _tile_loop(ir: N.Attention, kind: str, fast: bool = False) -> list[str]:
+    """The loop over the kv tiles of list `kind` (tile_lists) for this q tile (`fast`: softplus's
+    first pass, _softplus_fast). Routed: FULL tiles of one routing group test it per row, the
+    MIXED list's per element."""
+    masked = kind == "PART"
     ptr, idx = f"{kind}_PTR", f"{kind}_IDX"
     one_group = ir.route is not None and kind == "FULL"
     what = ["    # PARTIAL tiles: evaluate the mask per element. EMPTY tiles are never visited." if masked else
-            "    # FULL tiles of several routing groups: the routing per element." if mixed else
+            "    # FULL tiles of several routing groups: the routing per element." if kind == "MIXED" else
             "    # FULL tiles: every pair is visible and in bounds; no predicate, no bounds checks."]
     if one_group:
         what.append("    # Routed: the tile's keys are of one group (routing.one_group_tiles), chosen or not per row.")
@@ -241,6 +256,14 @@ def _logits(ir: N.Attention, masked: bool, scale: str | None = None, one_group: 
     return lines
 
 
+def _keep(ir: N.Attention, masked: bool, one_group: bool) -> tuple[str, bool]:
+    """The forward's `keep = ...` line for a kv piece, and whether the piece needs it: PARTIAL
+    tiles, and every routed tile (FULL ones too keep only the chosen keys)."""
+    # A window test on a key part that is SENTINEL past the last key rejects those keys itself.
+    bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
+    return f"        keep = {keep_expr(ir, masked, bounds, one_group)}", masked or ir.route is not None
+
+
 def _bias_to_base2(score: N.Score) -> bool:
     """A softmax with a logit bias and no soft-cap: its logits go to base 2 as the bias is added
     (row scale times log2(e), bias times log2(e)); without a bias the host folds log2(e) into
@@ -254,10 +277,7 @@ def _accumulate(ir: N.Attention, masked: bool, one_group: bool = False) -> list[
     log softplus(s), so its weights are normalised in log space. Sigmoid weights are not
     normalised and need no running max."""
     score = ir.score
-    # A window test on a key part that is SENTINEL past the last key rejects those keys itself.
-    bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
-    keep = f"        keep = {keep_expr(ir, masked, bounds, one_group)}"
-    masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
+    keep, masked = _keep(ir, masked, one_group)
     lines = []
     if score.kind == "sigmoid":
         # 1 / (1 + 2^-x log2(e)) with the GPU's approximate reciprocal (2 ulp), not a full-precision
@@ -348,10 +368,7 @@ def _softplus_fast(ir: N.Attention) -> list[str]:
             "    n_i = tl.zeros([SUB_M], tl.float32)  # visible keys",
             "    acc = tl.zeros([SUB_M, BLOCK_DV], tl.float32)",
             "",
-            *_tile_loop(ir, masked=False, fast=True),
-            "",
-            *([*_tile_loop(ir, masked=False, fast=True, mixed=True), ""] if ir.route is not None else []),
-            *_tile_loop(ir, masked=True, fast=True),
+            *_tile_loops(ir, fast=True),
             "",
             "    # The weights are in units of 1 / ln 2: the statistic's log2 offset is log2(ln 2).",
             f"    m_i = tl.full([SUB_M], {math.log2(math.log(2))!r}, tl.float32)",
@@ -365,9 +382,7 @@ def _softplus_fast(ir: N.Attention) -> list[str]:
 
 def _softplus_fast_accumulate(ir: N.Attention, masked: bool, one_group: bool = False) -> list[str]:
     """_softplus_fast's weights for one kv piece (`keep`: the mask, on PARTIAL tiles)."""
-    bounds = "(offs_n[None, :] < Nk)" if masked and bounding_part(ir) is None else ""
-    keep = f"        keep = {keep_expr(ir, masked, bounds, one_group)}"
-    masked = masked or ir.route is not None  # routed tiles, FULL ones too, keep the chosen keys only
+    keep, masked = _keep(ir, masked, one_group)
     lines = [f"        s = s * {LOG2E}"] if ir.score.modified else []
     lines.append("        p = tl.maximum(s, 0.0) + _lg2(1.0 + tl.math.exp2(-tl.abs(s)), FAST_SOFTPLUS)")
     if masked:
@@ -426,10 +441,7 @@ def emit_kernel(ir: N.Attention) -> list[str]:
             *indent([
                 *_init_state(ir.score),
                 "",
-                *_tile_loop(ir, masked=False),
-                "",
-                *([*_tile_loop(ir, masked=False, mixed=True), ""] if ir.route is not None else []),
-                *_tile_loop(ir, masked=True),
+                *_tile_loops(ir),
             ], "    " if fast else ""),
             "",
             *_epilogue(ir.score),

@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..ir import nodes as N
 from ..ir.printer import format_score
 from . import abi
-from .emit import LOG2E, csr_row, indent, keep_expr, route_cols, route_rows, row_vector_at
+from .emit import LOG2E, csr_row, indent, keep_expr, route_cols, route_rows, row_vector_at, tile_lists
 from .pairs import _Emitter, emit_pair_function, pair_call, varies_per_pair
 from .parts import load_lines
 
@@ -320,8 +320,7 @@ def _dq_kernel(ir: N.Attention) -> list[str]:
         *_row_vectors(ir, "        ", "bh.to(tl.int64)"),
         "        dq = tl.zeros([SUB_M, BLOCK_D], tl.float32)",
     ]
-    kinds = ["FULL", *(["MIXED"] if ir.route is not None else []), "PART"]  # routed: emit._tile_loop
-    for kind in kinds:
+    for kind in tile_lists(ir):
         masked, one_group = kind == "PART", kind == "FULL" and ir.route is not None
         ptr, idx = f"{kind}_PTR", f"{kind}_IDX"
         body = [

@@ -102,8 +102,9 @@ class _Emitter:
         parts = _conjuncts(e)
         groups: dict[int, list[N.Expr]] = {}
         for x in parts:
-            if self._abs_bound(x) is not None:
-                groups.setdefault(self._abs_bound(x), []).append(x)
+            c = self._abs_bound(x)
+            if c is not None:
+                groups.setdefault(c, []).append(x)
         if all(len(g) < 2 for g in groups.values()):
             return None
         out, done = [], set()

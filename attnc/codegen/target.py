@@ -71,8 +71,8 @@ def launch_config(kernel: str, arch: int | None, head_dim: int, dtype="bf16", bl
     16-row pieces, as mma, and keeps 8). dQ on sm_90 likewise, where it takes 64-row pieces (no
     bias-table gradients): with 8 warps each thread ran as many MUFU ops as with 4 and more HGMMA
     ones. The other backward kernels hold more tiles live and take 8 warps (4 spill on sm_80 and
-    sm_90 even at D = 64; dK/dV's 8 warps split the work: half the MUFU ops per thread); 3 stages, 2 for dK/dV and
-    above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
+    sm_90 even at D = 64; dK/dV's 8 warps split the work: half the MUFU ops per thread); 3
+    stages, 2 for dK/dV and above head dim 128 (3 needed 256 KB of shared memory for dQ on sm_90, over its 227 KB, and
     240 KB for a forward with a bias table), 1 at D = 256 below sm_90's shared memory, and 1 for
     the float32 backward above D = 64 (more spilled 4-32 bytes for some specs). `arch` None: no
     GPU (the interpreter ignores both)."""
@@ -150,6 +150,11 @@ def head_chunk(kernel: str, arch: int | None, dtype, head_dim: int) -> int:
     head dim. The forward takes none."""
     if kernel != "fwd" and arch is not None and dtype_name(dtype) == "fp32" and head_dim > 64:
         return 32
+    return block_dim(head_dim)
+
+
+def block_dim(head_dim: int) -> int:
+    """BLOCK_D (BLOCK_DV) of a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
@@ -184,7 +189,7 @@ def signature(ir: N.Attention, kernel: str, dtype: str, head_dim: int, block_m: 
     KV_PERMUTED, INT64; the rest False). Specialised as Triton's launcher specialises the
     arguments of a launch (`launch_values`): an integer equal to 1 becomes the constant 1, one
     divisible by 16 and every pointer (torch allocations are aligned) carry tt.divisibility 16."""
-    pow2 = max(16, 1 << (head_dim - 1).bit_length())
+    pow2 = block_dim(head_dim)
     known = launch_values(ir, kernel, head_dim, values)
     sig, const, attrs = {}, {}, {}
     for i, a in enumerate(abi.kernel_args(ir, kernel)):

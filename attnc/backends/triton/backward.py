@@ -66,8 +66,8 @@ def backward(c: Compiled, state: HostState, q, k, v, out, stat, dout, dstat, ten
                  "FULL_T_PTR": ft_ptr, "FULL_T_IDX": ft_idx, "PART_T_PTR": pt_ptr, "PART_T_IDX": pt_idx,
                  **sub_values("dkdv", c, q, v)}
     if ir.route is not None:  # the same selection as the forward's: recomputed from the same q and k
-        route = state.route(s, host_ints(tensors), q, k)
-        scores = routed_scores(state, route, q, natural=True)
+        route, counts = state.route(s, host_ints(tensors), q, k)
+        scores = routed_scores(state, counts, q, natural=True)
         dq_args.update(scores, **routed(route, "dq"))
         dkdv_args.update(scores, **routed(route, "dkdv"))
     elif per_row(ir.mask):  # per-(batch * head) schedules of a mask that reads `head` or `batch`

@@ -87,9 +87,12 @@ class HostState:
         return self._cached(self._orders, device, lambda: _on_device(
             (lay.q_perm, lay.kv_perm, inverse(lay.q_perm), inverse(lay.kv_perm)), device))
 
-    def route(self, schedule: Schedule, tensors: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
+    def route(self, schedule: Schedule, tensors: dict, q: torch.Tensor, k: torch.Tensor
+              ) -> tuple[dict, np.ndarray | None]:
         """Routed specs: this call's selection and schedule (backends/triton/routing.py) as launch
-        values. The plan (groups, candidates) is computed once, or per call under runtime data."""
+        values, and, when the score reads n_visible, every row's count of the chosen keys it sees
+        [B, Hq, Nq] (for row_scores; else None). The plan (groups, candidates) is computed once,
+        or per call under runtime data."""
         from . import routing
 
         if schedule is self.c.schedule:
@@ -103,13 +106,13 @@ class HostState:
             plan = routing.plan(self.c, schedule, tensors)
         sel = routing.select(plan, q, k)
         values = routing.launch_values(plan, sel, schedule, k.shape[1])
-        if score_reads_n_visible(self.c.spec.ir.score):  # n_visible counts the chosen keys only
-            if schedule is self.c.schedule:
-                vis = self._cached(self._visible, "plan", lambda: routing.visible_counts(self.c, schedule, plan))
-            else:
-                vis = routing.visible_counts(self.c, schedule, plan, tensors)
-            values[ROUTED_COUNTS] = routing.routed_counts(vis, plan, sel)
-        return values
+        if not score_reads_n_visible(self.c.spec.ir.score):
+            return values, None
+        if schedule is self.c.schedule:  # n_visible counts the chosen keys only
+            vis = self._cached(self._visible, "plan", lambda: routing.visible_counts(self.c, schedule, plan))
+        else:
+            vis = routing.visible_counts(self.c, schedule, plan, tensors)
+        return values, routing.routed_counts(vis, plan, sel)
 
     def parts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The token parts (codegen/parts.py) of the queries [q parts, Nq] and of the keys
@@ -153,14 +156,6 @@ class HostState:
         if schedule is not self.c.schedule:  # counts under this call's data
             return make(schedule.row_counts)
         return self._cached(self._scores, (head_dim, device, natural), lambda: make(self.c.schedule.row_counts))
-
-
-def routed_row_counts(values: dict) -> np.ndarray | None:
-    """Take the [B, Hq, Nq] n_visible counts out of `route`'s launch values (None: not needed)."""
-    return values.pop(ROUTED_COUNTS, None)
-
-
-ROUTED_COUNTS = "_row_counts"  # route's extra value for row_scores (not a kernel argument)
 
 
 def token_part_values(c: Compiled) -> tuple[np.ndarray, np.ndarray]:

@@ -6,12 +6,10 @@ against the one description the emitter wrote the signature from.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ...codegen import abi
-from ...codegen.target import dot_precision, head_chunk, launch_config, sub_tiles
+from ...codegen.target import block_dim, dot_precision, head_chunk, launch_config, sub_tiles
 from ...ir import nodes as N
 from ...ir.evaluate import per_row
 from ...ir.scores import base2_logits, sink_logits, softcap_value, softplus_first_pass
@@ -19,7 +17,7 @@ from ...analysis.tiles import Schedule
 from ...pipeline import Compiled
 from ...settings import launch_guard
 from ..inputs import host_ints
-from .host import HostState, routed_row_counts
+from .host import HostState
 
 # Element offsets at or beyond this need 64-bit address arithmetic in the kernel.
 ADDR_LIMIT = 2**31
@@ -46,7 +44,7 @@ def common_values(c: Compiled, state: HostState, s: Schedule, q, k, v, tensors: 
         "n_heads": Hq, "kv_group": Hq // Hkv, "Nq": Nq, "Nk": int(s.nk), "head_dim": D,
         **{abi.param_name(p.name): (int if p.type == N.INT else float)(c.bound.env[p.name]) for p in abi.kernel_params(ir)},
         **abi.table_values(ir, tables),
-        "HEAD_DIM": D, "HEAD_DIM_V": Dv, "BLOCK_D": max(16, _next_pow2(D)), "BLOCK_DV": max(16, _next_pow2(Dv)),
+        "HEAD_DIM": D, "HEAD_DIM_V": Dv, "BLOCK_D": block_dim(D), "BLOCK_DV": block_dim(Dv),
         "BLOCK_M": int(s.block_m), "BLOCK_N": int(s.block_n),
         # Integer arithmetic of the mask and bias: int64 when their ranges need it, or when a
         # runtime table is large enough that its element offsets do.
@@ -152,9 +150,8 @@ def forward(c: Compiled, state: HostState, q, k, v, tensors: dict[str, torch.Ten
     }
     values["ADDR64"] = values["ADDR64"] or _extent(out, dims=(2, 3)) >= ADDR_LIMIT
     if ir.route is not None:  # the per-(batch * head) schedule of this call's selection
-        route = state.route(s, host_ints(tensors), q, k)
-        values.update(routed_scores(state, route, q))
-        values.update(routed(route, "fwd"))
+        route, counts = state.route(s, host_ints(tensors), q, k)
+        values.update(routed_scores(state, counts, q), **routed(route, "fwd"))
     elif per_row(ir.mask):  # the per-(batch * head) schedule of a mask that reads `head` or `batch`
         values.update(routed(state.head_tables(host_ints(tensors), B, Hq, k.shape[1], device), "fwd"))
     kwargs = abi.bind(ir, values)
@@ -175,11 +172,10 @@ def sub_values(kernel: str, c: Compiled, q: torch.Tensor, v: torch.Tensor) -> di
     return {**dict(zip(("SUB_M", "SUB_N"), pieces)), **chunk}
 
 
-def routed_scores(state: HostState, route: dict, q: torch.Tensor, natural: bool = False) -> dict:
+def routed_scores(state: HostState, counts, q: torch.Tensor, natural: bool = False) -> dict:
     """Routed specs whose score reads n_visible: the row scale and bias of every (batch, head)
-    under this call's selection ([B * Hq, Nq]: the kernels index them by batch * head), taken
-    out of `route`; {} for the others."""
-    counts = routed_row_counts(route)
+    from `counts`, this call's n_visible ([B * Hq, Nq]: the kernels index them by batch * head;
+    HostState.route); {} without counts."""
     if counts is None:
         return {}
     scale, bias, positive = state.row_scores(q.shape[3], q.device, None, natural, counts)
@@ -203,7 +199,3 @@ def _extent(t: torch.Tensor, dims=None) -> int:
     """The largest element offset `t`'s indices reach along `dims` (all by default)."""
     dims = range(t.dim()) if dims is None else dims
     return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(n)))
